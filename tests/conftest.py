@@ -1,10 +1,13 @@
 import os
 
-# The Triton interpreter must be chosen before any @triton.jit function is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, the Triton kernels run on the CPU interpreter. It must be chosen before any @triton.jit
+# function is defined (importing torch defines none). On a CUDA machine the kernels compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -12,9 +15,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture
-def seeded():
-    torch.manual_seed(0)
-    return torch.Generator().manual_seed(0)

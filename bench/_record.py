@@ -1,0 +1,79 @@
+"""Record benchmark results as json under bench/results/, with the device, date and git commit of the run.
+
+Usage (from a benchmark or script in bench/)::
+
+    from _record import record
+    path = record("token_stats", [{"impl": "torch", "rows": 1024, "vocab": 32000, "median_s": 0.012}])
+"""
+
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """The checked-out commit (with '+dirty' when the tree has local changes), or 'unknown' outside git."""
+    repo = RESULTS_DIR.parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_info() -> dict:
+    """Name of the GPU (when torch sees CUDA) or the CPU, plus library versions."""
+    info = {"host": platform.node(), "cpu": _cpu_name(), "python": platform.python_version()}
+    try:
+        import torch
+    except ImportError:
+        return info
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = props.name
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+    else:
+        info["device"] = info["cpu"]
+        info["cpu_threads"] = torch.get_num_threads()
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def record(name: str, rows: list[dict]) -> Path:
+    """Write ``rows`` (one dict per measured case, json-serialisable) to bench/results/<name>-<utc time>.json.
+
+    The file also holds the benchmark name, the UTC date, the git commit and the device; returns its path.
+    """
+    if not name or any(ch in name for ch in "/\\ "):
+        raise ValueError(f"name must be a non-empty file-name stem without slashes or spaces, got {name!r}")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("rows must be a list of dicts")
+    now = datetime.now(timezone.utc)
+    payload = {"name": name, "date": now.isoformat(timespec="seconds"), "commit": git_commit(),
+               **device_info(), "rows": rows}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
