@@ -15,3 +15,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seeded():
+    """A seeded CPU generator (torch's global RNG seeded too) for reproducible random inputs."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
