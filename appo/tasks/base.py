@@ -1,0 +1,63 @@
+"""What a task is: examples with gold answers, the tools an agent may use, and a reward for a response."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from appo.tasks.parsing import TOOL_TAGS, check_format, extract_answer
+from appo.tasks.rewards import RewardConfig, combine
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question. id: unique within the task; answer: the gold answer as a string; meta: task extras."""
+
+    id: str
+    question: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """score: the scalar RL reward; correct: the task metric (1/0 accuracy, or exact match for QA);
+    format_ok: check_format's verdict; answer: the extracted <answer> content (None when absent)."""
+
+    score: float
+    correct: float
+    format_ok: bool
+    answer: str | None
+
+
+class Task(ABC):
+    """A task: ``examples(split)``, ``grade(answer, example)`` and the shared ``reward`` rule.
+
+    name: identifier; tools: default tool tags for prompts and the rollout engine; splits: valid split names.
+    """
+
+    name: str = "task"
+    tools: tuple[str, ...] = ("python",)
+    splits: tuple[str, ...] = ("train", "dev")
+
+    def __init__(self, reward_config: RewardConfig | None = None):
+        self.reward_config = reward_config or RewardConfig()
+
+    @abstractmethod
+    def examples(self, split: str = "train") -> list[Example]:
+        """All examples of ``split`` in a fixed order. Raises ValueError for an unknown split."""
+
+    @abstractmethod
+    def grade(self, answer: str, example: Example) -> tuple[float, float]:
+        """(correctness in [0, 1] used in the score, task metric reported as ``correct``) of an answer."""
+
+    def reward(self, response: str, example: Example) -> Reward:
+        """Reward of a whole response (model text with its result blocks); rule in appo.tasks.rewards."""
+        format_ok, _ = check_format(response, tool_tags=TOOL_TAGS)
+        answer = extract_answer(response)
+        correctness, correct = self.grade(answer, example) if answer is not None else (0.0, 0.0)
+        return Reward(combine(correctness, format_ok, self.reward_config), correct, format_ok, answer)
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"split: {self.name} has splits {self.splits}, got {split!r}")

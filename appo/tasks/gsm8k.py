@@ -1,0 +1,60 @@
+"""GSM8K grade-school math (data_dir()/gsm8k/train.jsonl, 7,473 problems) with a fixed train/dev split.
+
+Split: the line indices 0..n-1 are permuted by ``random.Random(seed)`` (seed 0 by default, the Mersenne
+Twister, stable across Python versions); the first ``dev_size`` (500) indices form "dev", the rest "train";
+each split is returned in file order. Ids are ``gsm8k-<line index>``, so they are stable too.
+The gold answer is the number after "####" with thousands commas removed; the grade is numeric equivalence.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from pathlib import Path
+
+from appo.tasks.base import Example, Task
+from appo.tasks.data import data_dir, read_jsonl
+from appo.tasks.rewards import RewardConfig, numbers_match
+
+
+class GSM8K(Task):
+    """GSM8K with splits "train" (6,973) and "dev" (500) carved from the official training file."""
+
+    name = "gsm8k"
+    tools = ("python",)
+
+    def __init__(self, path: str | Path | None = None, dev_size: int = 500, seed: int = 0,
+                 reward_config: RewardConfig | None = None):
+        super().__init__(reward_config)
+        self.path = Path(path) if path is not None else data_dir() / "gsm8k" / "train.jsonl"
+        if dev_size < 0:
+            raise ValueError(f"dev_size: must be >= 0, got {dev_size}")
+        self.dev_size, self.seed = dev_size, seed
+
+    def examples(self, split: str = "train") -> list[Example]:
+        self._check_split(split)
+        all_examples = _load(str(self.path))
+        if self.dev_size >= len(all_examples):
+            raise ValueError(f"dev_size: {self.dev_size} leaves no training data ({len(all_examples)} items)")
+        order = list(range(len(all_examples)))
+        random.Random(self.seed).shuffle(order)
+        chosen = sorted(order[: self.dev_size] if split == "dev" else order[self.dev_size:])
+        return [all_examples[i] for i in chosen]
+
+    def grade(self, answer: str, example: Example) -> tuple[float, float]:
+        correct = float(numbers_match(answer, example.answer))
+        return correct, correct
+
+
+def gold_answer(solution: str) -> str:
+    """The final answer of a GSM8K solution: the text after the last "####", commas removed."""
+    if "####" not in solution:
+        raise ValueError("solution: no '####' final-answer marker")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> tuple[Example, ...]:
+    rows = read_jsonl(path)
+    return tuple(Example(id=f"gsm8k-{i}", question=row["question"], answer=gold_answer(row["answer"]),
+                         meta={"solution": row["answer"]}) for i, row in enumerate(rows))

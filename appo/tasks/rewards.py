@@ -1,0 +1,125 @@
+"""Answer grading: numeric equivalence for math, SQuAD-style token F1 / exact match for QA; the reward rule.
+
+Reward rule (``combine``): score = correct_weight * correctness - (format_penalty if the format is malformed),
+where correctness is 1/0 for math and token F1 in [0, 1] for QA. With the defaults a reward lies in
+[-0.1, 1.0]: a correct answer in a malformed response scores 0.9, a wrong or missing one -0.1.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """correct_weight: multiplies correctness; format_penalty: subtracted when check_format fails."""
+
+    correct_weight: float = 1.0
+    format_penalty: float = 0.1
+
+    def __post_init__(self):
+        if not self.correct_weight > 0:
+            raise ValueError(f"correct_weight: must be positive, got {self.correct_weight}")
+        if not 0 <= self.format_penalty <= self.correct_weight:
+            raise ValueError(f"format_penalty: must lie in [0, correct_weight], got {self.format_penalty}")
+
+
+def combine(correctness: float, format_ok: bool, config: RewardConfig) -> float:
+    """The scalar reward of one response (rule in the module docstring)."""
+    return config.correct_weight * correctness - (0.0 if format_ok else config.format_penalty)
+
+
+# ---------------------------------------------------------------- numbers (GSM8K and arithmetic)
+
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*-?(?:\d+(?:\.\d*)?|\.\d+))?")
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+
+
+def parse_number(text: str | None) -> Fraction | None:
+    """The number an answer states, exactly as a Fraction, or None.
+
+    Handles ``\\boxed{..}`` (the last one wins), ``\\frac{a}{b}``, thousands commas, ``$`` and other
+    currency signs, a unicode minus, trailing units or periods (``"72 clips."``), decimals and fractions
+    (``"3/4"``). When several numbers appear, the last one is taken (``"5 + 3 = 8"`` -> 8).
+    """
+    if text is None:
+        return None
+    boxed = _last_boxed(text)
+    text = boxed if boxed is not None else text
+    text = _FRAC.sub(r"(\1)/(\2)", text).replace("−", "-").replace("\u2009", "")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
+    text = re.sub(r"[$€£¥()]", "", text)
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return _to_fraction(found[-1])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _to_fraction(token: str) -> Fraction:
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        return Fraction(numerator.strip()) / Fraction(denominator.strip())
+    return Fraction(token)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{..}`` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def numbers_match(predicted: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
+    """True when ``predicted`` states the number ``gold`` states (exactly, or within rel_tol of |gold|)."""
+    got, want = parse_number(predicted), parse_number(gold)
+    if got is None or want is None:
+        return False
+    return got == want or abs(got - want) <= rel_tol * max(abs(want), 1)
+
+
+# ---------------------------------------------------------------- text answers (HotpotQA)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation, drop articles (a, an, the), collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(predicted: str | None, gold: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0 (None counts as wrong)."""
+    return float(predicted is not None and normalize_answer(predicted) == normalize_answer(gold))
+
+
+def token_f1(predicted: str | None, gold: str) -> float:
+    """Token-level F1 of the normalised answers, as in the HotpotQA evaluation script.
+
+    As there, a yes/no/noanswer answer on either side scores 0 unless both normalised strings are equal.
+    """
+    if predicted is None:
+        return 0.0
+    pred, want = normalize_answer(predicted), normalize_answer(gold)
+    if (pred in ("yes", "no", "noanswer") or want in ("yes", "no", "noanswer")) and pred != want:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), want.split()
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
