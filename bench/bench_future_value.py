@@ -1,0 +1,140 @@
+"""Future value (METHOD.md Eq. 4): appo's O(T) reverse scan vs the authors' dense [T, T] decay-matrix form.
+
+Run: ``pytest bench/bench_future_value.py --benchmark-only -s``. Cases: CPU B=16 x T=8,192 (acceptance: the
+appo torch scan >= 50x faster than the dense form) and CUDA B=64 x T=8,192 and 32,768 (skipped without a GPU).
+Each case prints the median time, the speedup over the dense form and the achieved bandwidth: the bytes the op
+must move (read logprobs, old_logprobs fp32 and the bool mask, write s fp32: 13 bytes per token) / time; on
+CUDA also the peak memory allocated beyond the inputs. All rows go to bench/results/future_value-<time>.json.
+The dense form is skipped, with the reason printed, where its [T, T] fp32 matrix would not fit in memory.
+
+CPU cases run with APPO_BENCH_CPU_THREADS torch threads (default 1, both forms alike): on shared machines a
+multi-threaded pool turns every small op into a wait for a descheduled thread (medians 100x the minimum).
+"""
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import record  # noqa: E402
+
+from appo.ops.future_value import dense_future_value_torch, discounted_log_ratio_sum_torch  # noqa: E402
+
+GAMMA = 2 ** (-1 / 32)
+CASES = [("cpu", 16, 8_192), ("cuda", 64, 8_192), ("cuda", 64, 32_768)]
+CPU_ACCEPTANCE_SPEEDUP = 50.0
+CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
+
+
+def triton_scan(logprobs, old_logprobs, mask, gamma):
+    from appo.kernels.future_value import discounted_log_ratio_sum_triton
+    return discounted_log_ratio_sum_triton(logprobs, old_logprobs, mask, gamma)
+
+
+# dense first, so that every appo row can print its speedup over it
+IMPLS = {"dense_torch": dense_future_value_torch, "appo_torch": discounted_log_ratio_sum_torch,
+         "appo_triton": triton_scan}
+RESULTS: dict[tuple, dict] = {}  # (device, rows, length, impl) -> row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_results():
+    yield
+    if RESULTS:
+        print(f"\nfuture_value results written to {record('future_value', list(RESULTS.values()))}")
+
+
+def make_inputs(device, rows, length):
+    generator = torch.Generator().manual_seed(0)
+    logprobs = -4.0 * torch.rand(rows, length, generator=generator)
+    old_logprobs = logprobs + 0.1 * torch.randn(rows, length, generator=generator)
+    mask = torch.rand(rows, length, generator=generator) < 0.8
+    return logprobs.to(device), old_logprobs.to(device), mask.to(device)
+
+
+def synchronized(fn, *args):
+    def run():
+        out = fn(*args)
+        if args[0].is_cuda:
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def peak_extra_bytes(run, device):
+    """CUDA: bytes allocated at the peak of one call beyond what was allocated before it (the inputs)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@contextmanager
+def torch_threads(device):
+    """Run CPU cases with CPU_THREADS torch threads, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def dense_does_not_fit(device, length):
+    """The reason the dense form cannot run (its [T, T] fp32 matrix exceeds free memory), or None."""
+    need = 4 * length**2
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = 3 * 2**30  # this project's per-process budget on shared CPU machines
+    if need > 0.9 * free:
+        return f"dense [T, T] fp32 matrix needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return None
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("device,rows,length", CASES)
+def test_future_value(benchmark, capsys, device, rows, length, impl):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA case: no CUDA device")
+    if impl == "appo_triton" and device != "cuda":
+        pytest.skip("the Triton kernel is benchmarked on CUDA only")
+    key = (device, rows, length)
+    if impl == "dense_torch" and (reason := dense_does_not_fit(device, length)):
+        with capsys.disabled():
+            print(f"\n  dense_torch {device} B={rows} T={length}: skipped, {reason}")
+        RESULTS[key + (impl,)] = {"impl": impl, "device": device, "rows": rows, "length": length,
+                                  "skipped": reason}
+        pytest.skip(reason)
+    logprobs, old_logprobs, mask = make_inputs(device, rows, length)
+    run = synchronized(IMPLS[impl], logprobs, old_logprobs, mask, GAMMA)
+    with torch_threads(device):
+        run()  # warm-up: compiles the Triton kernel
+        peak = peak_extra_bytes(run, device)
+        benchmark.pedantic(run, rounds=3 if impl == "dense_torch" else 30, warmup_rounds=1)
+    median_s = benchmark.stats.stats.median
+    bytes_moved = logprobs.numel() * (logprobs.element_size() + old_logprobs.element_size()
+                                      + mask.element_size() + 4)
+    dense_s = RESULTS.get(key + ("dense_torch",), {}).get("median_s")
+    row = {"impl": impl, "device": device, "rows": rows, "length": length, "gamma": GAMMA,
+           "threads": CPU_THREADS if device == "cpu" else None, "median_s": median_s,
+           "min_s": benchmark.stats.stats.min, "gb_per_s": bytes_moved / median_s / 1e9,
+           "peak_extra_bytes": peak, "speedup_over_dense": dense_s / median_s if dense_s else None}
+    RESULTS[key + (impl,)] = row
+    benchmark.extra_info.update(row)
+    speedup = f", {row['speedup_over_dense']:8.1f}x dense" if dense_s else ""
+    peak_text = f", peak extra {peak / 2**20:.1f} MiB" if peak is not None else ""
+    with capsys.disabled():
+        print(f"\n  {impl:>12} {device} B={rows} T={length}: {median_s * 1e3:10.3f} ms "
+              f"{row['gb_per_s']:8.2f} GB/s{speedup}{peak_text}")
+    if device == "cpu" and impl == "appo_torch" and dense_s:  # acceptance of the O(T) scan on CPU
+        assert row["speedup_over_dense"] >= CPU_ACCEPTANCE_SPEEDUP, (
+            f"appo torch scan only {row['speedup_over_dense']:.1f}x faster than the dense form")
