@@ -1,0 +1,504 @@
+"""The lean training loop (ARCHITECTURE.md): APPO, with GRPO and ARPO as baselines, from one ``TrainConfig``.
+
+One step:
+  1. rollouts: N initial rollouts per prompt (APPO, ARPO) or M (GRPO), rewarded by the task;
+     ARPO then branches after tool results by its entropy rule and fills the budget with fresh rollouts.
+  2. updates: the step's prompts are split into ``optim.minibatches_per_step`` optimizer updates, each
+     accumulated over ``optim.grad_accumulation`` micro-batches of whole prompts. For APPO, each micro-batch's
+     forward of pi_theta over its initial rollouts (with grad and KV cache) yields log-probs and entropies ->
+     Branching Score -> branch points -> prefix caches -> branch continuations (no prefill) -> branch rewards
+     -> dual-group advantages * (1 + b * A_fut) -> PPO loss on the initial rollouts (1/M per prompt).
+     ``algo.branch_when="once_per_step"`` (the authors' code) branches every micro-batch before the first
+     update instead, from a no-grad forward.
+  3. metrics (JSONL, optional TensorBoard), atomic checkpoints, a PNG of the curves at the end.
+Resume: a run directory holding a checkpoint continues from it exactly (weights, AdamW, RNGs, data cursor).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from appo.algos import (arpo_branch_points, dual_group_advantages, fresh_rollouts_to_fill,
+                        future_aware_scaling, grpo_advantages, ppo_clip_loss)
+from appo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from appo.config import TrainConfig, to_dict
+from appo.metrics import MetricsWriter, plot_metrics
+from appo.rollout.batch import RolloutBatch, concat
+from appo.scoring import branching_score, future_value, select_branch_points, token_stats
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_policy(config: TrainConfig, device: torch.device, name_or_path: str | None = None):
+    """(model, tokenizer) of ``config.model`` (or a checkpoint directory written by appo) on ``device``."""
+    from appo.models import load_model
+
+    path = Path(name_or_path) if name_or_path else None
+    run_checkpoint = None
+    if path is not None and path.is_dir() and ((path / "meta.json").is_file() or latest_checkpoint(path)):
+        run_checkpoint, name_or_path = path, None
+    model, tokenizer = load_model(name_or_path or config.model.name_or_path,
+                                  dtype=getattr(torch, config.model.dtype),
+                                  attn_implementation=config.attn_implementation, device=device)
+    if run_checkpoint is not None:
+        load_checkpoint(run_checkpoint, model, restore_rng=False)
+    return model.eval(), tokenizer
+
+
+@dataclass
+class TaskData:
+    """The task, its tokenised prompts, and the score function the rollout engine calls."""
+
+    task: object
+    examples: list          # appo.tasks.Example, indexed by group id
+    prompts: list[list[int]]
+
+    def score(self, group_id: int, response: str) -> tuple[float, float]:
+        reward = self.task.reward(response, self.examples[group_id])
+        return reward.score, reward.correct
+
+
+def load_task_data(config: TrainConfig, tokenizer, split: str, size: int, examples=None) -> TaskData:
+    """The first ``size`` examples of ``split`` (or the given examples) whose prompt fits
+    max_prompt_tokens."""
+    from appo.tasks import get_task, render_prompt
+
+    task = get_task(config.data.task)
+    if examples is None:
+        split = split if split in task.splits else task.splits[0]
+        examples = task.examples(split)
+    kept, prompts = [], []
+    for example in examples:
+        ids = render_prompt(tokenizer, example, tools=(config.data.tool,), few_shot=config.data.few_shot)
+        if len(ids) <= config.rollout.max_prompt_tokens:
+            kept.append(example)
+            prompts.append(ids)
+        if len(kept) == size:
+            break
+    if not kept:
+        raise ValueError(f"rollout.max_prompt_tokens: no {config.data.task} prompt fits in "
+                         f"{config.rollout.max_prompt_tokens} tokens")
+    return TaskData(task, kept, prompts)
+
+
+def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | None = None):
+    """The transformers rollout engine with the configured sampling settings and tools (default: the
+    ``data.tool`` tool built by ``appo.tools.make_tools``)."""
+    from appo.rollout.engine import RolloutConfig, RolloutEngine
+    from appo.tools import make_tools
+
+    settings = config.rollout
+    rollout_config = RolloutConfig(temperature=settings.temperature, top_p=settings.top_p,
+                                   max_new_tokens_per_turn=settings.max_new_tokens_per_turn,
+                                   max_total_tokens=settings.max_total_tokens,
+                                   max_tool_calls=settings.max_tool_calls, seed=seed)
+    return RolloutEngine(model, tokenizer, tools if tools is not None else make_tools([config.data.tool]),
+                         rollout_config)
+
+
+# ---------------------------------------------------------------------------------------------- batch helpers
+def take_rows(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
+    """Rows ``rows`` of ``batch`` (trimmed to their longest length); ``parent`` is kept as it is."""
+    rows = rows.to(batch.tokens.device)
+    width = int(batch.lengths[rows].max())
+    picked = rows.tolist()
+
+    def pick(values):
+        return [values[r] for r in picked] if values else []
+
+    return RolloutBatch(tokens=batch.tokens[rows, :width], mask=batch.mask[rows, :width],
+                        old_logprobs=batch.old_logprobs[rows, :width], lengths=batch.lengths[rows],
+                        prompt_lengths=batch.prompt_lengths[rows], group_ids=batch.group_ids[rows],
+                        rewards=batch.rewards[rows], parent=batch.parent[rows],
+                        branch_pos=batch.branch_pos[rows],
+                        pad_id=batch.pad_id, tool_calls=pick(batch.tool_calls), answers=pick(batch.answers),
+                        finish_reasons=pick(batch.finish_reasons), texts=pick(batch.texts),
+                        correct=pick(batch.correct))
+
+
+def rows_of_groups(batch: RolloutBatch, groups: list[int]) -> torch.Tensor:
+    """int64 indices of the rows whose group id is in ``groups``, in row order."""
+    wanted = torch.tensor(groups, dtype=torch.long, device=batch.group_ids.device)
+    return torch.nonzero(torch.isin(batch.group_ids, wanted)).squeeze(1)
+
+
+def policy_token_stats(model, batch: RolloutBatch, temperature: float, *, use_cache: bool):
+    """Forward pi_theta over right-padded rollouts: (logprobs [R, T] with grad, entropy [R, T], cache).
+
+    Position t holds the statistics of the distribution that sampled token t (from the hidden state at t - 1);
+    position 0 (always a prompt token) is 0. The LM head is fused into ``appo.token_stats``, so the [R, T, V]
+    logits are never materialised.
+    """
+    out = model.get_decoder()(input_ids=batch.tokens, attention_mask=batch.attention_mask(),
+                              use_cache=use_cache)
+    head = model.get_output_embeddings()
+    stats = token_stats(hidden=out.last_hidden_state[:, :-1], weight=head.weight, bias=head.bias,
+                        tokens=batch.tokens[:, 1:], temperature=temperature)
+    logprobs = torch.nn.functional.pad(stats.logprobs, (1, 0))
+    entropy = torch.nn.functional.pad(stats.entropy, (1, 0))
+    return logprobs, entropy, out.past_key_values if use_cache else None
+
+
+# ---------------------------------------------------------------------------------------------- branching
+def appo_branches(engine, config: TrainConfig, initial: RolloutBatch, logprobs: torch.Tensor,
+                  entropy: torch.Tensor, cache, score_fn, model_dtype: torch.dtype):
+    """Branch ``initial`` (rows of whole prompts) at its top Branching Score tokens -> (branches, info dict).
+
+    The branches decode from the gathered prefix KV of ``cache`` (no prefill). Returns branches=None when
+    no row has a candidate token.
+    """
+    from appo.prefix_cache import gather_prefix_kv
+
+    algo = config.algo
+    # "BS -> entropy" ablation: comparing pi_theta with itself makes Omega constant, so the score falls back
+    # to z(H) alone (appo.branching_score's documented behaviour).
+    reference = logprobs.detach() if algo.entropy_only else initial.old_logprobs
+    score = branching_score(tokens=initial.tokens, old_logprobs=reference, mask=initial.mask,
+                            entropy=entropy, logprobs=logprobs.detach(), gamma=algo.gamma, clip=algo.clip,
+                            candidates=algo.candidates)
+    src, pos = select_branch_points(score.score, algo.B, group_ids=initial.group_ids, per=algo.per,
+                                    min_gap=algo.min_gap, allow_fewer=True)
+    info = {"branches": int(src.numel()), "bs_entropy_only": score.entropy_only.float().mean().item()}
+    if src.numel() == 0:
+        return None, info
+    with torch.no_grad():
+        prefix_cache = gather_prefix_kv(cache, src, pos, include_token=algo.include_token,
+                                        lengths=initial.lengths)
+    for layer in prefix_cache.layers:  # the training forward may have run under bf16 autocast
+        layer.keys, layer.values = layer.keys.to(model_dtype), layer.values.to(model_dtype)
+    branches = engine.continue_branches(initial, src, pos, past_key_values=prefix_cache,
+                                        include_token=algo.include_token, score=score_fn)
+    return branches, info
+
+
+def arpo_rollouts(engine, model, config: TrainConfig, prompts: list[list[int]], group_ids: list[int],
+                  score_fn, generator: torch.Generator) -> tuple[RolloutBatch, dict]:
+    """ARPO's rollout phase: N initial rollouts, branches after tool results, fresh rollouts to fill M."""
+    algo = config.algo
+    initial = engine.generate([p for p in prompts for _ in range(algo.N)],
+                              [g for g in group_ids for _ in range(algo.N)], score=score_fn)
+    with torch.no_grad():
+        _, entropy, _ = policy_token_stats(model, initial, config.rollout.temperature, use_cache=False)
+    spans = [[call.result_span for call in calls] for calls in initial.tool_calls]
+    src, pos = arpo_branch_points(entropy, initial.mask, spans, initial.group_ids, budget=algo.M,
+                                  k=algo.arpo_k, beta=algo.arpo_beta, tau=algo.arpo_tau, generator=generator)
+    parts = [initial]
+    if src.numel():
+        parts.append(engine.continue_branches(initial, src, pos, score=score_fn))
+    prompt_ids, fresh = fresh_rollouts_to_fill(initial.group_ids, src, algo.M)
+    by_group = dict(zip(group_ids, prompts))
+    extra = [(g, by_group[g]) for g, count in zip(prompt_ids.tolist(), fresh.tolist()) for _ in range(count)]
+    if extra:
+        parts.append(engine.generate([p for _, p in extra], [g for g, _ in extra], score=score_fn))
+    return concat(parts), {"branches": int(src.numel())}
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _average(records: list[dict]) -> dict:
+    keys = {k for r in records for k in r}
+    return {k: sum(r[k] for r in records if k in r) / sum(1 for r in records if k in r) for k in keys}
+
+
+class Trainer:
+    """Holds the model, optimizer, engine, data and RNGs of one run; ``step()`` runs one training step."""
+
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskData | None = None,
+                 tools: dict | None = None):
+        self.config = config
+        self.device = _device(config)
+        _seed_everything(config.seed)
+        if model is None:
+            model, tokenizer = load_policy(config, self.device)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model_dtype = next(model.parameters()).dtype
+        self.data = train_data or load_task_data(config, tokenizer, "train", config.data.train_size)
+        self.engine = make_engine(config, model, tokenizer, seed=config.seed, tools=tools)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
+                                           weight_decay=optim.weight_decay)
+        self.reference = None
+        if config.algo.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.arpo_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.order = torch.randperm(len(self.data.prompts), generator=self.data_generator).tolist()
+        self.cursor = 0
+        self.step_count = 0
+        self.score = self.data.score  # replaced each step by a scorer over that step's group ids
+
+    # -- state for checkpoints
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"data": self.data_generator, "arpo": self.arpo_generator, "rollout": self.engine.generator}
+
+    def save(self, directory: Path) -> Path:
+        return save_checkpoint(directory, self.step_count, self.model, self.optimizer, self.config,
+                               self.generators(), {"order": self.order, "cursor": self.cursor},
+                               keep=self.config.keep_checkpoints)
+
+    def restore(self, directory: Path) -> int:
+        loaded = load_checkpoint(directory, self.model, self.optimizer, self.generators())
+        self.order, self.cursor = list(loaded.extra["order"]), loaded.extra["cursor"]
+        self.step_count = loaded.step
+        return self.step_count
+
+    # -- data
+    def next_examples(self) -> list[int]:
+        """Example indices of the next ``prompts_per_step`` prompts, reshuffling at each epoch's end."""
+        groups = []
+        while len(groups) < self.config.prompts_per_step:
+            if self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.order), generator=self.data_generator).tolist()
+                self.cursor = 0
+            groups.append(self.order[self.cursor])
+            self.cursor += 1
+        return groups
+
+    # -- the step
+    def step(self) -> dict:
+        """One training step; returns its metrics."""
+        config, algo = self.config, self.config.algo
+        timings = {"rollout": 0.0, "branch": 0.0, "update": 0.0}
+        started = time.perf_counter()
+        examples = self.next_examples()
+        prompts = [self.data.prompts[e] for e in examples]
+        # Group ids are step-local (0..P-1), so an example drawn twice in one step still forms two groups.
+        groups = list(range(len(examples)))
+        self.score = lambda group_id, response: self.data.score(examples[group_id], response)
+        if algo.algo == "arpo":
+            batch, info = arpo_rollouts(self.engine, self.model, config, prompts, groups, self.score,
+                                        self.arpo_generator)
+        else:
+            copies = algo.M if algo.algo == "grpo" else algo.N
+            batch = self.engine.generate([p for p in prompts for _ in range(copies)],
+                                         [g for g in groups for _ in range(copies)], score=self.score)
+            info = {}
+        timings["rollout"] = time.perf_counter() - started
+
+        advantages = None
+        if algo.algo != "appo":
+            advantages = grpo_advantages(batch.rewards, batch.group_ids)
+        per_update = len(groups) // config.optim.minibatches_per_step
+        per_micro = per_update // config.optim.grad_accumulation
+        micro_groups = [groups[i:i + per_micro] for i in range(0, len(groups), per_micro)]
+        early = {}
+        if algo.algo == "appo" and algo.branch_when == "once_per_step":
+            tick = time.perf_counter()
+            for i, chunk in enumerate(micro_groups):
+                early[i] = self._branch_without_grad(batch, chunk)
+            timings["branch"] += time.perf_counter() - tick
+
+        loss_records, branch_records, branch_batches, grad_norms = [], [], [], []
+        for i, chunk in enumerate(micro_groups):
+            tick = time.perf_counter()
+            rows = rows_of_groups(batch, chunk)
+            if algo.algo == "appo":
+                record, branch_info, branches, branch_time = self._appo_micro(batch, rows, early.get(i))
+                branch_records.append(branch_info)
+                if branches is not None:
+                    branch_batches.append(branches)
+                timings["branch"] += branch_time
+            else:
+                record = self._flat_micro(batch, rows, advantages, num_rollouts_total=per_update * algo.M)
+                branch_time = 0.0
+            loss_records.append(record)
+            timings["update"] += time.perf_counter() - tick - branch_time
+            if (i + 1) % config.optim.grad_accumulation == 0:
+                tick = time.perf_counter()
+                grad_norms.append(self._optimizer_step())
+                timings["update"] += time.perf_counter() - tick
+        self.step_count += 1
+        return self._step_metrics(batch, branch_batches, loss_records, branch_records or [info], grad_norms,
+                                  timings, time.perf_counter() - started)
+
+    def _loss_inputs(self, sub: RolloutBatch, *, use_cache: bool):
+        with _autocast(self.config, self.device):
+            return policy_token_stats(self.model, sub, self.config.rollout.temperature, use_cache=use_cache)
+
+    def _reference_logprobs(self, sub: RolloutBatch):
+        if self.reference is None:
+            return None
+        with torch.no_grad(), _autocast(self.config, self.device):
+            stats = policy_token_stats(self.reference, sub, self.config.rollout.temperature, use_cache=False)
+        return stats[0]
+
+    def _branch_without_grad(self, batch: RolloutBatch, chunk: list[int]):
+        """once_per_step: branch a micro-batch from a no-grad forward before any update of the step."""
+        initial = take_rows(batch, rows_of_groups(batch, chunk))
+        with torch.no_grad():
+            logprobs, entropy, cache = self._loss_inputs(initial, use_cache=True)
+        return appo_branches(self.engine, self.config, initial, logprobs, entropy, cache, self.score,
+                             self.model_dtype)
+
+    def _appo_micro(self, batch: RolloutBatch, rows: torch.Tensor, early):
+        """APPO micro-batch: forward, (branch), dual-group * future-aware advantages, loss.backward()."""
+        config, algo = self.config, self.config.algo
+        initial = take_rows(batch, rows)
+        logprobs, entropy, cache = self._loss_inputs(initial, use_cache=early is None)
+        tick = time.perf_counter()
+        if early is None:
+            branches, branch_info = appo_branches(self.engine, config, initial, logprobs, entropy, cache,
+                                                  self.score, self.model_dtype)
+        else:
+            branches, branch_info = early
+        del cache
+        branch_time = time.perf_counter() - tick
+        bundle = concat([initial, branches]) if branches is not None else initial
+        # With include_token the branch also shares the chosen token: its prefix ends one position later.
+        shared_until = bundle.branch_pos + int(algo.include_token)
+        base = dual_group_advantages(bundle.rewards, bundle.group_ids, bundle.parent, shared_until,
+                                     initial.mask, combine=algo.combine, one_group=algo.one_group)
+        future = future_value(logprobs.detach(), initial.old_logprobs, initial.mask, gamma=algo.gamma,
+                              clip=algo.clip)
+        advantages = future_aware_scaling(base, future, b=algo.b)
+        groups_per_update = config.prompts_per_step // config.optim.minibatches_per_step
+        record = self._backward(initial, logprobs, advantages, groups_per_update * algo.M)
+        return record, branch_info, branches, branch_time
+
+    def _flat_micro(self, batch: RolloutBatch, rows: torch.Tensor, advantages: torch.Tensor,
+                    num_rollouts_total: int) -> dict:
+        """GRPO / ARPO micro-batch: every rollout optimised with its group advantage broadcast to its
+        tokens."""
+        sub = take_rows(batch, rows)
+        logprobs, _, _ = self._loss_inputs(sub, use_cache=False)
+        return self._backward(sub, logprobs, advantages[rows.to(advantages.device)], num_rollouts_total)
+
+    def _backward(self, sub: RolloutBatch, logprobs, advantages, num_rollouts_total: int) -> dict:
+        algo = self.config.algo
+        loss, record = ppo_clip_loss(logprobs, sub.old_logprobs, advantages, sub.mask,
+                                     num_rollouts_total=num_rollouts_total, eps_low=algo.eps_low,
+                                     eps_high=algo.eps_high, ref_logprobs=self._reference_logprobs(sub),
+                                     kl_coef=algo.kl_coef)
+        loss.backward()
+        return record
+
+    def _optimizer_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _step_metrics(self, batch, branch_batches, loss_records, branch_records, grad_norms, timings,
+                      total_time) -> dict:
+        initial = batch.parent < 0
+        everything = concat([batch, *branch_batches]) if branch_batches else batch
+        generated = batch.mask.sum(dim=1).float()
+        metrics = {
+            "reward": batch.rewards[initial].mean().item(),
+            "accuracy": sum(c for c, keep in zip(batch.correct, initial.tolist()) if keep)
+            / int(initial.sum()),
+            "reward_all": everything.rewards.mean().item(),
+            "response_length": generated[initial].mean().item(),
+            "rollouts": everything.num_rollouts,
+            "tool_calls": sum(len(c) for c in everything.tool_calls) / everything.num_rollouts,
+            "answered": sum(r == "answer" for r in everything.finish_reasons) / everything.num_rollouts,
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "time/step": total_time,
+            **{f"time/{k}": v for k, v in timings.items()},
+        }
+        metrics.update({f"loss/{k}": v for k, v in _average(loss_records).items()})
+        branch_records = [r for r in branch_records if r]
+        if branch_records:
+            metrics.update(_average(branch_records))
+            metrics["branches"] = sum(r["branches"] for r in branch_records)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskData | None = None,
+          tools: dict | None = None) -> dict:
+    """Run ``config.steps`` steps into ``config.output_dir`` (resuming from its latest checkpoint when
+    ``config.resume``); writes metrics.jsonl, checkpoints/, config.yaml and curves.png. Returns the last
+    step's metrics (empty when nothing was left to run). model / tokenizer / train_data / tools replace the
+    ones the config would build (tests, custom tasks)."""
+    from tqdm import tqdm
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=train_data, tools=tools)
+    checkpoints = out / "checkpoints"
+    if config.resume and latest_checkpoint(checkpoints) is not None:
+        trainer.restore(checkpoints)
+    metrics: dict = {}
+    with MetricsWriter(out / "metrics.jsonl", tensorboard=config.tensorboard) as writer, \
+            tqdm(total=config.steps, initial=trainer.step_count, desc=f"{config.algo.algo} train") as bar:
+        while trainer.step_count < config.steps:
+            metrics = trainer.step()
+            if config.eval_every and trainer.step_count % config.eval_every == 0:
+                metrics.update({f"eval/{k}": v for k, v in evaluate(config, model=trainer.model,
+                                                                    tokenizer=trainer.tokenizer).items()})
+            writer.write(trainer.step_count, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            bar.update(1)
+            if trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps:
+                trainer.save(checkpoints)
+    plot_metrics([out / "metrics.jsonl"], out / "curves.png")
+    return metrics
+
+
+def _gold(answer: str) -> str:
+    """A gold answer as given, or the final number of a GSM8K-style worked solution ("... #### 42")."""
+    from appo.tasks.gsm8k import gold_answer
+
+    return gold_answer(answer) if "####" in answer else answer
+
+
+def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: str | None = None,
+             limit: int | None = None, out_path: str | None = None, model=None, tokenizer=None) -> dict:
+    """Accuracy of one sampled rollout per question (at ``rollout.temperature``, with the tool loop).
+
+    model_path: a model name/directory or an appo checkpoint (run or step directory); data_path: a .jsonl
+    with ``question`` and ``answer`` fields (GSM8K "#### n" solutions accepted), else the task's dev split
+    (``data.eval_size`` items). Returns {"accuracy", "reward", "response_length", "items"}.
+    """
+    import json
+
+    from appo.tasks import Example, read_jsonl
+
+    device = _device(config)
+    if model is None:
+        model, tokenizer = load_policy(config, device, model_path)
+    examples = None
+    if data_path is not None:
+        examples = [Example(id=str(i), question=r["question"], answer=_gold(str(r["answer"])))
+                    for i, r in enumerate(read_jsonl(data_path))]
+    size = limit or (len(examples) if examples is not None else config.data.eval_size)
+    data = load_task_data(config, tokenizer, "dev", size, examples)
+    engine = make_engine(config, model, tokenizer, seed=config.seed)
+    batch = engine.generate(data.prompts, list(range(len(data.prompts))), score=data.score)
+    if out_path is not None:
+        with open(out_path, "w", encoding="utf-8") as handle:
+            for i, example in enumerate(data.examples):
+                record = {"id": example.id, "answer": batch.answers[i], "gold": example.answer,
+                          "correct": batch.correct[i], "reward": batch.rewards[i].item()}
+                handle.write(json.dumps(record) + "\n")
+    return {"accuracy": sum(batch.correct) / batch.num_rollouts, "reward": batch.rewards.mean().item(),
+            "response_length": batch.mask.sum(dim=1).float().mean().item(), "items": batch.num_rollouts}

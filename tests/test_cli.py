@@ -1,0 +1,80 @@
+import json
+import sys
+import types
+
+import pytest
+import yaml
+
+from appo.cli import build_parser, main
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    """Replace appo.trainer by a recorder, so the CLI is tested without training anything."""
+    calls = []
+    module = types.ModuleType("appo.trainer")
+    module.train = lambda config: calls.append(("train", config))
+
+    def evaluate(config, **kwargs):
+        calls.append(("eval", config, kwargs))
+        return {"accuracy": 0.5, "items": 2}
+
+    module.evaluate = evaluate
+    monkeypatch.setitem(sys.modules, "appo.trainer", module)
+    return calls
+
+
+def test_train_applies_file_then_algo_then_overrides(tmp_path, fake_trainer):
+    path = tmp_path / "run.yaml"
+    path.write_text("algo: {M: 8}\nsteps: 3\n")
+    assert main(["train", "--config", str(path), "--algo", "grpo", "steps=5", "optim.lr=2e-6"]) == 0
+    (kind, config), = fake_trainer
+    assert kind == "train"
+    assert config.algo.algo == "grpo" and config.algo.M == 8
+    assert config.steps == 5 and config.optim.lr == 2e-6
+
+
+def test_train_print_config_does_not_train(capsys, fake_trainer):
+    assert main(["train", "--algo", "arpo", "--print-config", "algo.M=6"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["algo"]["algo"] == "arpo" and printed["algo"]["M"] == 6
+    assert fake_trainer == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "algo.bogus=1"], "algo.bogus"),
+    (["train", "steps"], "overrides"),
+    (["eval", "--data", "x.jsonl", "--limit", "0"], "--limit"),
+])
+def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, fake_trainer):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert fake_trainer == []
+
+
+def test_unknown_algo_and_missing_data_rejected_by_argparse(capsys):
+    for argv in (["train", "--algo", "ppo"], ["eval"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 2
+
+
+def test_eval_passes_paths_and_prints_summary(capsys, fake_trainer):
+    assert main(["eval", "--model", "ckpt/step-1", "--data", "d.jsonl", "--limit", "3",
+                 "rollout.max_new_tokens_per_turn=64"]) == 0
+    (kind, config, kwargs), = fake_trainer
+    assert kind == "eval" and config.rollout.max_new_tokens_per_turn == 64
+    assert kwargs == {"model_path": "ckpt/step-1", "data_path": "d.jsonl", "limit": 3, "out_path": None}
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "items": 2}
+
+
+def test_plot_writes_png(tmp_path, capsys):
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("".join(json.dumps({"step": s, "reward": s / 3, "time/rollout": 1.5}) + "\n"
+                               for s in range(4)))
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(metrics), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
