@@ -43,7 +43,9 @@ class DataConfig:
 @dataclass
 class RolloutSettings:
     """Sampling and the tool loop (see ``appo.rollout.engine.RolloutConfig``). Prompts longer than
-    max_prompt_tokens are dropped from the data."""
+    max_prompt_tokens are dropped from the data. result_template: how tool output is appended (the few-shot
+    demonstrations use the same form). response_prefix: text that opens every response (masked 0), e.g.
+    "<python>" to make a small model start with a tool call; "" leaves the model free."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,6 +53,8 @@ class RolloutSettings:
     max_new_tokens_per_turn: int = 96
     max_total_tokens: int = 512
     max_tool_calls: int = 2
+    result_template: str = "<result>{result}</result>\n"
+    response_prefix: str = ""
 
 
 @dataclass

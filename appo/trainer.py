@@ -113,7 +113,9 @@ def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | 
     rollout_config = RolloutConfig(temperature=settings.temperature, top_p=settings.top_p,
                                    max_new_tokens_per_turn=settings.max_new_tokens_per_turn,
                                    max_total_tokens=settings.max_total_tokens,
-                                   max_tool_calls=settings.max_tool_calls, seed=seed)
+                                   max_tool_calls=settings.max_tool_calls, seed=seed,
+                                   result_template=settings.result_template,
+                                   response_prefix=settings.response_prefix)
     return RolloutEngine(model, tokenizer, tools if tools is not None else make_tools([config.data.tool]),
                          rollout_config)
 
