@@ -1,7 +1,7 @@
 """The ``appo`` command line.
 
     appo train [--algo grpo|arpo|appo] [--config file.yaml] [--print-config] [key=value ...]
-    appo eval  [--model PATH] --data file.jsonl [--limit N] [--out results.jsonl] [key=value ...]
+    appo eval  [--model PATH] --data file.jsonl [--limit N] [--samples K] [--out results.jsonl] [key=value ...]
     appo plot  run1/metrics.jsonl [run2/metrics.jsonl ...] --out curves.png
 
 ``key=value`` overrides use the dotted config keys of ``appo.config`` (e.g. ``algo.M=8 optim.lr=2e-6``).
@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
-    evaluate = commands.add_parser("eval", help="accuracy of a model on a task file (greedy, with tools)")
+    evaluate = commands.add_parser("eval", help="pass@1 / pass@k of a model on a task file (sampled, with tools)")
     evaluate.add_argument("--model", default="smollm2-135m-instruct",
                           help="'smollm2-135m-instruct' or a checkpoint directory")
     evaluate.add_argument("--data", required=True, help="a .jsonl file with question / answer fields")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     evaluate.add_argument("--out", default=None, help="write per-item results to this .jsonl file")
+    evaluate.add_argument("--samples", type=int, default=1, help="rollouts per question (pass@k with k = N)")
     evaluate.add_argument("--config", help="YAML file for the rollout / data settings")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
@@ -66,16 +67,41 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    importlib.import_module("appo.trainer").train(config)
+    summary = importlib.import_module("appo.trainer").train(config)
+    print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The few lines ``appo train`` ends with: what ran, how it did, how long each phase took, where the
+    metrics and the plot are."""
+    last = summary.get("last_step") or {}
+    lines = [f"appo train: {summary['algo']}, {summary['steps']} steps -> {summary['output_dir']}"]
+    if last:
+        phases = ", ".join(f"{k.split('/')[1]} {v:.1f} s" for k, v in last.items()
+                           if k.startswith("time/") and k != "time/step")
+        lines.append(f"  last step: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}, "
+                     f"tool calls/rollout {last['tool_calls']:.2f}, {last['time/step']:.1f} s ({phases})")
+    if "mean_time_per_step" in summary:
+        lines.append(f"  mean over steps: reward {summary['mean_reward']:.3f}, "
+                     f"{summary['mean_time_per_step']:.1f} s/step")
+    if "eval" in summary:
+        ev = summary["eval"]
+        lines.append(f"  held-out ({ev['items']} questions): pass@1 {ev['pass@1']:.3f}, "
+                     f"pass@{ev['k']} {ev['pass@k']:.3f}, tool calls/rollout {ev['tool_calls']:.2f}")
+    lines.append(f"  metrics: {summary['metrics']}")
+    lines.append(f"  plot:    {summary['plot']}")
+    return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: must be >= 1, got {args.limit}")
+    if args.samples < 1:
+        raise UsageError(f"--samples: must be >= 1, got {args.samples}")
     config = _config_from(args)
     summary = importlib.import_module("appo.trainer").evaluate(config, model_path=args.model,
-                                                               data_path=args.data, limit=args.limit,
+                                                               data_path=args.data, limit=args.limit, samples=args.samples,
                                                                out_path=args.out)
     print(json.dumps(summary))
     return 0

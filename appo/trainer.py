@@ -17,6 +17,7 @@ Resume: a run directory holding a checkpoint continues from it exactly (weights,
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from appo.algos import (arpo_branch_points, dual_group_advantages, fresh_rollout
                         future_aware_scaling, grpo_advantages, ppo_clip_loss)
 from appo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from appo.config import TrainConfig, to_dict
-from appo.metrics import MetricsWriter, plot_metrics
+from appo.metrics import MetricsWriter, plot_metrics, read_metrics
 from appo.rollout.batch import RolloutBatch, concat
 from appo.scoring import branching_score, future_value, select_branch_points, token_stats
 
@@ -462,8 +463,18 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
             bar.update(1)
             if trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps:
                 trainer.save(checkpoints)
-    plot_metrics([out / "metrics.jsonl"], out / "curves.png")
-    return metrics
+    plot = plot_metrics([out / "metrics.jsonl"], out / "curves.png")
+    summary = {"algo": config.algo.algo, "steps": trainer.step_count, "output_dir": str(out),
+               "metrics": str(out / "metrics.jsonl"), "plot": str(plot), "last_step": metrics}
+    history = read_metrics(out / "metrics.jsonl")
+    if history:
+        summary["mean_time_per_step"] = sum(r["time/step"] for r in history) / len(history)
+        summary["mean_reward"] = sum(r["reward"] for r in history) / len(history)
+    if config.eval_at_end and config.data.eval_size > 0:
+        summary["eval"] = evaluate(config, model=trainer.model, tokenizer=trainer.tokenizer,
+                                   samples=config.eval_samples)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def _gold(answer: str) -> str:
@@ -474,16 +485,20 @@ def _gold(answer: str) -> str:
 
 
 def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: str | None = None,
-             limit: int | None = None, out_path: str | None = None, model=None, tokenizer=None) -> dict:
-    """Accuracy of one sampled rollout per question (at ``rollout.temperature``, with the tool loop).
+             limit: int | None = None, out_path: str | None = None, model=None, tokenizer=None,
+             samples: int = 1) -> dict:
+    """Held-out accuracy with the training engine (``rollout.temperature``, the tool loop): ``samples``
+    sampled rollouts per question give pass@1 (mean correctness) and pass@k (any correct, k = samples).
 
     model_path: a model name/directory or an appo checkpoint (run or step directory); data_path: a .jsonl
     with ``question`` and ``answer`` fields (GSM8K "#### n" solutions accepted), else the task's dev split
-    (``data.eval_size`` items). Returns {"accuracy", "reward", "response_length", "items"}.
+    (``data.eval_size`` items). Returns {"accuracy" (= pass@1), "pass@1", "pass@k", "k", "reward",
+    "response_length", "tool_calls", "items"}.
     """
-    import json
-
     from appo.tasks import Example, read_jsonl
+
+    if samples < 1:
+        raise ValueError(f"samples: must be >= 1, got {samples}")
 
     device = _device(config)
     if model is None:
@@ -495,12 +510,21 @@ def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: s
     size = limit or (len(examples) if examples is not None else config.data.eval_size)
     data = load_task_data(config, tokenizer, "dev", size, examples)
     engine = make_engine(config, model, tokenizer, seed=config.seed)
-    batch = engine.generate(data.prompts, list(range(len(data.prompts))), score=data.score)
+    questions = len(data.prompts)
+    batch = engine.generate([p for p in data.prompts for _ in range(samples)],
+                            [q for q in range(questions) for _ in range(samples)], score=data.score)
+    correct = torch.tensor(batch.correct, dtype=torch.float64).view(questions, samples)
     if out_path is not None:
         with open(out_path, "w", encoding="utf-8") as handle:
-            for i, example in enumerate(data.examples):
-                record = {"id": example.id, "answer": batch.answers[i], "gold": example.answer,
-                          "correct": batch.correct[i], "reward": batch.rewards[i].item()}
+            for i in range(batch.num_rollouts):
+                example = data.examples[i // samples]
+                record = {"id": example.id, "sample": i % samples, "answer": batch.answers[i],
+                          "gold": example.answer, "correct": batch.correct[i], "reward": batch.rewards[i].item()}
                 handle.write(json.dumps(record) + "\n")
-    return {"accuracy": sum(batch.correct) / batch.num_rollouts, "reward": batch.rewards.mean().item(),
-            "response_length": batch.mask.sum(dim=1).float().mean().item(), "items": batch.num_rollouts}
+    pass_at_1 = correct.mean().item() if questions else 0.0
+    return {"accuracy": pass_at_1, "pass@1": pass_at_1, "pass@k": (correct.amax(1).mean().item() if questions
+                                                                   else 0.0),
+            "k": samples, "reward": batch.rewards.mean().item() if questions else 0.0,
+            "response_length": batch.mask.sum(dim=1).float().mean().item() if questions else 0.0,
+            "tool_calls": sum(len(c) for c in batch.tool_calls) / max(batch.num_rollouts, 1),
+            "items": questions}

@@ -13,7 +13,17 @@ def fake_trainer(monkeypatch):
     """Replace appo.trainer by a recorder, so the CLI is tested without training anything."""
     calls = []
     module = types.ModuleType("appo.trainer")
-    module.train = lambda config: calls.append(("train", config))
+
+    def train(config):
+        calls.append(("train", config))
+        return {"algo": config.algo.algo, "steps": config.steps, "output_dir": "runs/x",
+                "metrics": "runs/x/metrics.jsonl", "plot": "runs/x/curves.png",
+                "last_step": {"reward": 0.25, "accuracy": 0.5, "tool_calls": 1.0, "time/step": 3.0,
+                              "time/rollout": 2.0, "time/update": 1.0},
+                "mean_reward": 0.2, "mean_time_per_step": 3.5,
+                "eval": {"items": 4, "pass@1": 0.25, "pass@k": 0.5, "k": 2, "tool_calls": 1.5}}
+
+    module.train = train
 
     def evaluate(config, **kwargs):
         calls.append(("eval", config, kwargs))
@@ -34,6 +44,13 @@ def test_train_applies_file_then_algo_then_overrides(tmp_path, fake_trainer):
     assert config.steps == 5 and config.optim.lr == 2e-6
 
 
+def test_train_ends_with_a_summary_and_the_plot_path(capsys, fake_trainer):
+    assert main(["train", "steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "appo, 2 steps" in out and "runs/x/curves.png" in out
+    assert "pass@1 0.250, pass@2 0.500" in out and "rollout 2.0 s" in out
+
+
 def test_train_print_config_does_not_train(capsys, fake_trainer):
     assert main(["train", "--algo", "arpo", "--print-config", "algo.M=6"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -45,6 +62,7 @@ def test_train_print_config_does_not_train(capsys, fake_trainer):
     (["train", "algo.bogus=1"], "algo.bogus"),
     (["train", "steps"], "overrides"),
     (["eval", "--data", "x.jsonl", "--limit", "0"], "--limit"),
+    (["eval", "--data", "x.jsonl", "--samples", "0"], "--samples"),
 ])
 def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, fake_trainer):
     with pytest.raises(SystemExit) as exit_info:
@@ -62,11 +80,12 @@ def test_unknown_algo_and_missing_data_rejected_by_argparse(capsys):
 
 
 def test_eval_passes_paths_and_prints_summary(capsys, fake_trainer):
-    assert main(["eval", "--model", "ckpt/step-1", "--data", "d.jsonl", "--limit", "3",
+    assert main(["eval", "--model", "ckpt/step-1", "--data", "d.jsonl", "--limit", "3", "--samples", "4",
                  "rollout.max_new_tokens_per_turn=64"]) == 0
     (kind, config, kwargs), = fake_trainer
     assert kind == "eval" and config.rollout.max_new_tokens_per_turn == 64
-    assert kwargs == {"model_path": "ckpt/step-1", "data_path": "d.jsonl", "limit": 3, "out_path": None}
+    assert kwargs == {"model_path": "ckpt/step-1", "data_path": "d.jsonl", "limit": 3, "samples": 4,
+                      "out_path": None}
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "items": 2}
 
 

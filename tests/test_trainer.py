@@ -61,7 +61,10 @@ def run(tmp_path, name, overrides, steps, num_prompts=5):
     tokenizer = CharTokenizer()
     config = load_config(None, [f"output_dir={tmp_path / name}", f"steps={steps}", "checkpoint_every=1",
                                 "rollout.max_new_tokens_per_turn=10", "rollout.max_total_tokens=24",
-                                "rollout.max_prompt_tokens=8", "optim.lr=1e-2", "device=cpu", *overrides])
+                                "rollout.max_prompt_tokens=8", "optim.lr=1e-2", "device=cpu",
+                                # pinned here so the tests do not follow the CPU demo's defaults
+                                "rollout.temperature=1.0", "rollout.response_prefix=''", "optim.grad_accumulation=2",
+                                "eval_at_end=false", *overrides])
     prompts = [tokenizer.encode(q) for q in ("abc", "xyz!", "q7", "hello", "<python>1")][:num_prompts]
     data = TaskData(VowelTask(), [None] * len(prompts), prompts)
     model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=32, heads=2, kv_heads=1, seed=0)
