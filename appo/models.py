@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from appo.attention import register_grouped_sdpa
+
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -77,13 +79,19 @@ def smollm2_path() -> Path:
 
 def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa", device: str | torch.device = "cpu"):
-    """Load ``(model, tokenizer)``: ``"smollm2-135m-instruct"`` or a local transformers checkpoint path."""
+    """Load ``(model, tokenizer)``: ``"smollm2-135m-instruct"`` or a local transformers checkpoint path.
+
+    ``attn_implementation="sdpa"`` selects appo's grouped-query variant of SDPA (``appo.attention``: same kernel,
+    no copy of the KV cache per step); any other transformers name is passed through.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path() if name_or_path == SMOLLM2 else Path(name_or_path)
     if not path.exists():
         raise ValueError(f"name_or_path: {name_or_path!r} is neither {SMOLLM2!r} nor an existing directory")
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if attn_implementation == "sdpa":  # the same SDPA kernel, without copying grouped KV heads (appo.attention)
+        attn_implementation = register_grouped_sdpa()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,5 +113,5 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 384, hidden_size: int =
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation(register_grouped_sdpa())
     return model.eval()
