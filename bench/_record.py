@@ -77,3 +77,36 @@ def record(name: str, rows: list[dict]) -> Path:
     path = RESULTS_DIR / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------ helpers shared by the suites
+CPU_THREADS = int(__import__("os").environ.get("APPO_BENCH_CPU_THREADS", 1))
+
+
+@__import__("contextlib").contextmanager
+def torch_threads(device: str, threads: int = CPU_THREADS):
+    """Run CPU cases with ``threads`` torch threads ($APPO_BENCH_CPU_THREADS, default 1: steadier on a shared
+    machine), restoring the previous count afterwards. CUDA cases are left alone."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def peak_extra_bytes(run, device: str):
+    """CUDA: bytes allocated at the peak of one call of ``run`` beyond what was allocated before it (the
+    inputs); None elsewhere (the CPU allocator keeps no such statistics)."""
+    import torch
+
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - before

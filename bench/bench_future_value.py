@@ -11,23 +11,20 @@ CPU cases run with APPO_BENCH_CPU_THREADS torch threads (default 1, both forms a
 multi-threaded pool turns every small op into a wait for a descheduled thread (medians 100x the minimum).
 """
 
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
+from _record import CPU_THREADS, peak_extra_bytes, record, torch_threads  # noqa: E402
 
 from appo.ops.future_value import dense_future_value_torch, discounted_log_ratio_sum_torch  # noqa: E402
 
 GAMMA = 2 ** (-1 / 32)
 CASES = [("cpu", 16, 8_192), ("cuda", 64, 8_192), ("cuda", 64, 32_768)]
 CPU_ACCEPTANCE_SPEEDUP = 50.0
-CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
 
 
 def triton_scan(logprobs, old_logprobs, mask, gamma):
@@ -65,27 +62,10 @@ def synchronized(fn, *args):
     return run
 
 
-def peak_extra_bytes(run, device):
-    """CUDA: bytes allocated at the peak of one call beyond what was allocated before it (the inputs)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    return torch.cuda.max_memory_allocated() - before
 
 
-@contextmanager
-def torch_threads(device):
-    """Run CPU cases with CPU_THREADS torch threads, restoring the previous count afterwards."""
-    previous = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(CPU_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+
+
 
 
 def dense_does_not_fit(device, length):

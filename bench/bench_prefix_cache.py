@@ -21,10 +21,8 @@ CPU cases run with APPO_BENCH_CPU_THREADS torch threads (default 1, all impls al
 multi-threaded pool turns every op into a wait for a descheduled thread.
 """
 
-import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _record import CPU_THREADS, torch_threads  # noqa: E402
+
 from appo import prefix_cache as pc  # noqa: E402
 
-CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
 BRANCHES = 12
 # (device, layers, rollouts, tokens, kv_heads, head_dim, dtype)
 GATHER_CASES = {"cpu-smollm2": ("cpu", 30, 4, 512, 3, 64, torch.float32),
@@ -52,15 +51,7 @@ def write_results():
         print(f"\nprefix_cache results written to {record('prefix_cache', RESULTS)}")
 
 
-@contextmanager
-def torch_threads(device):
-    previous = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(CPU_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+
 
 
 def branch_points(rollouts, tokens, generator):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
+from _record import peak_extra_bytes, record  # noqa: E402
 
 from appo.ops.token_stats import token_stats_torch  # noqa: E402
 
@@ -80,15 +80,7 @@ def synchronized(fn, *args):
     return run
 
 
-def peak_extra_bytes(run):
-    """CUDA: bytes allocated at the peak of one call beyond what was allocated before it (the inputs)."""
-    if not CUDA:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    return torch.cuda.max_memory_allocated() - before
+
 
 
 def measure(benchmark, capsys, impl, run, bytes_moved):
@@ -98,7 +90,7 @@ def measure(benchmark, capsys, impl, run, bytes_moved):
         torch.cuda.empty_cache()
         RESULTS.append({"impl": impl, "rows": NUM_ROWS, "vocab": VOCAB, "dtype": str(DTYPE), "oom": True})
         pytest.skip(f"{impl}: out of memory at N={NUM_ROWS}, V={VOCAB}")
-    peak = peak_extra_bytes(run)
+    peak = peak_extra_bytes(run, "cuda" if CUDA else "cpu")
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
     median_s = benchmark.stats.stats.median
     gb_per_s = bytes_moved / median_s / 1e9
