@@ -15,8 +15,8 @@ def reference_objective(logprobs, old_logprobs, advantages, mask, total, eps_low
             continue
         acc = 0.0
         for i in tokens:
-            rho = math.exp(logprobs[n, i] - old_logprobs[n, i])
-            a = advantages[n, i]
+            rho = math.exp(float(logprobs[n, i] - old_logprobs[n, i]))
+            a = float(advantages[n, i])
             acc += min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
         j += acc / len(tokens)
     return j / total
