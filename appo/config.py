@@ -107,7 +107,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs. ``bf16``: autocast to bf16 on GPU (ignored on CPU)."""
+    """Everything one run needs. ``bf16``: autocast to bf16 on GPU (ignored on CPU). ``threads``: torch CPU
+    threads (0 = torch's default, all cores); give each of several jobs sharing a machine its own share (e.g. 1),
+    since oversubscribed CPU threads slow small matmuls down by an order of magnitude."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +121,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/appo-demo"
     device: str = "auto"
+    threads: int = 0
     eval_every: int = 0
     eval_at_end: bool = True
     eval_samples: int = 1

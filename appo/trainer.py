@@ -238,6 +238,8 @@ class Trainer:
         self.config = config
         self.device = _device(config)
         _seed_everything(config.seed)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         if model is None:
             model, tokenizer = load_policy(config, self.device)
         self.model, self.tokenizer = model.eval(), tokenizer
