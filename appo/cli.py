@@ -87,8 +87,9 @@ def format_summary(summary: dict) -> str:
                      f"{summary['mean_time_per_step']:.1f} s/step")
     if "eval" in summary:
         ev = summary["eval"]
-        lines.append(f"  held-out ({ev['items']} questions): pass@1 {ev['pass@1']:.3f}, "
-                     f"pass@{ev['k']} {ev['pass@k']:.3f}, tool calls/rollout {ev['tool_calls']:.2f}")
+        at_k = f", pass@{ev['k']} {ev['pass@k']:.3f}" if ev["k"] > 1 else ""
+        lines.append(f"  held-out ({ev['items']} questions): pass@1 {ev['pass@1']:.3f}{at_k}, "
+                     f"tool calls/rollout {ev['tool_calls']:.2f}")
     lines.append(f"  metrics: {summary['metrics']}")
     lines.append(f"  plot:    {summary['plot']}")
     return "\n".join(lines)
