@@ -113,3 +113,39 @@ def test_resume_continues_exactly(tmp_path):
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     straight_lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["reward"] == json.loads(straight_lines[-1])["reward"]
+
+
+@pytest.mark.slow
+def test_one_appo_step_raises_the_logprob_of_the_best_rollout(tmp_path):
+    """After one APPO step, the best-rewarded initial rollout is more likely and the worst less likely."""
+    import copy
+
+    from appo.trainer import Trainer, policy_token_stats
+
+    tokenizer = CharTokenizer()
+    config = load_config(None, [f"output_dir={tmp_path}", "steps=1", "device=cpu", "rollout.temperature=1.0",
+                                "rollout.response_prefix=''", "rollout.max_new_tokens_per_turn=12",
+                                "rollout.max_total_tokens=24", "rollout.max_prompt_tokens=8", "optim.lr=3e-3",
+                                "prompts_per_step=1", "optim.minibatches_per_step=1",
+                                "optim.grad_accumulation=1", "algo.N=4", "algo.B=1", "algo.M=8",
+                                "eval_at_end=false"])
+    prompts = [tokenizer.encode("hello")]
+    model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=32, heads=2, kv_heads=1, seed=3)
+    before = copy.deepcopy(model)
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=TaskData(VowelTask(), [None], prompts),
+                      tools={"python": Echo()})
+    captured = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda *args, **kw: captured.append(generate(*args, **kw)) or captured[-1]
+    metrics = trainer.step()
+    batch = captured[0]
+    assert metrics["branches"] > 0 and len(set(batch.rewards.tolist())) > 1
+
+    def sequence_logprob(policy):
+        with torch.no_grad():
+            logprobs, _, _ = policy_token_stats(policy, batch, 1.0, use_cache=False)
+        return (logprobs * batch.mask).sum(dim=1)
+
+    change = sequence_logprob(trainer.model) - sequence_logprob(before)
+    best, worst = int(batch.rewards.argmax()), int(batch.rewards.argmin())
+    assert change[best] > 0 > change[worst]
