@@ -134,6 +134,13 @@ def plot_metrics(jsonl_paths: list[str | Path] | str | Path, out_png: str | Path
     for axis in axes[0]:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
+    return save_figure(figure, out_png)
+
+
+def save_figure(figure, out_png: str | Path) -> Path:
+    """Lay out ``figure``, write it as a PNG (creating the directory), close it and return the path."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,8 @@ def plot_comparison(entries: list[dict], out_png: str | Path, start: list[dict] 
     Right: seconds per step split into rollout / branch / update (stacked bars). Returns ``out_png``."""
     import matplotlib
 
+    from appo.metrics import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -240,12 +242,7 @@ def plot_comparison(entries: list[dict], out_png: str | Path, start: list[dict] 
     bars.set_ylabel("seconds per step (mean over steps and seeds)")
     bars.set_title("time per step by phase")
     bars.legend(fontsize=8)
-    figure.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
-    plt.close(figure)
-    return out_png
+    return save_figure(figure, out_png)
 
 
 def write_results(rows: list[dict], args: argparse.Namespace | None = None,
