@@ -90,7 +90,8 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
 
 
-def _check_tokens(tokens: torch.Tensor, expected_shape: torch.Size, vocab: int, ref_name: str) -> torch.Tensor:
+def _check_tokens(tokens: torch.Tensor, expected_shape: torch.Size, vocab: int, ref_name: str, *,
+                  check_range: bool = True) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         raise ValueError(f"tokens: expected a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -98,7 +99,7 @@ def _check_tokens(tokens: torch.Tensor, expected_shape: torch.Size, vocab: int, 
     if tokens.shape != expected_shape:
         raise ValueError(f"tokens: shape {tuple(tokens.shape)} does not match {ref_name} "
                          f"{tuple(expected_shape)} (one token per row of {ref_name})")
-    if tokens.numel() > 0:
+    if check_range and tokens.numel() > 0:  # min/max: a device sync, so done once per call
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"tokens: ids must lie in [0, {vocab}) (the vocabulary size), got range [{lo}, {hi}]")
@@ -213,7 +214,8 @@ def _token_stats_from_hidden(hidden, weight, bias, tokens, temperature, impl) ->
     if tokens is None:
         raise ValueError("tokens: required (the sampled token at each position)")
     _check_same_device(hidden=hidden, weight=weight, bias=bias, tokens=tokens)
-    tokens = _check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden.shape[:-1]")
+    # The fused backends check the ids against V themselves (they are public on their own).
+    tokens = _check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden.shape[:-1]", check_range=False)
     backend = _check_impl(impl, hidden.device)
     if backend == "triton":
         from appo.kernels.linear_token_stats import linear_token_stats_triton as rows_fn
@@ -294,9 +296,7 @@ def _log_ratio_sum(logprobs, old_logprobs, mask, gamma, impl) -> torch.Tensor:
         from appo.kernels.future_value import discounted_log_ratio_sum_triton as scan
     else:
         from appo.ops.future_value import discounted_log_ratio_sum_torch as scan
-    # Positions outside the mask may hold anything (e.g. -inf for tool results): zero them for the scan.
-    logprobs = torch.where(mask, logprobs, 0.0)
-    old_logprobs = torch.where(mask, old_logprobs, 0.0)
+    # Both scans give masked positions exactly 0, whatever they hold (e.g. -inf for tool results).
     return scan(logprobs, old_logprobs, mask, gamma)
 
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _record import CPU_THREADS, torch_threads  # noqa: E402
+from _record import CPU_THREADS, record, torch_threads  # noqa: E402
 
 from appo import prefix_cache as pc  # noqa: E402
 
@@ -47,11 +47,7 @@ RESULTS: list[dict] = []
 def write_results():
     yield
     if RESULTS:
-        from _record import record
         print(f"\nprefix_cache results written to {record('prefix_cache', RESULTS)}")
-
-
-
 
 
 def branch_points(rollouts, tokens, generator):
