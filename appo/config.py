@@ -45,7 +45,8 @@ class RolloutSettings:
     """Sampling and the tool loop (see ``appo.rollout.engine.RolloutConfig``). Prompts longer than
     max_prompt_tokens are dropped from the data. result_template: how tool output is appended (the few-shot
     demonstrations use the same form). response_prefix: text that opens every response (masked 0), e.g.
-    "<python>" to make a small model start with a tool call; "" leaves the model free."""
+    "<python>" to make a small model start with a tool call; "" leaves the model free. max_batch_rows: rollouts
+    decoded together at most (bounds memory; None: all at once)."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -55,6 +56,7 @@ class RolloutSettings:
     max_tool_calls: int = 2
     result_template: str = "<result>{result}</result>\n"
     response_prefix: str = "<python>"
+    max_batch_rows: int | None = 32
 
 
 @dataclass
@@ -246,6 +248,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"prompts_per_step: {config.prompts_per_step} prompts must split evenly into "
                          f"optim.minibatches_per_step={config.optim.minibatches_per_step} x "
                          f"optim.grad_accumulation={config.optim.grad_accumulation} micro-batches")
+    if config.rollout.max_batch_rows is not None and config.rollout.max_batch_rows < 1:
+        raise ValueError(f"rollout.max_batch_rows: must be >= 1 or null, got {config.rollout.max_batch_rows}")
     if not 0 < config.rollout.top_p <= 1:
         raise ValueError(f"rollout.top_p: must lie in (0, 1], got {config.rollout.top_p}")
     if config.rollout.temperature <= 0:

@@ -116,7 +116,8 @@ def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | 
                                    max_total_tokens=settings.max_total_tokens,
                                    max_tool_calls=settings.max_tool_calls, seed=seed,
                                    result_template=settings.result_template,
-                                   response_prefix=settings.response_prefix)
+                                   response_prefix=settings.response_prefix,
+                                   max_batch_rows=settings.max_batch_rows)
     return RolloutEngine(model, tokenizer, tools if tools is not None else make_tools([config.data.tool]),
                          rollout_config)
 

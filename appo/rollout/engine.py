@@ -46,6 +46,9 @@ class RolloutConfig:
         small model open a tool call). Its tokens are prompt tokens (mask 0, counted in prompt_lengths) but
         belong to the first turn (a call it opens is found) and to ``texts``. Branching a batch assumes it
         was generated with the same prefix.
+    max_batch_rows: rows decoded together at most (None: all at once). More rows are generated in
+        consecutive chunks of this size, bounding the KV cache and activation memory; the output is the same
+        bundle (row order kept). Branching from a gathered cache decodes all its rows together.
     """
 
     temperature: float = 1.0
@@ -58,6 +61,7 @@ class RolloutConfig:
     seed: int | None = 0
     reuse_cache: bool = True
     response_prefix: str = ""
+    max_batch_rows: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range."""
@@ -67,6 +71,8 @@ class RolloutConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_tool_calls < 0:
             raise ValueError(f"max_tool_calls: must be >= 0, got {self.max_tool_calls}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows: must be >= 1 or None, got {self.max_batch_rows}")
         if "{result}" not in self.result_template:
             raise ValueError("result_template: must contain '{result}'")
 
@@ -194,7 +200,8 @@ class RolloutEngine:
             rows.append(_Row(full, [False] * len(full), [0.0] * len(full), len(full), int(group),
                              turn_start=len(prompt), response_start=len(prompt)))
         with torch.inference_mode():
-            self._decode(rows, self._prefill_state(rows, range(len(rows))))
+            for chunk in self._chunks(len(rows)):
+                self._decode(rows, self._prefill_state(rows, chunk))
         return self._to_batch(rows, score)
 
     def continue_branches(self, batch: RolloutBatch, src: torch.Tensor, pos: torch.Tensor, *,
@@ -226,11 +233,16 @@ class RolloutEngine:
                              response_start=response_start))
         with torch.inference_mode():
             if past_key_values is None:
-                state = self._prefill_state(rows, range(len(rows)))
+                for chunk in self._chunks(len(rows)):
+                    self._decode(rows, self._prefill_state(rows, chunk))
             else:
-                state = self._cached_state(rows, batch, src, pos, past_key_values, include_token)
-            self._decode(rows, state)
+                self._decode(rows, self._cached_state(rows, batch, src, pos, past_key_values, include_token))
         return self._to_batch(rows, score)
+
+    def _chunks(self, n: int) -> list[range]:
+        """Row index ranges decoded together (``max_batch_rows`` at a time)."""
+        size = self.config.max_batch_rows or n
+        return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
     # ------------------------------------------------------------------ the decode loop
     def _decode(self, rows: list[_Row], state: _DecodeState) -> None:
