@@ -6,14 +6,16 @@ and once re-prefilling every row's history after each tool turn (``reuse_cache=F
 prints the wall time, generated tokens/s, the tokens forwarded (real and padding), the tool calls and the
 time spent inside tools, and records the rows to bench/results/rollout-<time>.json.
 
-Script (``python bench/bench_rollout.py --prompts 32``): 32 GSM8K-train prompts with few-shot prompting;
-reports the fraction of rollouts that ran a python call, the fractions with reward > 0 and reward != 0,
-finish reasons and throughput; records to bench/results/rollout_gsm8k-<time>.json.
+Script (``python bench/bench_rollout.py --prompts 32 --samples 8 --temperature 0.7 --few-shot 4``): 8 rollouts
+for each of the first 32 GSM8K-train prompts (``--sample-seed S`` takes a seeded random sample instead);
+reports the fraction of rollouts that ran a python call, the correct rollouts, the prompts with at least one
+correct rollout (pass@k), the format-penalised rollouts, finish reasons, throughput and peak RSS; records to
+bench/results/rollout_gsm8k-<time>.json (``--keep-rollouts`` adds every rollout's text and grade).
 
-Prompting (tuned for a 135M model): the tasks' system prompt and its 2 python demonstrations plus
-``EXTRA_DEMOS`` below, and the response opened with "<python>" (``RolloutConfig.response_prefix``): without
-that, SmolLM2-135M answers in prose and almost never calls the tool. Torch runs with
-APPO_BENCH_CPU_THREADS threads (default 1; shared machines punish multi-threaded pools).
+Prompting: the library's ``render_prompt`` (system prompt and ``--few-shot`` python demonstrations from
+``appo.tasks.prompts``), and the response opened with "<python>" (``RolloutConfig.response_prefix``): without
+that, SmolLM2-135M answers in prose and almost never calls the tool. Torch runs with APPO_BENCH_CPU_THREADS
+threads (default 1; shared machines punish multi-threaded pools).
 """
 
 from __future__ import annotations
@@ -31,33 +33,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-EXTRA_DEMOS = [
-    ("A baker makes 24 muffins and sells 3 boxes of 6 muffins. How many muffins are left?",
-     "<python>24 - 3 * 6</python>\n<result>6</result>\n<answer>6</answer>"),
-    ("Lisa earns $12 an hour. She worked 5 hours on Monday and 3 hours on Tuesday. How much did she earn?",
-     "<python>12 * (5 + 3)</python>\n<result>96</result>\n<answer>96</answer>"),
-    ("A farm has 40 cows and half as many horses. How many animals are there in total?",
-     "<python>40 + 40 / 2</python>\n<result>60.0</result>\n<answer>60</answer>"),
-    ("Sam reads 14 pages a day for 2 weeks. How many pages does he read?",
-     "<python>14 * 7 * 2</python>\n<result>196</result>\n<answer>196</answer>"),
-]
 CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
 
 
-def gsm8k_prompts(tokenizer, count: int, extra_demos: int = len(EXTRA_DEMOS)):
-    """(examples, prompt token lists) for the first ``count`` GSM8K-train problems, few-shot rendered."""
-    from appo.tasks import GSM8K, build_messages
+def gsm8k_prompts(tokenizer, count: int, few_shot: int = 4, sample_seed: int | None = None):
+    """(examples, prompt token lists) for ``count`` GSM8K-train problems rendered by the library's
+    ``render_prompt`` with ``few_shot`` python demonstrations: the first ``count`` of the train split, or a
+    ``random.Random(sample_seed)`` sample of it when ``sample_seed`` is given."""
+    import random
 
-    examples = GSM8K().examples("train")[:count]
-    demos = [m for q, a in EXTRA_DEMOS[:extra_demos]
-             for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    prompts = []
-    for example in examples:
-        messages = build_messages(example, tools=("python",), few_shot=2)
-        ids = tokenizer.apply_chat_template(messages[:1] + demos + messages[1:], add_generation_prompt=True,
-                                            tokenize=True)
-        prompts.append([int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
-    return examples, prompts
+    from appo.tasks import GSM8K, render_prompt
+
+    examples = GSM8K().examples("train")
+    examples = (examples[:count] if sample_seed is None
+                else random.Random(sample_seed).sample(examples, count))
+    return examples, [render_prompt(tokenizer, e, tools=("python",), few_shot=few_shot) for e in examples]
 
 
 class TimedTool:
@@ -77,50 +67,76 @@ class TimedTool:
 
 
 def run_rollouts(model, tokenizer, count: int, *, reuse_cache: bool = True, temperature: float = 0.3,
-                 max_new_tokens_per_turn: int = 64, extra_demos: int = len(EXTRA_DEMOS), seed: int = 0,
-                 batch_size: int | None = None) -> dict:
-    """Generate ``count`` GSM8K rollouts (``batch_size`` at a time, default all at once); return a result row
-    (throughput, work counters, task figures)."""
-    from appo.rollout.batch import concat
+                 max_new_tokens_per_turn: int = 64, few_shot: int = 4, seed: int = 0,
+                 batch_size: int | None = None, samples: int = 1, sample_seed: int | None = None,
+                 keep_rollouts: bool = False) -> dict:
+    """Generate ``samples`` rollouts for each of ``count`` GSM8K prompts (``batch_size`` rows decoded together,
+    default all at once); return a result row (throughput, work counters, task figures; with
+    ``keep_rollouts`` every rollout's text, answer, gold and reward)."""
     from appo.rollout.engine import RolloutConfig, RolloutEngine
     from appo.tasks import GSM8K
     from appo.tools import make_tools
 
     task = GSM8K()
-    examples, prompts = gsm8k_prompts(tokenizer, count, extra_demos)
+    examples, prompts = gsm8k_prompts(tokenizer, count, few_shot, sample_seed)
     tools = make_tools(["python"])
     timer = TimedTool(tools["python"])
+    rows = count * samples
     config = RolloutConfig(temperature=temperature, max_new_tokens_per_turn=max_new_tokens_per_turn,
                            max_total_tokens=1024, max_tool_calls=2, seed=seed, reuse_cache=reuse_cache,
-                           result_template="<result>{result}</result>\n", response_prefix="<python>")
+                           result_template="<result>{result}</result>\n", response_prefix="<python>",
+                           max_batch_rows=batch_size or rows)
     engine = RolloutEngine(model, tokenizer, tools, config)
+    rewards = {}
 
     def score(group, text):
         reward = task.reward(text, examples[group])
+        rewards.setdefault((group, text), reward)
         return reward.score, reward.correct
 
     start = time.perf_counter()
-    step = batch_size or count
-    batch = concat([engine.generate(prompts[i:i + step], list(range(i, min(i + step, count))), score=score)
-                    for i in range(0, count, step)])
+    batch = engine.generate([p for p in prompts for _ in range(samples)],
+                            [g for g in range(count) for _ in range(samples)], score=score)
     seconds = time.perf_counter() - start
     stats = engine.stats
-    return {
-        "rollouts": count, "batch_size": step, "reuse_cache": reuse_cache, "temperature": temperature,
+    groups = batch.group_ids.tolist()
+    graded = [rewards[(g, t)] for g, t in zip(groups, batch.texts)]
+    correct = [bool(c) for c in batch.correct]
+    solved = sorted({g for g, c in zip(groups, correct) if c})
+    row = {
+        "rollouts": rows, "prompts": count, "samples_per_prompt": samples,
+        "prompt_set": ("first" if sample_seed is None else f"random.Random({sample_seed}).sample")
+                      + f" {count} of GSM8K().examples('train')",
+        "prompt_ids": [e.id for e in examples], "few_shot": few_shot,
+        "mean_prompt_tokens": sum(map(len, prompts)) / count,
+        "batch_size": config.max_batch_rows, "reuse_cache": reuse_cache, "temperature": temperature,
+        "max_new_tokens_per_turn": max_new_tokens_per_turn, "seed": seed,
         "seconds": seconds, "generated_tokens": stats.generated_tokens,
         "generated_tokens_per_s": stats.generated_tokens / seconds,
         "forward_tokens": stats.forward_tokens, "padded_tokens": stats.padded_tokens,
         "prefill_tokens": stats.prefill_tokens, "result_tokens": stats.result_tokens,
         "decode_steps": stats.decode_steps, "tool_calls": stats.tool_calls, "tool_seconds": timer.seconds,
         "forward_tokens_per_s": (stats.forward_tokens + stats.padded_tokens) / seconds,
-        "frac_called_tool": sum(bool(calls) for calls in batch.tool_calls) / count,
+        "frac_called_tool": sum(bool(calls) for calls in batch.tool_calls) / rows,
         "frac_reward_positive": float((batch.rewards > 0).float().mean()),
         "frac_reward_nonzero": float((batch.rewards != 0).float().mean()),
-        "frac_correct": sum(batch.correct) / count,
+        "correct_rollouts": sum(correct), "frac_correct": sum(correct) / rows,
+        "prompts_with_a_correct_rollout": len(solved), "pass_at_k": len(solved) / count,
+        "solved_prompt_ids": [examples[g].id for g in solved],
+        "format_penalized": sum(not r.format_ok for r in graded),
+        "with_answer": sum(r.answer is not None for r in graded),
         "finish_reasons": dict(Counter(batch.finish_reasons)), "sample_texts": batch.texts[:4],
+        "correct_texts": [t for t, c in zip(batch.texts, correct) if c],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
+    if keep_rollouts:
+        row["all_rollouts"] = [
+            {"id": examples[g].id, "gold": examples[g].answer, "answer": r.answer, "correct": c,
+             "reward": float(batch.rewards[i]), "format_ok": r.format_ok, "finish": batch.finish_reasons[i],
+             "tool_calls": len(batch.tool_calls[i]), "text": batch.texts[i]}
+            for i, (g, r, c) in enumerate(zip(groups, graded, correct))]
+    return row
 
 
 def describe(row: dict) -> str:
@@ -160,24 +176,40 @@ def test_rollout_throughput(benchmark, smollm2, reuse_cache):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=1, help="rollouts per prompt (pass@k with k = samples)")
     parser.add_argument("--temperature", type=float, default=0.3)
-    parser.add_argument("--extra-demos", type=int, default=len(EXTRA_DEMOS))
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--few-shot", type=int, default=4, help="python demonstrations in the prompt")
+    parser.add_argument("--max-new", type=int, default=64, help="generated tokens per turn at most")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows decoded together (max_batch_rows)")
+    parser.add_argument("--seed", type=int, default=0, help="the engine's sampling seed")
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="take a random.Random(seed) sample of the train split instead of its first prompts")
+    parser.add_argument("--keep-rollouts", action="store_true", help="record every rollout's text and grade")
+    parser.add_argument("--no-record", action="store_true", help="print only (exploration runs)")
     args = parser.parse_args()
     from appo.models import load_model
     from _record import record
 
     torch.set_num_threads(CPU_THREADS)
     model, tokenizer = load_model()
-    row = run_rollouts(model, tokenizer, args.prompts, temperature=args.temperature,
-                       extra_demos=args.extra_demos,
-                       batch_size=args.batch_size)
+    row = run_rollouts(model, tokenizer, args.prompts, temperature=args.temperature, few_shot=args.few_shot,
+                       max_new_tokens_per_turn=args.max_new, batch_size=args.batch_size, seed=args.seed,
+                       samples=args.samples, sample_seed=args.sample_seed, keep_rollouts=args.keep_rollouts)
     print(describe(row))
-    print(f"called the python tool: {row['frac_called_tool']:.1%}; "
-          f"reward > 0: {row['frac_reward_positive']:.1%}; "
-          f"reward != 0: {row['frac_reward_nonzero']:.1%}; correct: {row['frac_correct']:.1%}; "
-          f"finish reasons: {row['finish_reasons']}")
-    print("recorded", record("rollout_gsm8k", [row]))
+    print(f"{row['rollouts']} rollouts ({row['prompts']} prompts x {row['samples_per_prompt']}): "
+          f"called the python tool {row['frac_called_tool']:.1%}; "
+          f"correct {row['correct_rollouts']} ({row['frac_correct']:.1%}); "
+          f"prompts with a correct rollout {row['prompts_with_a_correct_rollout']}/{row['prompts']} "
+          f"({row['solved_prompt_ids']}); format penalty {row['format_penalized']}; "
+          f"reward > 0: {row['frac_reward_positive']:.1%}; finish reasons: {row['finish_reasons']}")
+    for text in row["correct_texts"]:
+        print("correct:", repr(text))
+    if args.keep_rollouts and args.no_record:
+        for r in row["all_rollouts"]:
+            print(f"--- {r['id']} gold {r['gold']} answer {r['answer']!r} reward {r['reward']:+.1f} "
+                  f"{r['finish']}\n{r['text']}")
+    if not args.no_record:
+        print("recorded", record("rollout_gsm8k", [row]))
 
 
 if __name__ == "__main__":

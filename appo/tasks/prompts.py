@@ -18,11 +18,17 @@ TOOL_DESCRIPTIONS = {
 
 DEMONSTRATIONS = {
     "python": [
-        ("Pencils cost $2 for a pack of 3. How much do 12 pencils cost?",
-         "<think>12 pencils are 12 / 3 packs, each $2.</think>\n<python>print(12 // 3 * 2)</python>\n"
-         "<result>8</result>\n<answer>8</answer>"),
-        ("What is 17 * 23 - 45?",
-         "<python>17 * 23 - 45</python>\n<result>346</result>\n<answer>346</answer>"),
+        ("A baker made 36 cupcakes in the morning and half as many in the afternoon. He sold 40 of them. "
+         "How many cupcakes are left?",
+         "<python>print(36 + 36 / 2 - 40)</python>\n<result>14.0</result>\n<answer>14</answer>"),
+        ("Emma buys 3 notebooks for $4 each and a pen for $2. She pays with a $20 bill. How much change does "
+         "she get?",
+         "<python>print(20 - (3 * 4 + 2))</python>\n<result>6</result>\n<answer>6</answer>"),
+        ("A school has 5 classes with 24 students each. 25% of the students walk to school. How many students "
+         "walk to school?",
+         "<python>print(5 * 24 * 25 / 100)</python>\n<result>30.0</result>\n<answer>30</answer>"),
+        ("Jake runs 4 miles a day, 5 days a week. How many miles does he run in 3 weeks?",
+         "<python>print(4 * 5 * 3)</python>\n<result>60</result>\n<answer>60</answer>"),
     ],
     "search": [
         ("Who wrote the novel that the film Jaws is based on?",
