@@ -1,0 +1,318 @@
+"""The backend-independent half of a rollout engine: rows, the tool loop's decisions, tool calls, the bundle.
+
+A backend (``appo.rollout.engine`` for transformers, ``appo.rollout.vllm`` for vLLM) samples tokens; after each
+sampled token it asks ``after_token`` what happens next: continue, finish (answer, EOS, length, tool limit,
+error) or run a tool call. ``run_calls`` runs the calls of a step grouped by tool and appends each result as
+masked tokens; ``to_batch`` turns the finished rows into the ``RolloutBatch`` bundle. Both backends therefore
+share every decision about tags, limits, masks and spans, and differ only in how tokens are produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from appo.rollout.batch import RolloutBatch, ToolCall
+from appo.rollout.sampling import check_sampling_args
+from appo.tools.base import Tool
+
+_TAG_WINDOW = 16  # tokens decoded to detect a closing tag completed by the newest token
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling and tool-loop limits.
+
+    temperature / top_p: sampling (log-probs ignore top-p, see ``appo.rollout.sampling``).
+    max_new_tokens_per_turn: generated tokens between two tool results before a row ends with "length".
+    max_total_tokens: prompt + response (tool results included) per row; reaching it ends the row ("length").
+    max_tool_calls: calls a row may make; closing one more ends the row with "tool_limit" (call not run).
+    stop_tags: closing tags that end a turn: the tag of a tool in ``tools`` runs it, ``</answer>`` ends the
+        rollout ("answer"), any other (a tool that is not available) ends it with "error". EOS always stops.
+        A closing tool tag with no opening tag in the turn also ends the row with "error".
+    result_template: how a tool's output is appended (tokens masked 0); must contain "{result}".
+    seed: seeds the engine's torch.Generator (None: nondeterministic).
+    reuse_cache: False re-prefills every row's whole history after each tool turn (baseline for benchmarks).
+    response_prefix: text appended to every prompt as the start of the response (e.g. "<python>" to make a
+        small model open a tool call). Its tokens are prompt tokens (mask 0, counted in prompt_lengths) but
+        belong to the first turn (a call it opens is found) and to ``texts``. Branching a batch assumes it
+        was generated with the same prefix.
+    max_batch_rows: rows decoded together at most (None: all at once). More rows are generated in
+        consecutive chunks of this size, bounding the KV cache and activation memory; the output is the same
+        bundle (row order kept). Branching from a gathered cache decodes all its rows together. (The vLLM
+        backend ignores it: vLLM schedules its own batches.)
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens_per_turn: int = 256
+    max_total_tokens: int = 1024
+    max_tool_calls: int = 3
+    stop_tags: tuple[str, ...] = ("</python>", "</search>", "</answer>")
+    result_template: str = "<result>\n{result}\n</result>\n"
+    seed: int | None = 0
+    reuse_cache: bool = True
+    response_prefix: str = ""
+    max_batch_rows: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        check_sampling_args(self.temperature, self.top_p)
+        for name in ("max_new_tokens_per_turn", "max_total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_tool_calls < 0:
+            raise ValueError(f"max_tool_calls: must be >= 0, got {self.max_tool_calls}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows: must be >= 1 or None, got {self.max_batch_rows}")
+        if "{result}" not in self.result_template:
+            raise ValueError("result_template: must contain '{result}'")
+
+
+@dataclass
+class RolloutStats:
+    """Counters of the work done by the model (cumulative over calls; ``reset()`` to zero them).
+
+    forward_tokens: real tokens fed through the model (prompts/prefixes, generated tokens, tool results);
+    padded_tokens: padding slots fed alongside them; prefill_tokens: the part of forward_tokens that came from
+    prompts, branch prefixes and (reuse_cache=False) re-prefills; result_tokens: tool-result tokens fed on the
+    cache; generated_tokens: tokens sampled; decode_steps: forward calls (a split tool step makes two);
+    tool_calls: tool calls run.
+    vLLM backend only: requests (one per row per turn), request_prompt_tokens (their prompt tokens) and
+    cached_prompt_tokens (the part vLLM's prefix cache served; the rest is prefill_tokens).
+    """
+
+    forward_tokens: int = 0
+    padded_tokens: int = 0
+    prefill_tokens: int = 0
+    result_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    tool_calls: int = 0
+    requests: int = 0
+    request_prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+
+@dataclass
+class Row:
+    """One rollout being generated, compact (no holes): the sequence, its mask and its log-probs."""
+
+    tokens: list[int]
+    mask: list[bool]
+    logprobs: list[float]
+    prompt_length: int
+    group_id: int
+    parent: int = -1
+    branch_pos: int = -1
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    turn_start: int = 0  # first token of the current model turn (after the prompt or the last result)
+    response_start: int = 0  # first token of the response text (the prompt minus the response prefix)
+    finish: str | None = None
+
+
+class ToolLoop:
+    """State and decisions shared by the rollout backends (not used directly).
+
+    tokenizer: needs ``encode(text, add_special_tokens=False)``, ``decode(ids, skip_special_tokens=...,
+        clean_up_tokenization_spaces=False)``, ``eos_token_id`` and ``pad_token_id``.
+    tools: ``{tag: Tool}`` (e.g. ``appo.tools.make_tools(["python"])``).
+    device: where the output bundle's tensors live.
+    """
+
+    def __init__(self, tokenizer, tools: dict[str, Tool] | None, config: RolloutConfig | None, device):
+        self.tokenizer = tokenizer
+        self.tools = dict(tools or {})
+        self.config = config or RolloutConfig()
+        self.config.validate()
+        for tag, tool in self.tools.items():
+            if not isinstance(tool, Tool):
+                raise ValueError(f"tools: value for tag {tag!r} is not an appo.tools.base.Tool")
+        self.stop_tags = tuple(dict.fromkeys([*self.config.stop_tags, *(f"</{t}>" for t in self.tools)]))
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: needs an eos_token_id")
+        self.eos_id = int(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.eos_id)
+        self.device = device
+        self.prefix_ids = tokenizer.encode(self.config.response_prefix, add_special_tokens=False) \
+            if self.config.response_prefix else []
+        self.stats = RolloutStats()
+
+    # ------------------------------------------------------------------ rows
+    def new_rows(self, prompts: list[list[int]], group_ids: list[int]) -> list[Row]:
+        """One row per prompt (+ the response prefix); raises ValueError on bad prompts or group ids."""
+        if len(prompts) == 0:
+            raise ValueError("prompts: need at least one prompt")
+        if len(group_ids) != len(prompts):
+            raise ValueError(f"group_ids: expected {len(prompts)} entries, got {len(group_ids)}")
+        rows = []
+        for i, (prompt, group) in enumerate(zip(prompts, group_ids)):
+            full = [int(t) for t in prompt] + self.prefix_ids
+            if not prompt or len(full) >= self.config.max_total_tokens:
+                raise ValueError(f"prompts: prompt {i} has {len(prompt)} tokens (+{len(self.prefix_ids)} of "
+                                 f"response_prefix); need 1 to max_total_tokens - 1 = "
+                                 f"{self.config.max_total_tokens - 1} in all")
+            rows.append(Row(full, [False] * len(full), [0.0] * len(full), len(full), int(group),
+                            turn_start=len(prompt), response_start=len(prompt)))
+        return rows
+
+    def branch_rows(self, batch: RolloutBatch, src: torch.Tensor, pos: torch.Tensor,
+                    include_token: bool) -> list[Row]:
+        """Rows that copy ``tokens[src, :pos]`` (``:pos + 1`` with include_token) with their mask, old log-probs
+        and the tool calls completed inside the prefix (they count toward ``max_tool_calls``)."""
+        keep = pos + int(include_token)
+        rows = []
+        for s, p, k in zip(src.tolist(), pos.tolist(), keep.tolist()):
+            source_calls = batch.tool_calls[s] if batch.tool_calls else []
+            calls = [replace(c) for c in source_calls if c.result_span[1] <= k]
+            prompt_length = int(batch.prompt_lengths[s])
+            response_start = prompt_length - len(self.prefix_ids)
+            rows.append(Row(batch.tokens[s, :k].tolist(), batch.mask[s, :k].tolist(),
+                            batch.old_logprobs[s, :k].tolist(), prompt_length, int(batch.group_ids[s]),
+                            parent=s, branch_pos=p, tool_calls=calls,
+                            turn_start=max([response_start] + [c.result_span[1] for c in calls]),
+                            response_start=response_start))
+        return rows
+
+    def add_token(self, row: Row, token: int, logprob: float):
+        """Append a sampled token; return what follows: None (continue), a finish reason, or a tool call
+        ``(tag, query, call_start)``. A finish reason is also stored in ``row.finish``."""
+        row.tokens.append(token)
+        row.mask.append(True)
+        row.logprobs.append(logprob)
+        self.stats.generated_tokens += 1
+        outcome = self._after_token(row)
+        if isinstance(outcome, str):
+            row.finish = outcome
+        return outcome
+
+    # ------------------------------------------------------------------ per-token logic and tools
+    def _after_token(self, row: Row):
+        """None to continue, a finish reason, or ``(tag, query, call_start)`` for a tool call to run."""
+        if row.tokens[-1] == self.eos_id:
+            return "eos"
+        tag = self._completed_stop_tag(row)
+        if tag is not None:
+            name = tag[2:-1]
+            if name == "answer":
+                return "answer"
+            if name not in self.tools:
+                return "error"
+            if len(row.tool_calls) >= self.config.max_tool_calls:
+                return "tool_limit"
+            call = self._locate_call(row, name)
+            return "error" if call is None else (name, *call)
+        if len(row.tokens) >= self.config.max_total_tokens:
+            return "length"
+        if len(row.tokens) - row.turn_start >= self.config.max_new_tokens_per_turn:
+            return "length"
+        return None
+
+    def _completed_stop_tag(self, row: Row) -> str | None:
+        """The stop tag that the newest token completes, if any (decodes a short tail of the turn only)."""
+        window = row.tokens[max(row.turn_start, len(row.tokens) - _TAG_WINDOW):]
+        now, before = self._decode_text(window), self._decode_text(window[:-1])
+        done = [t for t in self.stop_tags if now.count(t) > before.count(t)]
+        return max(done, key=now.rfind) if done else None
+
+    def _locate_call(self, row: Row, tag: str) -> tuple[str, int] | None:
+        """(query, index of the token holding "<tag>") of the call the turn just closed; None if unopened."""
+        start = row.turn_start
+        text = self._decode_text(row.tokens[start:])
+        opening, closing = f"<{tag}>", f"</{tag}>"
+        end = text.rfind(closing)
+        begin = text.rfind(opening, 0, end)
+        if begin < 0:
+            return None
+        call_text = text[begin:end]
+        lo, hi = start, len(row.tokens) - 1  # largest token index whose suffix still holds the call
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if call_text in self._decode_text(row.tokens[mid:]):
+                lo = mid
+            else:
+                hi = mid - 1
+        return text[begin + len(opening):end], lo
+
+    def run_calls(self, rows: list[Row], calls: list[tuple[int, str, str, int]]) -> dict[int, int]:
+        """Run ``calls`` = [(row index, tag, query, call start)] grouped by tool (``Tool.run_batch``); append
+        each result block (mask 0, log-prob 0) to its row. A result that would pass ``max_total_tokens`` ends
+        the row with "length" instead. Returns {row index: index of its first result token}."""
+        appended: dict[int, int] = {}
+        for tag in dict.fromkeys(c[1] for c in calls):
+            group = [c for c in calls if c[1] == tag]
+            results = self.tools[tag].run_batch([query for _, _, query, _ in group])
+            self.stats.tool_calls += len(group)
+            for (r, _, query, call_start), result in zip(group, results):
+                row = rows[r]
+                ids = self.tokenizer.encode(self.config.result_template.format(result=result),
+                                            add_special_tokens=False)
+                if len(row.tokens) + len(ids) >= self.config.max_total_tokens:
+                    row.finish = "length"
+                    continue
+                start = len(row.tokens)
+                spans = (call_start, start), (start, start + len(ids))
+                row.tool_calls.append(ToolCall(tag, query, result, *spans))
+                row.tokens += ids
+                row.mask += [False] * len(ids)
+                row.logprobs += [0.0] * len(ids)
+                row.turn_start = len(row.tokens)
+                self.stats.result_tokens += len(ids)
+                appended[r] = start
+        return appended
+
+    # ------------------------------------------------------------------ output
+    def _decode_text(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def to_batch(self, rows: list[Row], score) -> RolloutBatch:
+        """Right-pad the compact rows into a RolloutBatch; decode texts, extract answers, score."""
+        from appo.tasks.parsing import extract_answer
+
+        width = max(len(r.tokens) for r in rows)
+        n = len(rows)
+        tokens = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        old_logprobs = torch.zeros((n, width), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row.tokens)] = torch.tensor(row.tokens)
+            mask[i, :len(row.tokens)] = torch.tensor(row.mask)
+            old_logprobs[i, :len(row.tokens)] = torch.tensor(row.logprobs)
+        texts = [self._decode_text(r.tokens[r.response_start:], skip_special=True) for r in rows]
+        scored = [score(r.group_id, t) if score is not None else (0.0, 0.0) for r, t in zip(rows, texts)]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device)
+
+        return RolloutBatch(
+            tokens=tokens.to(self.device), mask=mask.to(self.device),
+            old_logprobs=old_logprobs.to(self.device),
+            lengths=column([len(r.tokens) for r in rows], torch.long),
+            prompt_lengths=column([r.prompt_length for r in rows], torch.long),
+            group_ids=column([r.group_id for r in rows], torch.long),
+            rewards=column([float(s[0]) for s in scored], torch.float32),
+            parent=column([r.parent for r in rows], torch.long),
+            branch_pos=column([r.branch_pos for r in rows], torch.long),
+            pad_id=self.pad_id, tool_calls=[r.tool_calls for r in rows],
+            answers=[extract_answer(t) for t in texts], finish_reasons=[r.finish for r in rows],
+            texts=texts, correct=[float(s[1]) for s in scored])
+
+    def check_branch_args(self, batch: RolloutBatch, src, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        src, pos = torch.as_tensor(src).long().cpu(), torch.as_tensor(pos).long().cpu()
+        if src.dim() != 1 or src.numel() == 0:
+            raise ValueError(f"src: expected a non-empty 1-D tensor, got shape {tuple(src.shape)}")
+        if pos.shape != src.shape:
+            raise ValueError(f"pos: expected shape {tuple(src.shape)} like src, got {tuple(pos.shape)}")
+        if int(src.min()) < 0 or int(src.max()) >= batch.num_rollouts:
+            raise ValueError(f"src: row indices must lie in [0, {batch.num_rollouts})")
+        if int(pos.min()) < 0 or int(pos.max()) >= batch.tokens.shape[1]:
+            raise ValueError(f"pos: positions must lie in [0, {batch.tokens.shape[1]})")
+        if not bool(batch.mask.cpu()[src, pos].all()):
+            raise ValueError("pos: every branch position must be a generated token (batch.mask[src, pos])")
+        return src, pos
