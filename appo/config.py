@@ -46,7 +46,9 @@ class RolloutSettings:
     max_prompt_tokens are dropped from the data. result_template: how tool output is appended (the few-shot
     demonstrations use the same form). response_prefix: text that opens every response (masked 0), e.g.
     "<python>" to make a small model start with a tool call; "" leaves the model free. max_batch_rows: rollouts
-    decoded together at most (bounds memory; None: all at once)."""
+    decoded together at most (bounds memory; None: all at once). backend: "transformers" (appo.rollout.engine)
+    or "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM after
+    every optimizer step); vllm: extra keyword arguments for ``vllm.LLM`` (e.g. gpu_memory_utilization)."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -57,6 +59,8 @@ class RolloutSettings:
     result_template: str = "<result>{result}</result>\n"
     response_prefix: str = "<python>"
     max_batch_rows: int | None = 32
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -184,7 +188,7 @@ def _coerce(value, hint, key: str):
         raise ValueError(f"{key}: expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if hint in (float, str) and not isinstance(value, hint):
+    if hint in (float, str, dict) and not isinstance(value, hint):
         raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -250,6 +254,8 @@ def validate(config: TrainConfig) -> TrainConfig:
                          f"optim.grad_accumulation={config.optim.grad_accumulation} micro-batches")
     if config.rollout.max_batch_rows is not None and config.rollout.max_batch_rows < 1:
         raise ValueError(f"rollout.max_batch_rows: must be >= 1 or null, got {config.rollout.max_batch_rows}")
+    if config.rollout.backend not in ("transformers", "vllm"):
+        raise ValueError(f"rollout.backend: must be 'transformers' or 'vllm', got {config.rollout.backend!r}")
     if not 0 < config.rollout.top_p <= 1:
         raise ValueError(f"rollout.top_p: must lie in (0, 1], got {config.rollout.top_p}")
     if config.rollout.temperature <= 0:

@@ -77,6 +77,15 @@ def smollm2_path() -> Path:
     return target
 
 
+def model_path(name_or_path: str = SMOLLM2) -> Path:
+    """The local directory of ``name_or_path``: SmolLM2's converted cache for ``"smollm2-135m-instruct"``,
+    else the path itself (raises ValueError when it does not exist)."""
+    path = smollm2_path() if name_or_path == SMOLLM2 else Path(name_or_path)
+    if not path.exists():
+        raise ValueError(f"name_or_path: {name_or_path!r} is neither {SMOLLM2!r} nor an existing directory")
+    return path
+
+
 def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa", device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)``: ``"smollm2-135m-instruct"`` or a local transformers checkpoint path.
@@ -86,9 +95,7 @@ def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float3
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path() if name_or_path == SMOLLM2 else Path(name_or_path)
-    if not path.exists():
-        raise ValueError(f"name_or_path: {name_or_path!r} is neither {SMOLLM2!r} nor an existing directory")
+    path = model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if attn_implementation == "sdpa":  # the same SDPA kernel, without copying grouped KV heads (appo.attention)
         attn_implementation = register_grouped_sdpa()

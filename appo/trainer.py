@@ -105,9 +105,10 @@ def load_task_data(config: TrainConfig, tokenizer, split: str, size: int, exampl
 
 
 def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | None = None):
-    """The transformers rollout engine with the configured sampling settings and tools (default: the
-    ``data.tool`` tool built by ``appo.tools.make_tools``)."""
-    from appo.rollout.engine import RolloutConfig, RolloutEngine
+    """The rollout engine of ``rollout.backend`` with the configured sampling settings and tools (default: the
+    ``data.tool`` tool built by ``appo.tools.make_tools``). The vLLM engine starts from ``model.name_or_path``
+    and is given ``model``'s current weights at once (the policy may come from a checkpoint)."""
+    from appo.rollout.tool_loop import RolloutConfig
     from appo.tools import make_tools
 
     settings = config.rollout
@@ -118,8 +119,18 @@ def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | 
                                    result_template=settings.result_template,
                                    response_prefix=settings.response_prefix,
                                    max_batch_rows=settings.max_batch_rows)
-    return RolloutEngine(model, tokenizer, tools if tools is not None else make_tools([config.data.tool]),
-                         rollout_config)
+    tools = tools if tools is not None else make_tools([config.data.tool])
+    if settings.backend == "vllm":
+        from appo.models import model_path
+        from appo.rollout.vllm import VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine(str(model_path(config.model.name_or_path)), tokenizer, tools, rollout_config,
+                                   **{"dtype": config.model.dtype, **settings.vllm})
+        engine.load_weights(model)
+        return engine
+    from appo.rollout.engine import RolloutEngine
+
+    return RolloutEngine(model, tokenizer, tools, rollout_config)
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers
@@ -170,8 +181,8 @@ def appo_branches(engine, config: TrainConfig, initial: RolloutBatch, logprobs: 
                   entropy: torch.Tensor, cache, score_fn, model_dtype: torch.dtype):
     """Branch ``initial`` (rows of whole prompts) at its top Branching Score tokens -> (branches, info dict).
 
-    The branches decode from the gathered prefix KV of ``cache`` (no prefill). Returns branches=None when
-    no row has a candidate token.
+    The branches decode from the gathered prefix KV of ``cache`` (no prefill; on vLLM from its prefix cache,
+    ``cache`` unused). Returns branches=None when no row has a candidate token.
     """
     from appo.prefix_cache import gather_prefix_kv
 
@@ -187,11 +198,13 @@ def appo_branches(engine, config: TrainConfig, initial: RolloutBatch, logprobs: 
     info = {"branches": int(src.numel()), "bs_entropy_only": score.entropy_only.float().mean().item()}
     if src.numel() == 0:
         return None, info
-    with torch.no_grad():
-        prefix_cache = gather_prefix_kv(cache, src, pos, include_token=algo.include_token,
-                                        lengths=initial.lengths)
-    for layer in prefix_cache.layers:  # the training forward may have run under bf16 autocast
-        layer.keys, layer.values = layer.keys.to(model_dtype), layer.values.to(model_dtype)
+    prefix_cache = None
+    if engine.accepts_gathered_cache:  # vLLM instead finds the prefixes in its own prefix cache
+        with torch.no_grad():
+            prefix_cache = gather_prefix_kv(cache, src, pos, include_token=algo.include_token,
+                                            lengths=initial.lengths)
+        for layer in prefix_cache.layers:  # the training forward may have run under bf16 autocast
+            layer.keys, layer.values = layer.keys.to(model_dtype), layer.values.to(model_dtype)
     branches = engine.continue_branches(initial, src, pos, past_key_values=prefix_cache,
                                         include_token=algo.include_token, score=score_fn)
     return branches, info
@@ -258,6 +271,7 @@ class Trainer:
         self.order = torch.randperm(len(self.data.prompts), generator=self.data_generator).tolist()
         self.cursor = 0
         self.step_count = 0
+        self.engine_stale = False  # the vLLM engine holds weights older than self.model's
         self.score = self.data.score  # replaced each step by a scorer over that step's group ids
 
     # -- state for checkpoints
@@ -273,6 +287,7 @@ class Trainer:
         loaded = load_checkpoint(directory, self.model, self.optimizer, self.generators())
         self.order, self.cursor = list(loaded.extra["order"]), loaded.extra["cursor"]
         self.step_count = loaded.step
+        self.engine_stale = True
         return self.step_count
 
     # -- data
@@ -298,6 +313,7 @@ class Trainer:
         # Group ids are step-local (0..P-1), so an example drawn twice in one step still forms two groups.
         groups = list(range(len(examples)))
         self.score = lambda group_id, response: self.data.score(examples[group_id], response)
+        self._sync_engine()
         if algo.algo == "arpo":
             batch, info = arpo_rollouts(self.engine, self.model, config, prompts, groups, self.score,
                                         self.arpo_generator)
@@ -359,7 +375,7 @@ class Trainer:
         """once_per_step: branch a micro-batch from a no-grad forward before any update of the step."""
         initial = take_rows(batch, rows_of_groups(batch, chunk))
         with torch.no_grad():
-            logprobs, entropy, cache = self._loss_inputs(initial, use_cache=True)
+            logprobs, entropy, cache = self._loss_inputs(initial, use_cache=self.engine.accepts_gathered_cache)
         return appo_branches(self.engine, self.config, initial, logprobs, entropy, cache, self.score,
                              self.model_dtype)
 
@@ -367,9 +383,11 @@ class Trainer:
         """APPO micro-batch: forward, (branch), dual-group * future-aware advantages, loss.backward()."""
         config, algo = self.config, self.config.algo
         initial = take_rows(batch, rows)
-        logprobs, entropy, cache = self._loss_inputs(initial, use_cache=early is None)
+        use_cache = early is None and self.engine.accepts_gathered_cache
+        logprobs, entropy, cache = self._loss_inputs(initial, use_cache=use_cache)
         tick = time.perf_counter()
         if early is None:
+            self._sync_engine()
             branches, branch_info = appo_branches(self.engine, config, initial, logprobs, entropy, cache,
                                                   self.score, self.model_dtype)
         else:
@@ -409,7 +427,14 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.engine_stale = True
         return float(norm)
+
+    def _sync_engine(self) -> None:
+        """Give a vLLM engine the current weights before it samples (the transformers engine shares them)."""
+        if self.engine_stale and hasattr(self.engine, "load_weights"):
+            self.engine.load_weights(self.model)
+        self.engine_stale = False
 
     def _step_metrics(self, batch, branch_batches, loss_records, branch_records, grad_norms, timings,
                       total_time) -> dict:

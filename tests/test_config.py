@@ -56,6 +56,9 @@ def test_unknown_keys_are_named(override, key):
     ("optim.grad_accumulation=3", "prompts_per_step"),
     ("rollout.max_prompt_tokens=512", "rollout.max_prompt_tokens"),
     ("algo.M", "overrides"),
+    ("rollout.backend=sglang", "rollout.backend"),
+    ("rollout.vllm=[1]", "rollout.vllm"),
+    ("rollout.max_batch_rows=0", "rollout.max_batch_rows"),
 ])
 def test_bad_values_are_named(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

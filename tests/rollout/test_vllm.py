@@ -127,9 +127,36 @@ def run_checks(spec: dict) -> dict:
     return report
 
 
+def run_trainer(spec: dict) -> dict:
+    """Two APPO steps with ``rollout.backend=vllm`` (arithmetic task, 2 prompts x M=4); then the vLLM engine must
+    sample from the trained weights (its recorded log-probs match the trained model's forward)."""
+    import torch
+
+    from appo.config import from_dict
+    from appo.trainer import Trainer
+
+    config = from_dict({"seed": 0, "steps": 2, "prompts_per_step": 2, "threads": 1,
+                        "data": {"task": "arithmetic", "tool": "python", "train_size": 8, "few_shot": 2},
+                        "algo": {"algo": "appo", "M": 4, "N": 2, "B": 1},
+                        "optim": {"lr": 1e-4},
+                        "rollout": {"backend": "vllm", "vllm": {"enforce_eager": True},
+                                    "max_new_tokens_per_turn": 32, "max_total_tokens": 512}})
+    trainer = Trainer(config)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    metrics = [trainer.step() for _ in range(config.steps)]
+    moved = max((p.detach() - before[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    trainer._sync_engine()
+    check = trainer.engine.generate(trainer.data.prompts[:2], [0, 1])
+    return {"metrics": metrics, "weights_moved": moved, "engine": type(trainer.engine).__name__,
+            "logprob_error_vs_trained": logprob_error(trainer.model, dump(check), config.rollout.temperature),
+            "cached_prompt_tokens": trainer.engine.stats.cached_prompt_tokens,
+            "torch_ok": bool(torch.isfinite(torch.tensor([m["loss/policy_loss"] for m in metrics])).all())}
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as handle:
-        result = run_checks(json.load(handle))
+        checks = run_trainer if sys.argv[3:] == ["trainer"] else run_checks
+        result = checks(json.load(handle))
     with open(sys.argv[2], "w") as handle:
         json.dump(result, handle)
 else:
@@ -153,6 +180,14 @@ else:
     def vllm_report(smollm2, tmp_path_factory):
         from appo.models import smollm2_path
 
+        python = vllm_python()
+        folder = tmp_path_factory.mktemp("vllm")
+        spec, out = folder / "spec.json", folder / "report.json"
+        spec.write_text(json.dumps({"model": str(smollm2_path()), "prompts": smollm2[2],
+                                    "greedy_temperature": 1e-5, "temperature": 0.8}))
+        return run_in_venv(python, spec, out)
+
+    def vllm_python() -> str:
         try:
             made = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh")], capture_output=True,
                                   text=True, timeout=900)
@@ -160,16 +195,21 @@ else:
             pytest.skip("scripts/vllm_env.sh did not finish in 900 s: no vLLM environment could be created")
         if made.returncode != 0:
             pytest.skip(f"scripts/vllm_env.sh failed, no vLLM environment: {made.stderr.strip()[-400:]}")
-        python = made.stdout.strip().splitlines()[-1]
-        folder = tmp_path_factory.mktemp("vllm")
-        spec, out = folder / "spec.json", folder / "report.json"
-        spec.write_text(json.dumps({"model": str(smollm2_path()), "prompts": smollm2[2],
-                                    "greedy_temperature": 1e-5, "temperature": 0.8}))
+        return made.stdout.strip().splitlines()[-1]
+
+    def run_in_venv(python: str, spec: Path, out: Path, *mode: str) -> dict:
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="2")
-        done = subprocess.run([python, __file__, str(spec), str(out)], capture_output=True, text=True,
+        done = subprocess.run([python, __file__, str(spec), str(out), *mode], capture_output=True, text=True,
                               timeout=900, env=env, cwd=REPO)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out.read_text())
+
+    @pytest.fixture(scope="module")
+    def trainer_report(tmp_path_factory):
+        python = vllm_python()
+        folder = tmp_path_factory.mktemp("vllm-trainer")
+        (folder / "spec.json").write_text("{}")
+        return run_in_venv(python, folder / "spec.json", folder / "report.json", "trainer")
 
     def transformers_engine(model, tokenizer, temperature):
         from appo.rollout.engine import RolloutEngine
@@ -221,3 +261,9 @@ else:
     def test_vllm_is_imported_only_when_an_engine_is_built(vllm_report):
         assert vllm_report["vllm_imported_before_engine"] is False
         assert vllm_report["vllm_imported_after_engine"] is True
+
+    def test_trainer_with_vllm_backend_branches_and_syncs_weights(trainer_report):
+        assert trainer_report["engine"] == "VLLMRolloutEngine"
+        assert all(m["branches"] > 0 for m in trainer_report["metrics"]), trainer_report["metrics"]
+        assert trainer_report["torch_ok"] and trainer_report["weights_moved"] > 0
+        assert trainer_report["logprob_error_vs_trained"] < 1e-3
