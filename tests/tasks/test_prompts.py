@@ -1,8 +1,11 @@
 """Prompts: message layout, demonstrations that are well formed and true, and chat-template rendering."""
 
+import re
+
 import pytest
 
-from appo.tasks import Example, build_messages, check_format, extract_answer, find_tool_call, render_prompt
+from appo.tasks import (Example, build_messages, check_format, extract_answer, find_tool_call, numbers_match,
+                        render_prompt)
 from appo.tasks.prompts import DEMONSTRATIONS, system_prompt
 from appo.tools.calculator import CalculatorTool
 from appo.tools.python_sandbox import PythonTool
@@ -39,6 +42,16 @@ def test_demonstrations_are_well_formed_and_their_tool_results_are_true():
                 expected = response.split("<result>")[1].split("</result>")[0]
                 tool = python if tag == "python" else calculator
                 assert tool.run(call[1]) == expected
+                assert numbers_match(extract_answer(response), expected), response
+
+
+def test_python_demonstrations_are_word_problems_computed_by_print():
+    # the 135M model imitates these: the code states the question's numbers and prints the answer
+    for question, response in DEMONSTRATIONS["python"]:
+        call = find_tool_call(response)
+        assert call[1].startswith("print(") and "\n" not in call[1].strip(), response
+        from_question = set(re.findall(r"\d+", question))
+        assert len([n for n in re.findall(r"\d+", call[1]) if n in from_question]) >= 2, (question, response)
 
 
 def test_bad_arguments():
