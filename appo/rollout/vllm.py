@@ -46,14 +46,14 @@ def make_llm(model: str, *, max_model_len: int, seed: int | None = 0, dtype: str
     response tokens (use ``RolloutConfig.max_total_tokens``); llm_kwargs go to ``vllm.LLM`` unchanged (for
     example ``gpu_memory_utilization``, ``enforce_eager``).
     """
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
-    from vllm import LLM
-
     for key, value in (("enable_prefix_caching", True), ("logprobs_mode", "processed_logprobs")):
         if llm_kwargs.get(key, value) != value:
             raise ValueError(f"llm_kwargs: {key}={llm_kwargs[key]!r} is not supported (the engine needs {value!r})")
         llm_kwargs[key] = value
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    from vllm import LLM
+
     return LLM(model=model, max_model_len=max_model_len, seed=seed, dtype=dtype, block_size=block_size,
                **llm_kwargs)
 
