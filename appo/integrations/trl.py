@@ -13,6 +13,9 @@ completions per prompt, scored them with its reward functions and built its batc
 2. picks ``appo_branches_per_rollout`` branch points per completion with ``appo.select_branch_points``;
 3. generates the branch continuations with ``model.generate`` from caches gathered by
    ``appo.prefix_cache.gather_prefix_kv`` (no prefill over the prefix: one token per branch is fed);
+   with TRL ``tools=``, a continuation that ends in a tool call then goes through TRL's own tool loop
+   (``_tool_call_loop``: tool execution, tool-result tokens, next turns) until the branch is a finished
+   multi-turn rollout, under the same ``max_tool_calling_iterations`` (the prefix's tool rounds count);
 4. scores the branches with TRL's own reward functions (``_calculate_rewards``);
 5. replaces TRL's [B] sequence advantages by APPO's [B, T] token advantages:
    ``dual_group_advantages(...) * (1 + b * A_fut)`` (``appo.algos.advantages``).
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.chat_template_utils import parse_response
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
 
@@ -85,8 +89,10 @@ class APPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with APPO's token branching, dual-group advantages and future-aware scaling.
 
     Same constructor as ``GRPOTrainer``; ``args`` must be an :class:`APPOConfig`. Runs on one process (the
-    branch group of a prompt must be complete where its advantages are computed); tools are not supported yet
-    (branch continuations do not run TRL's tool loop), so both raise a ValueError at construction.
+    branch group of a prompt must be complete where its advantages are computed). TRL's ``tools=`` work:
+    branches whose continuation calls a tool run TRL's tool loop before they are scored. Not supported (a
+    ValueError at construction): more than one process, and ``environment_factory`` (a branch would share and
+    mutate the stateful environment instance of the rollout it branches from).
     """
 
     def __init__(self, *args, **kwargs):
@@ -96,17 +102,19 @@ class APPOTrainer(GRPOTrainer):
         if self.accelerator.num_processes != 1:
             raise ValueError(f"args: APPOTrainer runs on one process for now, got "
                              f"{self.accelerator.num_processes}")
-        if self.tools:
-            raise ValueError("tools: APPOTrainer does not yet run TRL's tool loop in branch continuations")
+        if getattr(self, "environment_factories", None) is not None:
+            raise ValueError("environment_factory: not supported by APPOTrainer yet (a branch would share "
+                             "the stateful environment of the rollout it branches from); pass tools= instead")
         self._appo_reward_context = None
         self._appo_loss_inputs = None
 
     # -------------------------------------------------------------------------------- TRL override points
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's reward computation; remembers the initial completions' reward kwargs for the branches."""
+        """TRL's reward computation; remembers the initial completions' reward inputs (and their completions,
+        whose earlier turns a tool-using branch keeps) for the branches."""
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self._appo_reward_context is None:
-            self._appo_reward_context = (inputs, prompts, rewards_per_func)
+            self._appo_reward_context = (inputs, prompts, rewards_per_func, completions)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -184,7 +192,12 @@ class APPOTrainer(GRPOTrainer):
         if rows.numel():
             branch_ids = self._appo_generate_branches(full_ids, full_mask, cache, rows,
                                                       positions + prompt_width, prompt_width)
-            branch_rewards = self._appo_score_branches(rows, branch_ids)
+            if self.tools:   # finish tool-calling branches with TRL's tool loop, score their message lists
+                del cache    # the loop's later turns prefill afresh (TRL's generation)
+                branch_ids, completions = self._appo_branch_tool_loop(output, rows, positions, branch_ids)
+                branch_rewards = self._appo_score_branches(rows, branch_ids, completions)
+            else:
+                branch_rewards = self._appo_score_branches(rows, branch_ids)
         else:
             branch_rewards = rewards.new_zeros(0)
         scorable = ~torch.isnan(branch_rewards)
@@ -251,15 +264,91 @@ class APPOTrainer(GRPOTrainer):
             branches.append(head + tail)
         return branches
 
-    def _appo_score_branches(self, rows: torch.Tensor, branch_ids: list[list[int]]) -> torch.Tensor:
-        """Rewards float32 [K] of the branches from TRL's reward functions (NaN where all gave None)."""
-        inputs, prompts, _ = self._appo_reward_context
+    def _appo_branch_tool_loop(self, output: dict, rows: torch.Tensor, positions: torch.Tensor,
+                               branch_ids: list[list[int]]) -> tuple[list[list[int]], list[list[dict]]]:
+        """Finish the K tool-using branches with TRL's own tool loop (``GRPOTrainer._tool_call_loop``).
+
+        A branch at completion position ``positions[k]`` of row ``rows[k]`` keeps the parent's earlier turns
+        (assistant turns, tool calls and tool results, token for token) and regenerated the rest of the
+        current assistant turn. That turn is parsed with TRL's ``parse_response``; if it calls tools, TRL's
+        loop executes them with the parent row's tool dicts, appends the tool-result tokens
+        (``_get_tool_suffix_ids``) and generates the next turns (``_generate_single_turn``, a full prefill),
+        until no call is left, ``max_completion_length`` is spent, or ``max_tool_calling_iterations`` is
+        reached, counting the tool rounds already in the prefix. Returns the K completed token-id lists
+        (tool-result tokens included, as TRL passes them to reward functions) and the K completions as TRL's
+        message lists (earlier turns + the loop's turns)."""
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        tool_mask = output.get("tool_mask")
+        _, prompts, _, parent_completions = self._appo_reward_context
+        limit = self.max_tool_calling_iterations
+        # Per branch: where its current assistant turn starts, and how many tool rounds came before it.
+        prompt_lists, starts, rounds_before, earlier = [], [], [], []
+        for row, position in zip(rows.tolist(), positions.tolist()):
+            prompt_lists.append(prompt_ids[row][prompt_mask[row].bool()].tolist())
+            marks = tool_mask[row, :position].tolist() if tool_mask is not None else [1] * position
+            start = position
+            while start > 0 and marks[start - 1] == 1:
+                start -= 1
+            rounds = sum(1 for i in range(start) if marks[i] == 0 and (i == 0 or marks[i - 1] == 1))
+            # The parent's messages before its `rounds`-th assistant turn: earlier turns and tool results.
+            messages, seen = [], 0
+            for message in parent_completions[row]:
+                if message.get("role") == "assistant":
+                    if seen == rounds:
+                        break
+                    seen += 1
+                messages.append(message)
+            starts.append(start)
+            rounds_before.append(rounds)
+            earlier.append(messages)
+
+        turns = [parse_response(self._tokenizer, ids[start:], prefix=prompt_lists[k] + ids[:start],
+                                tools=self.tools)
+                 for k, (ids, start) in enumerate(zip(branch_ids, starts))]
+        finished_ids = [list(ids) for ids in branch_ids]
+        finished_turns = [[turn] for turn in turns]
+        calls = failures = 0
+        sync_dicts, async_dicts = self._sync_tool_dicts, self._async_tool_dicts
+        try:
+            # One TRL loop per number of earlier tool rounds, so each branch gets the rounds it has left.
+            for rounds in sorted(set(rounds_before)):
+                members = [k for k, r in enumerate(rounds_before)
+                           if r == rounds and turns[k].get("tool_calls")]
+                if not members or rounds >= limit:
+                    continue  # no call, or no round left: the call stays unexecuted, as in TRL at the limit
+                member_rows = [int(rows[k]) for k in members]
+                self._sync_tool_dicts = [sync_dicts[row] for row in member_rows]
+                self._async_tool_dicts = [async_dicts[row] for row in member_rows]
+                self.max_tool_calling_iterations = limit - rounds
+                contexts = [copy.deepcopy(prompts[row] + earlier[k]) for k, row in zip(members, member_rows)]
+                _, completions, completion_ids, _, count, failed, _ = self._tool_call_loop(
+                    contexts, [prompt_lists[k] for k in members], [finished_ids[k] for k in members],
+                    [finished_turns[k] for k in members], None, None, {})
+                calls, failures = calls + count, failures + failed
+                for j, k in enumerate(members):
+                    finished_ids[k], finished_turns[k] = completion_ids[j], completions[j]
+        finally:
+            self._sync_tool_dicts, self._async_tool_dicts = sync_dicts, async_dicts
+            self.max_tool_calling_iterations = limit
+        metrics = self._metrics["train"]
+        metrics["appo/branch_tool_calls"].append(float(calls))
+        metrics["appo/branch_tool_failure_frequency"].append(failures / calls if calls else 0.0)
+        completions = [earlier[k] + finished_turns[k] for k in range(len(branch_ids))]
+        return finished_ids, completions
+
+    def _appo_score_branches(self, rows: torch.Tensor, branch_ids: list[list[int]],
+                             branch_completions: list | None = None) -> torch.Tensor:
+        """Rewards float32 [K] of the branches from TRL's reward functions (NaN where all gave None).
+        ``branch_completions`` (TRL message lists, from the tool loop) is used as given; without it the branch
+        ids are decoded as plain text (one assistant message for conversational prompts)."""
+        inputs, prompts = self._appo_reward_context[:2]
         branch_inputs = [dict(inputs[row]) for row in rows.tolist()]
         branch_prompts = [prompts[row] for row in rows.tolist()]
-        texts = self.processing_class.batch_decode(branch_ids, skip_special_tokens=True)
-        if is_conversational({"prompt": branch_prompts[0]}):
-            texts = [[{"role": "assistant", "content": text}] for text in texts]
-        per_func = super()._calculate_rewards(branch_inputs, branch_prompts, texts, branch_ids)
+        if branch_completions is None:
+            branch_completions = self.processing_class.batch_decode(branch_ids, skip_special_tokens=True)
+            if is_conversational({"prompt": branch_prompts[0]}):
+                branch_completions = [[{"role": "assistant", "content": text}] for text in branch_completions]
+        per_func = super()._calculate_rewards(branch_inputs, branch_prompts, branch_completions, branch_ids)
         return self._appo_total_rewards(per_func)
 
     def _appo_total_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:

@@ -234,3 +234,256 @@ def test_config_rejects_bad_appo_fields(tmp_path):
         APPOConfig(output_dir=str(tmp_path), appo_combine="mean", report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="appo_branches_per_rollout"):
         APPOConfig(output_dir=str(tmp_path), appo_branches_per_rollout=-1, report_to="none", use_cpu=True)
+
+
+# ------------------------------------------------------------------------------------------------ TRL tools
+# A real tool-calling setup, offline: SmolLM2's tokenizer with the Qwen3-Instruct-2507 chat template that TRL
+# ships (TRL recognises it, so `add_response_schema` gives it Qwen's tool-call parser), and a tiny Qwen2 model
+# fine-tuned for a few seconds to answer every prompt with `<tool_call>{"name": "add", "arguments": {"a": x,
+# "b": y}}</tool_call>` (x, y random digits: the high-entropy tokens where APPO branches), then "Done." after
+# the tool result. TRL parses and executes the calls; APPO's branches run TRL's tool loop.
+
+TOOL_PROMPTS = ["Add 13 and 29.", "What is 2 plus 5?", "Sum 7 and 8.", "Add two numbers."]
+TOOL_MAX_COMPLETION = 64
+TOOL_CALLS: list[tuple[int, int]] = []
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    TOOL_CALLS.append((a, b))
+    return a + b
+
+
+def tool_result_reward(completions, **kwargs):
+    """The last tool result of each completion (a TRL message list), scaled to [0, 1]; 0 without one."""
+    rewards = []
+    for messages in completions:
+        results = [m["content"] for m in messages if m.get("role") == "tool"]
+        rewards.append(int(results[-1]) / 18 if results and results[-1].isdigit() else 0.0)
+    return rewards
+
+
+def _tool_call(a: int, b: int) -> dict:
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]}
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer():
+    from trl.chat_template_utils import qwen3_instruct_2507_chat_template
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    tok.chat_template = qwen3_instruct_2507_chat_template
+    tok.padding_side = "left"
+    return tok
+
+
+def _render(tok, messages, **kwargs):
+    return tok.apply_chat_template(messages, tools=[add], tokenize=True, return_dict=False, **kwargs)
+
+
+def _tool_calling_model(tok, steps=100):
+    """Tiny Qwen2 fine-tuned (assistant tokens only) on user -> add(x, y) call -> tool result -> "Done."."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    sequences = []
+    for i in range(64):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        messages = [{"role": "user", "content": TOOL_PROMPTS[i % len(TOOL_PROMPTS)]}]
+        prompt = _render(tok, messages, add_generation_prompt=True)
+        messages += [_tool_call(a, b), {"role": "tool", "name": "add", "content": str(a + b)},
+                     {"role": "assistant", "content": "Done."}]
+        full = _render(tok, messages)
+        call_end = len(_render(tok, messages[:2])) - 1              # through the call's <|im_end|>
+        answer_start = len(_render(tok, messages[:3], add_generation_prompt=True))
+        labels = [-100] * len(full)
+        for j in [*range(len(prompt), call_end), *range(answer_start, len(full) - 1)]:
+            labels[j] = full[j]
+        sequences.append((full, labels))
+    width = max(len(ids) for ids, _ in sequences)
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in sequences])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
+    model = tiny_model("qwen2", vocab_size=len(tok), hidden_size=64, layers=2, heads=4, kv_heads=2, seed=0)
+    # Exact full-vocabulary cross-entropy at a fraction of the cost: lm_head rows outside the target tokens
+    # are zero (logit 0), so their softmax mass is (V - |targets|) * e^0, one log term.
+    targets = torch.tensor(sorted(set(labels[labels != -100].tolist())))
+    remap = torch.full((len(tok),), -1, dtype=torch.long)
+    remap[targets] = torch.arange(len(targets))
+    with torch.no_grad():
+        rows = model.lm_head.weight[targets].clone()
+        model.lm_head.weight.zero_()
+    head = torch.nn.Parameter(rows)
+    rest = torch.tensor(math.log(len(tok) - len(targets)))
+    body = [p for name, p in model.model.named_parameters() if "embed_tokens" not in name]
+    optimizer = torch.optim.AdamW(body + [head], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(sequences), (8,), generator=generator)
+        hidden = model.model(input_ids=ids[batch]).last_hidden_state[:, :-1]
+        target = labels[batch][:, 1:]
+        keep = target != -100
+        logits = hidden[keep] @ head.T
+        logsumexp = torch.logaddexp(torch.logsumexp(logits, dim=-1), rest)
+        loss = (logsumexp - logits.gather(1, remap[target[keep]][:, None])[:, 0]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        model.lm_head.weight[targets] = head.detach()
+    return model.eval()
+
+
+class RecordingToolTrainer(APPOTrainer):
+    """Records the branches before and after TRL's tool loop, and the tool calls the loop executed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = []
+
+    def _appo_branch_tool_loop(self, output, rows, positions, branch_ids):
+        calls_before = len(TOOL_CALLS)
+        finished, completions = super()._appo_branch_tool_loop(output, rows, positions, branch_ids)
+        self.records.append({
+            "rows": rows.tolist(), "positions": positions.tolist(),
+            "before": [list(ids) for ids in branch_ids], "after": finished, "completions": completions,
+            "calls": TOOL_CALLS[calls_before:],
+            "parent_ids": output["completion_ids"].clone(), "tool_mask": output["tool_mask"].clone()})
+        return finished, completions
+
+    def _appo_score_branches(self, rows, branch_ids, branch_completions=None):
+        rewards = super()._appo_score_branches(rows, branch_ids, branch_completions)
+        if self.records:
+            self.records[-1]["branch_rewards"] = rewards.clone()
+        return rewards
+
+
+@pytest.fixture(scope="module")
+def tool_trained(tmp_path_factory, tool_tokenizer):
+    model = _tool_calling_model(tool_tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in TOOL_PROMPTS]})
+    config = APPOConfig(output_dir=str(tmp_path_factory.mktemp("appo_trl_tools")),
+                        per_device_train_batch_size=8, num_generations=NUM_GENERATIONS,
+                        max_completion_length=TOOL_MAX_COMPLETION, max_steps=2, learning_rate=1e-4,
+                        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                        seed=0, appo_branches_per_rollout=BRANCHES, appo_candidates="all")
+    TOOL_CALLS.clear()
+    trainer = RecordingToolTrainer(model=model, reward_funcs=tool_result_reward, args=config,
+                                   train_dataset=dataset, processing_class=tool_tokenizer, tools=[add])
+    trainer.train()
+    return trainer, before
+
+
+def test_tools_training_step_updates_parameters_and_logs_branches(tool_trained):
+    trainer, before = tool_trained
+    changed = [name for name, p in trainer.model.named_parameters()
+               if not torch.equal(p.detach(), before[name])]
+    assert len(changed) == len(before)
+    logs = [entry for entry in trainer.state.log_history if "appo/branches" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["appo/branches"] > 0
+        assert entry["tools/call_frequency"] > 0                    # TRL's own rollouts called the tool
+    assert sum(entry["appo/branch_tool_calls"] for entry in logs) > 0
+
+
+def test_branches_run_trls_tool_loop(tool_trained, tool_tokenizer):
+    """Branch continuations that call `add` are executed by TRL's loop: the branch keeps its parent's prefix,
+    then gains the call's result as tool tokens (rendered by the chat template) and a post-tool turn, and its
+    reward is computed on the completed multi-turn message list."""
+    trainer, _ = tool_trained
+    assert len(trainer.records) == 2
+    executed = 0
+    for record in trainer.records:
+        assert len(record["calls"]) > 0
+        for k, (row, pos) in enumerate(zip(record["rows"], record["positions"])):
+            before, after, messages = record["before"][k], record["after"][k], record["completions"][k]
+            parent = record["parent_ids"][row].tolist()
+            assert before[:pos] == parent[:pos]
+            assert after[:len(before)] == before and len(after) <= TOOL_MAX_COMPLETION
+            tools = [m for m in messages if m["role"] == "tool"]
+            if len(after) == len(before):
+                continue
+            executed += 1
+            call = messages[0]["tool_calls"][0]["function"]["arguments"]
+            assert (call["a"], call["b"]) in record["calls"]
+            assert tools[0]["content"] == str(call["a"] + call["b"])
+            result = tool_tokenizer.decode(after[len(before):])
+            assert f"<tool_response>\n{call['a'] + call['b']}\n</tool_response>" in result
+            assert messages[-1]["role"] == "assistant"
+            reward = float(record["branch_rewards"][k])
+            assert reward == pytest.approx(int(tools[-1]["content"]) / 18)
+    assert executed > 0
+
+
+def test_branch_tool_rounds_count_toward_max_tool_calling_iterations(tool_trained, tool_tokenizer):
+    """A branch whose prefix already holds one tool round has max_tool_calling_iterations - 1 rounds left."""
+    trainer, _ = tool_trained
+    tok = tool_tokenizer
+    messages = [{"role": "user", "content": TOOL_PROMPTS[0]}]
+    prompt = _render(tok, messages, add_generation_prompt=True)
+    first = _render(tok, messages + [_tool_call(1, 2)])
+    first = first[:len(first) - 1]                                       # drop the "\n" after <|im_end|>
+    with_result = _render(tok, messages + [_tool_call(1, 2), {"role": "tool", "name": "add", "content": "3"}],
+                          add_generation_prompt=True)
+    second_call = _render(tok, messages + [_tool_call(1, 2), {"role": "tool", "name": "add", "content": "3"},
+                                           _tool_call(3, 4)])[len(with_result):-1]
+    completion = with_result[len(prompt):] + second_call
+    tool_mask = ([1] * (len(first) - len(prompt)) + [0] * (len(with_result) - len(first))
+                 + [1] * len(second_call))
+    output = {"prompt_ids": torch.tensor([prompt]), "tool_mask": torch.tensor([tool_mask]),
+              "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long)}
+    parent_messages = [_tool_call(1, 2), {"role": "tool", "name": "add", "content": "3"}, _tool_call(3, 4)]
+    position = len(completion) - len(second_call) + 5                    # inside the second call
+    saved = (trainer._appo_reward_context, trainer.max_tool_calling_iterations, trainer.max_completion_length)
+    trainer._appo_reward_context = ([{"prompt": messages}], [messages], None, [parent_messages])
+    trainer.max_completion_length = 4 * TOOL_MAX_COMPLETION           # room for a second tool round
+    try:
+        for limit, runs in ((1, False), (2, True)):
+            trainer.max_tool_calling_iterations = limit
+            TOOL_CALLS.clear()
+            ids, completions = APPOTrainer._appo_branch_tool_loop(
+                trainer, output, torch.tensor([0]), torch.tensor([position]), [list(completion)])
+            assert trainer.max_tool_calling_iterations == limit          # restored
+            assert completions[0][:2] == parent_messages[:2]             # the prefix's round, as it was
+            assert completions[0][2]["tool_calls"][0]["function"]["arguments"] == {"a": 3, "b": 4}
+            if runs:
+                assert TOOL_CALLS == [(3, 4)]
+                assert completions[0][3] == {"role": "tool", "name": "add", "content": "7"}
+                assert ids[0][:len(completion)] == completion and len(ids[0]) > len(completion)
+            else:
+                assert TOOL_CALLS == [] and ids[0] == completion and len(completions[0]) == 3
+    finally:
+        (trainer._appo_reward_context, trainer.max_tool_calling_iterations,
+         trainer.max_completion_length) = saved
+
+
+def test_environment_factory_is_rejected(tmp_path, tool_tokenizer, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    class Counter:
+        def reset(self, **kwargs):
+            return None
+
+        def increment(self, step: int) -> int:
+            """Increment the counter.
+
+            Args:
+                step: How much to add.
+            """
+            return step
+
+    model = tiny_model("qwen2", vocab_size=len(tool_tokenizer), hidden_size=16, layers=1, heads=2, kv_heads=1)
+    config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                        report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="environment_factory"):
+        APPOTrainer(model=model, reward_funcs=tool_result_reward, args=config,
+                    train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi"}]]}),
+                    processing_class=tool_tokenizer, environment_factory=Counter)
