@@ -176,8 +176,8 @@ class VLLMRolloutEngine(ToolLoop):
         return SamplingParams(temperature=self.config.temperature, top_p=self.config.top_p,
                               max_tokens=max(budget, 1), logprobs=0, stop=list(self.stop_tags),
                               include_stop_str_in_output=True, stop_token_ids=[self.eos_id],
-                              skip_special_tokens=False, seed=int(torch.randint(2 ** 31 - 1, (1,), generator=self.generator)),
-                              detokenize=True)
+                              skip_special_tokens=False,
+                              seed=int(torch.randint(2 ** 31 - 1, (1,), generator=self.generator)))
 
     def _count(self, output) -> None:
         prompt = len(output.prompt_token_ids)

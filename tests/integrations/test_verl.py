@@ -363,18 +363,14 @@ def _drop(proto, key):
 if __name__ != "__main__":
     import pytest
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from _venv import venv_python
+
     pytestmark = pytest.mark.slow  # the first run builds the verl venv (about 1-2 minutes)
 
     @pytest.fixture(scope="module")
     def verl_report():
-        try:
-            made = subprocess.run(["bash", str(REPO / "scripts" / "verl_env.sh")], capture_output=True,
-                                  text=True, timeout=600)
-        except subprocess.TimeoutExpired:
-            pytest.skip("scripts/verl_env.sh did not finish in 600 s: no verl environment could be created")
-        if made.returncode != 0:
-            pytest.skip(f"scripts/verl_env.sh failed, no verl environment: {made.stderr.strip()[-400:]}")
-        python = made.stdout.strip().splitlines()[-1]
+        python = venv_python("verl_env.sh", "verl", timeout=600)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         done = subprocess.run([python, __file__], capture_output=True, text=True, timeout=300, env=env,
                               cwd=REPO)

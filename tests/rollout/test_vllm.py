@@ -162,6 +162,9 @@ if __name__ == "__main__":
 else:
     import pytest
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from _venv import venv_python
+
     pytestmark = pytest.mark.slow  # builds the vLLM venv the first time (2-3 minutes), then ~3 minutes of runs
 
     @pytest.fixture(scope="module")
@@ -180,22 +183,12 @@ else:
     def vllm_report(smollm2, tmp_path_factory):
         from appo.models import smollm2_path
 
-        python = vllm_python()
+        python = venv_python("vllm_env.sh", "vLLM", timeout=900)
         folder = tmp_path_factory.mktemp("vllm")
         spec, out = folder / "spec.json", folder / "report.json"
         spec.write_text(json.dumps({"model": str(smollm2_path()), "prompts": smollm2[2],
                                     "greedy_temperature": 1e-5, "temperature": 0.8}))
         return run_in_venv(python, spec, out)
-
-    def vllm_python() -> str:
-        try:
-            made = subprocess.run(["bash", str(REPO / "scripts" / "vllm_env.sh")], capture_output=True,
-                                  text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip("scripts/vllm_env.sh did not finish in 900 s: no vLLM environment could be created")
-        if made.returncode != 0:
-            pytest.skip(f"scripts/vllm_env.sh failed, no vLLM environment: {made.stderr.strip()[-400:]}")
-        return made.stdout.strip().splitlines()[-1]
 
     def run_in_venv(python: str, spec: Path, out: Path, *mode: str) -> dict:
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="2")
@@ -206,7 +199,7 @@ else:
 
     @pytest.fixture(scope="module")
     def trainer_report(tmp_path_factory):
-        python = vllm_python()
+        python = venv_python("vllm_env.sh", "vLLM", timeout=900)
         folder = tmp_path_factory.mktemp("vllm-trainer")
         (folder / "spec.json").write_text("{}")
         return run_in_venv(python, folder / "spec.json", folder / "report.json", "trainer")
