@@ -1,25 +1,33 @@
-"""Atomic checkpoints with exact resume.
+"""Atomic, checksummed checkpoints with exact resume.
 
 Layout under ``directory``::
 
-    step-00000010/  model.safetensors  optimizer.pt  state.pt (RNG states + extra)  meta.json (step, config)
+    step-00000010/  model.safetensors  optimizer.pt  state.pt (RNG states + extra)  meta.json
     latest          text file naming the newest complete step directory
 
-A checkpoint is written into a hidden temporary directory, flushed to disk, then renamed into place;
-``latest`` is replaced with ``os.replace``. An interrupted save therefore leaves the previous checkpoint (and
-``latest``) intact. RNG states cover Python's ``random``, NumPy's global generator, torch's CPU (and CUDA)
-default generators and any ``torch.Generator`` objects the caller passes by name, so the next random draws
-after a resume are identical.
+meta.json holds the step, the run's config, the size and SHA-256 of every other file, and a SHA-256 of its own
+content. A checkpoint is written into a hidden temporary directory, flushed to disk, then renamed into place;
+``latest`` is replaced with ``os.replace``. An interrupted save therefore leaves the previous checkpoint intact.
+
+Loading verifies every checksum. A run directory resumes from its newest *intact* step directory, found by
+name (``latest`` is only a hint): a damaged, truncated or incomplete newer one is skipped with a
+CheckpointWarning naming the file and the fault; when step directories exist but none is intact, CheckpointError
+names each fault; a run never silently restarts from step 0. RNG states cover Python's ``random``, NumPy's
+global generator, torch's CPU (and CUDA) default generators and any ``torch.Generator`` objects the caller
+passes by name, so the next random draws after a resume are identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +37,24 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 LATEST = "latest"
+META = "meta.json"
+FORMAT = 2  # 1: meta.json without checksums (appo before 0.2), still loaded, with a warning
 _PREFIX = "step-"
+_REQUIRED = ("model.safetensors", "state.pt")
+_FILE_NAME = re.compile(r"[\w.-]+")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete or damaged. The message names the file."""
+
+
+class ResumeError(CheckpointError):
+    """An intact checkpoint that does not fit the run resuming from it (its config or its data)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped, a ``latest`` pointer was missing or stale, or a checkpoint written by
+    an older appo was loaded without checksums; the message says which and why."""
 
 
 @dataclass
@@ -40,6 +65,24 @@ class Checkpoint:
     config: dict
     extra: dict
     path: Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(value) -> str:
+    """Hex SHA-256 of a JSON-able value (e.g. the token ids of a run's prompts), to tell data apart."""
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
+
+
+def _meta_sha256(meta: dict) -> str:
+    return fingerprint({key: value for key, value in meta.items() if key != "sha256"})
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -78,14 +121,19 @@ def _restore_global_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _step_of(path: Path) -> int | None:
+    digits = path.name[len(_PREFIX):]
+    return int(digits) if path.name.startswith(_PREFIX) and digits.isdigit() else None
+
+
 def step_directories(directory: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``directory``, oldest first."""
+    """The ``step-*`` directories under ``directory``, oldest first (intact or not: see
+    ``verify_checkpoint``)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
-             and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    found = [p for p in directory.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
 
 
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
@@ -98,7 +146,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
     config: a dataclass or dict, stored as JSON; rng_state: named ``torch.Generator`` objects whose states are
     saved beside the global Python/NumPy/torch RNG states; extra: tensors / numbers / strings / lists / dicts
     the caller needs to resume (e.g. the data cursor). keep: how many step directories to keep (older ones are
-    deleted; 0 keeps all). Returns the checkpoint's directory.
+    deleted; 0 keeps all). meta.json records each file's size and SHA-256. Returns the checkpoint's directory.
     """
     if step < 0:
         raise ValueError(f"step: must be >= 0, got {step}")
@@ -119,7 +167,11 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
         generators = {key: gen.get_state() for key, gen in (rng_state or {}).items()}
         state = {"rng": _global_rng_state(), "generators": generators, "extra": extra or {}}
         torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config_dict}, indent=1))
+        files = {item.name: {"bytes": item.stat().st_size, "sha256": file_sha256(item)}
+                 for item in sorted(tmp.iterdir())}
+        meta = {"format": FORMAT, "step": step, "config": config_dict, "files": files}
+        meta["sha256"] = _meta_sha256(meta)
+        (tmp / META).write_text(json.dumps(meta, indent=1))
         _fsync_tree(tmp)
         final = directory / name
         if final.exists():  # re-saving a step: move the old copy aside first (rename needs an empty target)
@@ -140,43 +192,199 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
     return final
 
 
+def read_meta(path: str | Path) -> dict:
+    """The meta.json of the step directory ``path``, checked for shape (step, config) but not for checksums.
+    Raises CheckpointError naming the file."""
+    meta_file = Path(path) / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing (the checkpoint is incomplete or damaged)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_file}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or type(meta.get("step")) is not int or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_file}: not an appo checkpoint's meta.json (needs an integer step and a "
+                              "config)")
+    return meta
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check the step directory ``path`` against its meta.json: meta.json's own checksum, then each file's
+    presence, size and SHA-256. Returns the meta dict. Raises CheckpointError naming the file and the fault.
+    A checkpoint from an older appo (no checksums) only gets its files checked for presence, with a
+    CheckpointWarning."""
+    path = Path(path)
+    meta = read_meta(path)
+    meta_file = path / META
+    if _step_of(path) is not None and meta["step"] != _step_of(path):
+        raise CheckpointError(f"{meta_file}: says step {meta['step']}, but the directory is {path.name}")
+    if "files" not in meta:
+        for name in _REQUIRED:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path / name}: missing (the checkpoint is incomplete)")
+        warnings.warn(f"{path}: written by an older appo without checksums; loaded unverified",
+                      CheckpointWarning, stacklevel=2)
+        return meta
+    files = meta["files"]
+    if meta.get("sha256") != _meta_sha256(meta) or not isinstance(files, dict):
+        raise CheckpointError(f"{meta_file}: its checksum does not match its content (the file is damaged)")
+    for name in (*_REQUIRED, *files):
+        if name not in files or not _FILE_NAME.fullmatch(name):
+            raise CheckpointError(f"{meta_file}: lists no valid entry for {name!r}")
+        file, expected = path / name, files[name]
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the checkpoint is incomplete)")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, expected {expected['bytes']} (truncated or partly "
+                                  "written)")
+        if file_sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: SHA-256 does not match meta.json (the file is damaged)")
+    return meta
+
+
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """The newest intact step directory under ``directory`` (a checkpoints folder), verified; None when it
+    holds no step directory at all.
+
+    Step directories are found by name, so a missing or stale ``latest`` pointer never loses a checkpoint (it
+    is reported with a CheckpointWarning). A newer directory that fails ``verify_checkpoint`` is skipped with a
+    CheckpointWarning naming the file and the fault. Raises CheckpointError naming every fault when step
+    directories exist but none is intact.
+    """
+    directory = Path(directory)
+    faults = []
+    for path in reversed(step_directories(directory)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            faults.append(str(err))
+            warnings.warn(f"skipping checkpoint {path}: {err}", CheckpointWarning, stacklevel=2)
+            continue
+        pointer = directory / LATEST
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        if named != path.name:
+            state = f"names {named!r}" if named else "is missing"
+            warnings.warn(f"{pointer} {state}; using {path.name}, the newest intact checkpoint",
+                          CheckpointWarning, stacklevel=2)
+        return path
+    if faults:
+        raise CheckpointError(f"no intact checkpoint under {directory}: " + "; ".join(faults))
+    return None
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The directory ``latest`` names, or None when there is no complete checkpoint."""
-    pointer = Path(directory) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(directory) / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    """The step directory ``latest`` names, else the newest one holding a meta.json; None when there is none.
+    Cheap (no checksums): ``find_checkpoint`` is the verified choice."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if pointer.is_file():
+        named = directory / pointer.read_text().strip()
+        if _step_of(named) is not None and (named / META).is_file():
+            return named
+    complete = [p for p in step_directories(directory) if (p / META).is_file()]
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(directory: str | Path, model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     generators: dict[str, torch.Generator] | None = None, *, restore_rng: bool = True,
-                    map_location: str | torch.device = "cpu") -> Checkpoint:
+                    map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
     """Restore a checkpoint in place for an exact resume and return its step, config and extra.
 
-    directory: a run directory (its ``latest`` checkpoint is used) or one ``step-*`` directory. model /
-    optimizer: loaded in place when given (strict); generators: named ``torch.Generator`` objects whose states
-    are restored (each name must have been saved); restore_rng: also restore the global Python/NumPy/torch
-    RNGs.
+    directory: a checkpoints folder (its newest intact step directory is used, see ``find_checkpoint``) or one
+    ``step-*`` directory (used as it is; a fault raises). model / optimizer: loaded in place when given
+    (strict); generators: named ``torch.Generator`` objects whose states are restored (each name must have been
+    saved); restore_rng: also restore the global Python/NumPy/torch RNGs. verify=False skips the checksums
+    (only for a directory ``find_checkpoint`` or ``verify_checkpoint`` has just checked). Raises
+    CheckpointError (a ValueError) naming the file.
     """
     directory = Path(directory)
-    path = directory if (directory / "meta.json").is_file() else latest_checkpoint(directory)
-    if path is None:
-        raise ValueError(f"directory: no complete checkpoint under {directory}")
-    meta = json.loads((path / "meta.json").read_text())
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if (directory / META).is_file() or _step_of(directory) is not None:
+        path = directory
+        meta = verify_checkpoint(path) if verify else read_meta(path)
+    else:
+        path = find_checkpoint(directory) if verify else latest_checkpoint(directory)
+        if path is None:
+            raise CheckpointError(f"directory: no checkpoint under {directory}")
+        meta = read_meta(path)
+    state = _load_file(path / "state.pt", lambda file: torch.load(file, map_location="cpu", weights_only=True))
     if model is not None:
-        load_safetensors_model(model, str(path / "model.safetensors"), device=str(map_location))
+        _load_file(path / "model.safetensors",
+                   lambda file: load_safetensors_model(model, str(file), device=str(map_location)))
     if optimizer is not None:
         optimizer_file = path / "optimizer.pt"
         if not optimizer_file.is_file():
-            raise ValueError(f"optimizer: checkpoint {path} holds no optimizer state")
-        optimizer.load_state_dict(torch.load(optimizer_file, map_location=map_location, weights_only=True))
+            raise CheckpointError(f"optimizer: checkpoint {path} holds no optimizer state")
+        optimizer.load_state_dict(_load_file(optimizer_file, lambda file: torch.load(
+            file, map_location=map_location, weights_only=True)))
     for key, gen in (generators or {}).items():
         if key not in state["generators"]:
-            raise ValueError(f"generators: no saved state for {key!r} (saved: {sorted(state['generators'])})")
+            raise CheckpointError(f"generators: no saved state for {key!r} in {path / 'state.pt'} (saved: "
+                                  f"{sorted(state['generators'])})")
         gen.set_state(state["generators"][key])
     if restore_rng:
         _restore_global_rng(state["rng"])
     return Checkpoint(step=meta["step"], config=meta["config"], extra=state["extra"], path=path)
+
+
+def _load_file(file: Path, load):
+    """``load(file)``, with any failure (a damaged file, or weights that do not fit the model) reported as a
+    CheckpointError naming the file."""
+    try:
+        return load(file)
+    except Exception as err:  # safetensors, pickle and shape errors have no common base class
+        raise CheckpointError(f"{file}: cannot be loaded ({type(err).__name__}: {err})") from err
+
+
+# Keys that cannot change on resume even with allow_config_change, and why.
+FIXED_ON_RESUME = {"seed": "the RNG states come from the checkpoint, so a new seed would not be applied; start a "
+                           "new output_dir to train with another seed"}
+
+
+def plan_resume(directory: str | Path, config) -> tuple[Path | None, dict[str, tuple]]:
+    """Where a run with ``config`` (a TrainConfig) continues, decided before anything loads: (the newest intact
+    checkpoint under ``directory``, verified, or None for a fresh start; {key: (saved, new)} the config changes
+    that will apply).
+
+    Raises ResumeError when ``config.resume`` is false but ``directory`` holds checkpoints (a fresh run would
+    mix its checkpoints and metrics with the old run's), and when the config differs from the checkpoint's in
+    a key outside ``appo.config.RESUME_FREE``, naming each key with both values, unless
+    ``config.allow_config_change`` (then each change is warned about; FIXED_ON_RESUME keys are refused anyway).
+    Raises CheckpointError when checkpoints exist but none is intact. Newer damaged step directories are
+    renamed ``damaged-step-*`` (kept for inspection, out of the way of later saves and loads).
+    """
+    from appo.config import resume_changes
+
+    directory = Path(directory)
+    existing = step_directories(directory)
+    if not config.resume:
+        if existing:
+            raise ResumeError(f"resume: false, but {directory} holds checkpoints up to {existing[-1].name}; a "
+                              "fresh run there would mix with them. Use a new output_dir, delete the "
+                              "checkpoints, or set resume: true")
+        return None, {}
+    path = find_checkpoint(directory)
+    if path is None:
+        return None, {}
+    for newer in existing[existing.index(path) + 1:]:
+        aside = directory / f"damaged-{newer.name}"
+        while aside.exists():
+            aside = aside.with_name(aside.name + "-again")
+        os.replace(newer, aside)
+        warnings.warn(f"moved the damaged {newer} aside to {aside}", CheckpointWarning, stacklevel=2)
+    changes, unmatched = resume_changes(read_meta(path)["config"], config)
+    if unmatched:
+        warnings.warn(f"{path / META}: config keys {unmatched} exist in only one of the checkpoint's config and "
+                      "this one (another appo version); they are not compared", CheckpointWarning, stacklevel=2)
+    listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if changes and not config.allow_config_change:
+        raise ResumeError(f"the config differs from checkpoint {path}'s: {listing}. Resume with the same "
+                          "values, or pass --allow-config-change (allow_config_change=true) to apply them")
+    for key in changes.keys() & FIXED_ON_RESUME.keys():
+        raise ResumeError(f"{key}: cannot change on resume, even with allow_config_change ({changes[key][0]!r} "
+                          f"-> {changes[key][1]!r}): {FIXED_ON_RESUME[key]}")
+    if changes:
+        warnings.warn(f"resuming from {path} with config changes (applied): {listing}", CheckpointWarning,
+                      stacklevel=2)
+    return path, changes

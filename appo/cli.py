@@ -1,10 +1,13 @@
 """The ``appo`` command line.
 
-    appo train [--algo grpo|arpo|appo] [--config file.yaml] [--print-config] [key=value ...]
+    appo train [--algo grpo|arpo|appo] [--config file.yaml] [--print-config] [--allow-config-change]
+               [key=value ...]
     appo eval  [--model PATH] --data file.jsonl [--limit N] [--samples K] [--out results.jsonl] [key=value ...]
     appo plot  run1/metrics.jsonl [run2/metrics.jsonl ...] --out curves.png
 
 ``key=value`` overrides use the dotted config keys of ``appo.config`` (e.g. ``algo.M=8 optim.lr=2e-6``).
+Bad input (a config value, a data row, a checkpoint that cannot be resumed) is reported as one line naming the
+key, the file and the line, before any model loads: exit status 2 for usage, 1 for a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import yaml
 
-from appo.config import load_config, to_dict
+from appo.config import ConfigError, check_available, load_config, to_dict
+from appo.tasks.data import read_jsonl
+
+# The fields of an `appo eval --data` row, and the types their values may have.
+EVAL_FIELDS = {"question": str, "answer": (str, int, float)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--algo", choices=("appo", "grpo", "arpo"), help="shorthand for algo.algo=...")
     train.add_argument("--config", help="YAML file applied on top of the built-in default")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though the config differs from the checkpoint's, applying each change "
+                            "(same as allow_config_change=true)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     evaluate = commands.add_parser("eval", help="pass@1 / pass@k of a model on a task file (sampled, with tools)")
@@ -56,6 +67,8 @@ def _config_from(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "algo", None):
         overrides.insert(0, f"algo.algo={args.algo}")
+    if getattr(args, "allow_config_change", False):
+        overrides.append("allow_config_change=true")
     try:
         return load_config(args.config, overrides)
     except ValueError as err:
@@ -67,7 +80,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    summary = importlib.import_module("appo.trainer").train(config)
+    try:
+        summary = importlib.import_module("appo.trainer").train(config)
+    except ConfigError as err:  # what this machine lacks (no CUDA, a missing model folder, ...)
+        raise UsageError(str(err)) from err
     print(format_summary(summary))
     return 0
 
@@ -101,6 +117,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise UsageError(f"--samples: must be >= 1, got {args.samples}")
     config = _config_from(args)
+    try:
+        check_available(config, model=False)
+        read_jsonl(args.data, required=EVAL_FIELDS)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+        raise UsageError(f"--out: the folder of {args.out} does not exist")
     summary = importlib.import_module("appo.trainer").evaluate(config, model_path=args.model,
                                                                data_path=args.data, limit=args.limit, samples=args.samples,
                                                                out_path=args.out)
@@ -124,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UsageError as err:
         parser.exit(2, f"appo {args.command}: error: {err}\n")
+    except ValueError as err:  # a checkpoint that cannot be resumed: one line too (appo.checkpoint loads torch)
+        from appo.checkpoint import CheckpointError
+
+        if not isinstance(err, CheckpointError):
+            raise
+        parser.exit(1, f"appo {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +35,9 @@ def _plain(value):
 class MetricsWriter:
     """Appends ``{"step": s, **metrics}`` lines to ``path`` (a .jsonl file), flushing after each line.
 
+    Steps must increase: writing a step at or below the file's last one raises ValueError (a resumed run first
+    cuts the file back with ``truncate_metrics``). A torn last line left by a crash is removed on opening.
+
     tensorboard=True also writes scalars with ``torch.utils.tensorboard`` into ``path``'s directory; it raises
     ValueError when the ``tensorboard`` package is not installed. Use as a context manager or call ``close``.
     """
@@ -40,6 +45,8 @@ class MetricsWriter:
     def __init__(self, path: str | Path, *, tensorboard: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = _rewrite_without_torn_tail(self.path)
+        self.last_step = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = None
         if tensorboard:
@@ -51,12 +58,16 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict) -> dict:
         """Log one step; returns the JSON-ready record. NaN/Inf are written as null."""
+        if self.last_step is not None and int(step) <= self.last_step:
+            raise ValueError(f"step: {step} is not after step {self.last_step}, the last one in {self.path} "
+                             "(steps in a metrics file are unique and increasing)")
         record = {"step": int(step)}
         for key, value in metrics.items():
             value = _plain(value)
             record[key] = None if isinstance(value, float) and not math.isfinite(value) else value
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.last_step = record["step"]
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -77,14 +88,56 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics .jsonl file (a torn last line from a crash is skipped)."""
+    """All records of a metrics .jsonl file. A torn last line from a crash is skipped silently; any other line
+    that is not a JSON object with an integer "step" is skipped with a warning naming the file and the line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
+        elif number < len(lines):  # not the unterminated last line: damage, not a crash mid-write
+            warnings.warn(f"{path}:{number}: not a metrics record; skipped", stacklevel=2)
     return records
+
+
+def truncate_metrics(path: str | Path, step: int) -> list[dict]:
+    """Cut the metrics file ``path`` back to the records with step <= ``step`` (a run resuming from checkpoint
+    ``step`` writes the later ones again), rewriting it atomically. Returns the records removed; a missing file
+    is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = read_metrics(path)
+    kept = [r for r in records if r["step"] <= step]
+    _replace(path, kept)
+    return [r for r in records if r["step"] > step]
+
+
+def _rewrite_without_torn_tail(path: Path) -> list[dict]:
+    """The records of ``path``; if its last line is unterminated (a crash mid-write), rewrite it without."""
+    if not path.is_file():
+        return []
+    records = read_metrics(path)
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        _replace(path, records)
+    return records
+
+
+def _replace(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def plot_metrics(jsonl_paths: list[str | Path] | str | Path, out_png: str | Path, *,

@@ -51,6 +51,11 @@ def test_train_ends_with_a_summary_and_the_plot_path(capsys, fake_trainer):
     assert "pass@1 0.250, pass@2 0.500" in out and "rollout 2.0 s" in out
 
 
+def test_allow_config_change_flag_sets_the_config_key(fake_trainer):
+    assert main(["train", "steps=2"]) == 0 and main(["train", "--allow-config-change", "steps=2"]) == 0
+    assert [config.allow_config_change for _, config in fake_trainer] == [False, True]
+
+
 def test_train_print_config_does_not_train(capsys, fake_trainer):
     assert main(["train", "--algo", "arpo", "--print-config", "algo.M=6"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -79,12 +84,14 @@ def test_unknown_algo_and_missing_data_rejected_by_argparse(capsys):
         assert exit_info.value.code == 2
 
 
-def test_eval_passes_paths_and_prints_summary(capsys, fake_trainer):
-    assert main(["eval", "--model", "ckpt/step-1", "--data", "d.jsonl", "--limit", "3", "--samples", "4",
+def test_eval_passes_paths_and_prints_summary(tmp_path, capsys, fake_trainer):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1 + 1?", "answer": "2"}\n{"question": "2 * 3?", "answer": 6}\n')
+    assert main(["eval", "--model", "ckpt/step-1", "--data", str(data), "--limit", "3", "--samples", "4",
                  "rollout.max_new_tokens_per_turn=64"]) == 0
     (kind, config, kwargs), = fake_trainer
     assert kind == "eval" and config.rollout.max_new_tokens_per_turn == 64
-    assert kwargs == {"model_path": "ckpt/step-1", "data_path": "d.jsonl", "limit": 3, "samples": 4,
+    assert kwargs == {"model_path": "ckpt/step-1", "data_path": str(data), "limit": 3, "samples": 4,
                       "out_path": None}
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "items": 2}
 

@@ -8,10 +8,10 @@ def test_default_parses_as_the_cpu_demo():
     config = load_config()
     assert isinstance(config, TrainConfig)
     assert config.model.name_or_path == "smollm2-135m-instruct"
-    assert (config.data.task, config.data.tool) == ("gsm8k", "python")
+    assert config.data.tool == "python"
     assert config.algo.algo == "appo"
     assert (config.algo.M, config.algo.N, config.algo.B) == (4, 2, 1)
-    assert config.algo.clip == (1.0, 1.2) and config.algo.b == 0.5 and config.algo.combine == "avg"
+    assert config.algo.bs_clip == (1.0, 1.2) and config.algo.b == 0.5 and config.algo.combine == "avg"
     assert config.algo.branch_when == "per_minibatch" and config.algo.candidates == "strict"
     assert (config.algo.eps_low, config.algo.eps_high, config.algo.kl_coef) == (0.2, 0.28, 0.0)
     assert config.attn_implementation == "sdpa"
@@ -21,11 +21,11 @@ def test_default_parses_as_the_cpu_demo():
 
 def test_yaml_file_then_overrides_round_trip(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("algo: {algo: grpo, M: 8, clip: [0.9, 1.5], eps_high: 1e-1}\noptim: {lr: 3}\nsteps: 7\n")
+    path.write_text("algo: {algo: grpo, M: 8, bs_clip: [0.9, 1.5], eps_high: 1e-1}\noptim: {lr: 3}\nsteps: 7\n")
     config = load_config(path, ["algo.M=6", "optim.betas=[0.8, 0.95]", "output_dir=out/x",
                                 "algo.one_group=true"])
     assert config.algo.algo == "grpo" and config.algo.M == 6 and config.steps == 7
-    assert config.algo.clip == (0.9, 1.5) and config.algo.eps_high == 0.1
+    assert config.algo.bs_clip == (0.9, 1.5) and config.algo.eps_high == 0.1
     assert config.optim.lr == 3.0 and isinstance(config.optim.lr, float)
     assert config.optim.betas == (0.8, 0.95)
     assert config.output_dir == "out/x" and config.algo.one_group is True
@@ -49,7 +49,7 @@ def test_unknown_keys_are_named(override, key):
     ("algo.M=two", "algo.M"),
     ("optim.lr=fast", "optim.lr"),
     ("algo.algo=ppo", "algo.algo"),
-    ("algo.clip=[1.0]", "algo.clip"),
+    ("algo.bs_clip=[1.0]", "algo.bs_clip"),
     ("tensorboard=maybe", "tensorboard"),
     ("algo.M=5", "algo.M"),           # APPO needs M = (B + 1) * N
     ("steps=0", "steps"),
