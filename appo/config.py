@@ -3,12 +3,15 @@
 ``load_config(path, ["algo.algo=grpo", "optim.lr=2e-6"])`` starts from the built-in DEFAULT (the CPU demo:
 SmolLM2-135M-Instruct on GSM8K with the python tool, APPO, 4 prompts x N=2, B=1 -> M=4 per prompt, short
 lengths), applies the YAML file, then the overrides (each value parsed with ``yaml.safe_load``). Unknown keys
-and values of the wrong type raise ValueError naming the key.
+and bad values (type, range, choice; ``validate``) raise ConfigError, a ValueError naming the key, and
+the file and line when the key was set in a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,6 +140,8 @@ class TrainConfig:
     bf16: bool = True
     tensorboard: bool = False
     resume: bool = True
+    # resume with a config that differs from the checkpoint's (each change is applied and logged)
+    allow_config_change: bool = False
 
 
 DEFAULT = """\
@@ -160,12 +165,77 @@ eval_samples: 1
 """
 
 
+class ConfigError(ValueError):
+    """A config value that cannot be used. ``key`` is the dotted key the message names; ``where`` (optional) is
+    the file and line it was set on, put in front of the message."""
+
+    def __init__(self, key: str, message: str, where: str | None = None):
+        super().__init__(f"{where}: {key}: {message}" if where else f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts: ``lo`` / ``hi`` (None: unbounded), ``open_lo`` / ``open_hi`` exclude the
+    bound. NaN lies in no range."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.lo is None or (value > self.lo if self.open_lo else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.open_lo else '>='} {self.lo}"
+        return f"in {'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+
+
+_POSITIVE, _AT_LEAST_0, _AT_LEAST_1 = Range(0, open_lo=True), Range(0), Range(1)
+# The range of every numeric field (each element of a pair); ``validate`` checks them all.
+RANGES: dict[str, Range] = {
+    "data.train_size": _AT_LEAST_1, "data.eval_size": _AT_LEAST_0, "data.few_shot": _AT_LEAST_0,
+    "rollout.temperature": _POSITIVE, "rollout.top_p": Range(0, 1, open_lo=True),
+    "rollout.max_prompt_tokens": _AT_LEAST_1, "rollout.max_new_tokens_per_turn": _AT_LEAST_1,
+    "rollout.max_total_tokens": Range(2), "rollout.max_tool_calls": _AT_LEAST_0,
+    "rollout.max_batch_rows": _AT_LEAST_1,
+    "algo.M": _AT_LEAST_1, "algo.N": _AT_LEAST_1, "algo.B": _AT_LEAST_0,
+    "algo.bs_gamma": Range(0, 1, open_lo=True), "algo.bs_clip": _AT_LEAST_0,
+    "algo.fut_gamma": Range(0, 1, open_lo=True), "algo.fut_clip": _AT_LEAST_0,
+    "algo.b": _AT_LEAST_0, "algo.eps_low": Range(0, 1, open_hi=True), "algo.eps_high": _AT_LEAST_0,
+    "algo.tis_cap": _POSITIVE, "algo.kl_coef": _AT_LEAST_0, "algo.min_gap": _AT_LEAST_0,
+    "algo.arpo_k": _AT_LEAST_1, "algo.arpo_beta": _AT_LEAST_0, "algo.arpo_tau": Range(0, 1),
+    "optim.lr": _POSITIVE, "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": _AT_LEAST_0,
+    "optim.grad_clip": _POSITIVE, "optim.minibatches_per_step": _AT_LEAST_1,
+    "optim.grad_accumulation": _AT_LEAST_1,
+    "prompts_per_step": _AT_LEAST_1, "steps": _AT_LEAST_1, "seed": Range(0, 2**32 - 1), "threads": _AT_LEAST_0,
+    "eval_every": _AT_LEAST_0, "eval_samples": _AT_LEAST_1, "checkpoint_every": _AT_LEAST_1,
+    "keep_checkpoints": _AT_LEAST_0,
+}
+# A numeric field missing from RANGES gets the range its name implies: a discount factor or a clip pair.
+_RANGE_BY_SUFFIX = {"gamma": Range(0, 1, open_lo=True), "clip": _AT_LEAST_0}
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Keys that may differ between a run and its resume without allow_config_change: where the run is, how long it
+# runs, how often it evaluates and saves, and how fast it computes; not what it trains on or how.
+RESUME_FREE = frozenset({
+    "steps", "output_dir", "resume", "allow_config_change", "device", "threads", "attn_implementation",
+    "eval_every", "eval_at_end", "eval_samples", "checkpoint_every", "keep_checkpoints", "tensorboard",
+    "data.eval_size", "data.path", "rollout.max_batch_rows",
+})
+
+
 def _coerce(value, hint, key: str):
-    """Check ``value`` against the type ``hint`` of field ``key``, converting int->float and list->tuple."""
+    """Check ``value`` against the type ``hint`` of field ``key``, converting int->float and list->tuple.
+    Floats must be finite; dict keys must be strings. Raises ConfigError naming ``key``."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ValueError(f"{key}: expected one of {list(typing.get_args(hint))}, got {value!r}")
+            raise ConfigError(key, f"expected one of {list(typing.get_args(hint))}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -175,21 +245,26 @@ def _coerce(value, hint, key: str):
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(key, f"expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, args)))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "2e-6" (no dot) as a string
-        try:
-            return float(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        try:  # YAML 1.1 reads "2e-6" (no dot) as a string
+            number = float(value)
         except ValueError:
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if hint is bool and not isinstance(value, bool):
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if hint in (float, str, dict) and not isinstance(value, hint):
-        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if hint in (str, dict) and not isinstance(value, hint):
+        raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
+    if hint is dict and not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"expected a mapping with string keys, got {value!r}")
     return value
 
 
@@ -197,13 +272,13 @@ def _apply(target, updates: dict, prefix: str = "") -> None:
     """Write the nested mapping ``updates`` into the dataclass ``target`` in place, checking keys and
     types."""
     if not isinstance(updates, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(target))
     names = {f.name for f in dataclasses.fields(target)}
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ValueError(f"{key}: unknown config key (known: {', '.join(sorted(names))})")
+            raise ConfigError(key, f"unknown config key (known: {', '.join(sorted(names))})")
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{key}.")
@@ -214,53 +289,123 @@ def _apply(target, updates: dict, prefix: str = "") -> None:
 def _parse_override(text: str) -> dict:
     """``"algo.M=8"`` -> ``{"algo": {"M": 8}}`` (the value parsed by yaml.safe_load)."""
     if "=" not in text:
-        raise ValueError(f"overrides: expected key=value, got {text!r}")
+        raise ConfigError("overrides", f"expected key=value, got {text!r}")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts):
-        raise ValueError(f"overrides: malformed key in {text!r}")
-    nested: dict = {parts[-1]: yaml.safe_load(raw) if raw.strip() else ""}
+        raise ConfigError("overrides", f"malformed key in {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError("overrides", f"{text!r}: the value is not valid YAML ({problem})") from None
+    nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}
     return nested
 
 
-def validate(config: TrainConfig) -> TrainConfig:
-    """Cross-field checks; returns ``config``. Raises ValueError naming the offending key."""
-    algo = config.algo
-    for key, value in (("algo.M", algo.M), ("algo.N", algo.N), ("prompts_per_step", config.prompts_per_step),
-                       ("steps", config.steps),
-                       ("optim.minibatches_per_step", config.optim.minibatches_per_step),
-                       ("optim.grad_accumulation", config.optim.grad_accumulation),
-                       ("rollout.max_new_tokens_per_turn", config.rollout.max_new_tokens_per_turn),
-                       ("data.train_size", config.data.train_size)):
-        if value < 1:
-            raise ValueError(f"{key}: must be >= 1, got {value}")
-    if algo.B < 0:
-        raise ValueError(f"algo.B: must be >= 0, got {algo.B}")
+def _check_fields(target, prefix: str = "") -> None:
+    """Type and range of every field of the dataclass ``target`` (recursively), converting in place."""
+    hints = typing.get_type_hints(type(target))
+    for item in dataclasses.fields(target):
+        key, value = f"{prefix}{item.name}", getattr(target, item.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{key}.")
+            continue
+        value = _coerce(value, hints[item.name], key)
+        setattr(target, item.name, value)
+        allowed = RANGES.get(key) or _RANGE_BY_SUFFIX.get(item.name.rsplit("_", 1)[-1])
+        numbers = value if isinstance(value, tuple) else (value,)
+        if allowed is not None and any(isinstance(v, (int, float)) and v not in allowed for v in numbers):
+            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+
+
+def _check_text(config: TrainConfig) -> None:
+    """The string fields: non-empty names and paths, the device and attention choices, the result template."""
+    for key, value in (("model.name_or_path", config.model.name_or_path), ("output_dir", config.output_dir),
+                       ("data.path", getattr(config.data, "path", None))):
+        if value is not None and (not value.strip() or "\0" in value):
+            raise ConfigError(key, f"expected a non-empty name or path, got {value!r}")
+    if not _DEVICE.fullmatch(config.device):
+        raise ConfigError("device", f"expected auto, cpu, cuda or cuda:<index>, got {config.device!r}")
+    if config.attn_implementation not in ATTENTION and "/" not in config.attn_implementation:
+        raise ConfigError("attn_implementation", f"expected one of {list(ATTENTION)} or a hub kernel "
+                          f"'org/repo', got {config.attn_implementation!r}")
+    template = config.rollout.result_template
+    try:
+        ok = "{result}" in template and template.format(result="") is not None
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError("rollout.result_template", "must contain '{result}' and no other {...} field "
+                          f"(write {{{{ and }}}} for braces), got {template!r}")
+
+
+def _check_rules(config: TrainConfig) -> None:
+    """The rules between fields."""
+    algo, optim, rollout = config.algo, config.optim, config.rollout
     if algo.algo == "appo" and algo.M != (algo.B + 1) * algo.N:
-        raise ValueError(f"algo.M: APPO needs M = (B + 1) * N = {(algo.B + 1) * algo.N}, got {algo.M}")
+        raise ConfigError("algo.M", f"APPO needs M = (B + 1) * N = {(algo.B + 1) * algo.N}, got {algo.M}")
+    if algo.algo in ("grpo", "arpo") and algo.M < 2:
+        raise ConfigError("algo.M", f"{algo.algo.upper()} needs M >= 2 rollouts per prompt (a group of one "
+                          f"has advantage 0, so nothing is learned), got {algo.M}")
     if algo.algo == "arpo" and algo.N > algo.M:
-        raise ValueError(f"algo.N: ARPO needs N <= M, got N={algo.N}, M={algo.M}")
-    if not algo.clip[0] <= algo.clip[1]:
-        raise ValueError(f"algo.clip: need lo <= hi, got {algo.clip}")
-    if config.rollout.max_prompt_tokens >= config.rollout.max_total_tokens:
-        raise ValueError(f"rollout.max_prompt_tokens: must be < rollout.max_total_tokens "
-                         f"({config.rollout.max_total_tokens}), got {config.rollout.max_prompt_tokens}")
-    groups = config.prompts_per_step // config.optim.minibatches_per_step
-    if config.prompts_per_step % config.optim.minibatches_per_step or groups % config.optim.grad_accumulation:
-        raise ValueError(f"prompts_per_step: {config.prompts_per_step} prompts must split evenly into "
-                         f"optim.minibatches_per_step={config.optim.minibatches_per_step} x "
-                         f"optim.grad_accumulation={config.optim.grad_accumulation} micro-batches")
-    if config.rollout.max_batch_rows is not None and config.rollout.max_batch_rows < 1:
-        raise ValueError(f"rollout.max_batch_rows: must be >= 1 or null, got {config.rollout.max_batch_rows}")
-    if config.rollout.backend not in ("transformers", "vllm"):
-        raise ValueError(f"rollout.backend: must be 'transformers' or 'vllm', got {config.rollout.backend!r}")
-    if not 0 < config.rollout.top_p <= 1:
-        raise ValueError(f"rollout.top_p: must lie in (0, 1], got {config.rollout.top_p}")
-    if config.rollout.temperature <= 0:
-        raise ValueError(f"rollout.temperature: must be > 0, got {config.rollout.temperature}")
+        raise ConfigError("algo.N", f"ARPO needs N <= M, got N={algo.N}, M={algo.M}")
+    for item in dataclasses.fields(algo):  # every clip pair (lo, hi), however many the algorithm has
+        value = getattr(algo, item.name)
+        if item.name.endswith("clip") and isinstance(value, tuple) and not value[0] <= value[1]:
+            raise ConfigError(f"algo.{item.name}", f"need lo <= hi, got {value}")
+    if rollout.max_prompt_tokens >= rollout.max_total_tokens:
+        raise ConfigError("rollout.max_prompt_tokens", f"must be < rollout.max_total_tokens "
+                          f"({rollout.max_total_tokens}), got {rollout.max_prompt_tokens}")
+    groups = config.prompts_per_step // optim.minibatches_per_step
+    if config.prompts_per_step % optim.minibatches_per_step or groups % optim.grad_accumulation:
+        raise ConfigError("prompts_per_step", f"{config.prompts_per_step} prompts must split evenly into "
+                          f"optim.minibatches_per_step={optim.minibatches_per_step} x "
+                          f"optim.grad_accumulation={optim.grad_accumulation} micro-batches")
+    from appo.tasks.prompts import demonstrations
+
+    available = len(demonstrations((config.data.tool,), config.data.few_shot))
+    if config.data.few_shot > available:
+        raise ConfigError("data.few_shot", f"there are {available} demonstrations for the "
+                          f"{config.data.tool} tool, got {config.data.few_shot}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check every value of ``config``: its type, its range (``RANGES``), its choices, and the rules between
+    fields; numbers are converted in place (int -> float, list -> tuple). Returns ``config``. Raises
+    ConfigError (a ValueError) naming the dotted key. Cheap and machine-independent (``check_available``
+    checks what the machine has), so it runs before anything loads."""
+    _check_fields(config)
+    _check_text(config)
+    _check_rules(config)
     return config
+
+
+def check_available(config: TrainConfig, *, model: bool = True) -> None:
+    """Raise ConfigError naming the key when this machine lacks what ``config`` asks for: a CUDA device, the
+    tensorboard or vllm package, or (model=True) the model folder. ``appo.trainer.train`` and ``appo eval``
+    call it before loading anything."""
+    import importlib.util
+
+    import torch
+
+    if config.device.startswith("cuda"):
+        index = int(config.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{config.device!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                              "device(s) (device=auto picks the GPU when there is one)")
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard", "true needs the 'tensorboard' package (pip install tensorboard)")
+    if config.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.backend", "'vllm' needs the 'vllm' package (scripts/vllm_env.sh or pip)")
+    if model:
+        from appo.models import SMOLLM2
+
+        name = config.model.name_or_path
+        if name != SMOLLM2 and not Path(name).expanduser().exists():
+            raise ConfigError("model.name_or_path", f"{name!r} is neither {SMOLLM2!r} nor an existing folder")
 
 
 def from_dict(data: dict) -> TrainConfig:
@@ -270,19 +415,108 @@ def from_dict(data: dict) -> TrainConfig:
     return validate(config)
 
 
+def _key_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
+    """Fill ``lines`` with the 1-based line of each dotted key of the YAML mapping ``node``; a key given twice
+    in one mapping raises ValueError naming both lines."""
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(key, f"given twice (first on line {seen[key]})", where=f"{path}:{line}")
+        seen[key] = lines[key] = line
+        if isinstance(value_node, yaml.MappingNode):
+            _key_lines(value_node, f"{key}.", lines, path)
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """The mapping in the YAML file ``path`` and the line of each dotted key in it. Raises ValueError naming the
+    file (and the line) when it is missing, not UTF-8, not valid YAML, has a key twice or is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("path", f"no config file at {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}:1: expected a mapping of config keys (e.g. 'steps: 6'), got a "
+                         f"{type(data).__name__}")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines, path)
+    return data, lines
+
+
+def _leaf_keys(nested: dict, prefix: str = ""):
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        yield f"{prefix}{key}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """DEFAULT, then the YAML file at ``path`` (if given), then each ``key=value`` override, validated."""
+    """DEFAULT, then the YAML file at ``path`` (if given), then each ``key=value`` override, validated. Every
+    error names the key; one about a key set in the file also names the file and the line."""
     config = TrainConfig()
     _apply(config, yaml.safe_load(DEFAULT))
+    origins: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"path: no config file at {path}")
-        _apply(config, yaml.safe_load(path.read_text()) or {})
+        data, lines = read_yaml(path)
+        origins = {key: f"{path}:{line}" for key, line in lines.items()}
+        try:
+            _apply(config, data)
+        except ConfigError as err:
+            raise _located(err, origins) from None
     for text in overrides:
-        _apply(config, _parse_override(text))
-    return validate(config)
+        nested = _parse_override(text)
+        _apply(config, nested)
+        for key in _leaf_keys(nested):
+            origins.pop(key, None)
+    try:
+        return validate(config)
+    except ConfigError as err:
+        raise _located(err, origins) from None
 
+
+def _located(err: ConfigError, origins: dict[str, str]) -> ConfigError:
+    """``err`` with the file and line its key was set on in front, when it was set in a file."""
+    where = origins.get(err.key.split("[")[0])
+    return ConfigError(err.key, str(err)[len(err.key) + 2:], where) if where else err
+
+
+def flat_dict(config) -> dict:
+    """``{dotted key: value}`` of a TrainConfig or of its nested dict (tuples as lists)."""
+    nested = to_dict(config) if dataclasses.is_dataclass(config) else config
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and key != "vllm":
+            flat.update({f"{key}.{k}": v for k, v in flat_dict(value).items()})
+        else:
+            flat[key] = [*value] if isinstance(value, tuple) else value
+    return flat
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> tuple[dict[str, tuple], list[str]]:
+    """Compare a checkpoint's config dict ``saved`` with ``config``: ({key: (saved value, new value)} for each
+    key that differs, RESUME_FREE keys left out; the keys only one side has, e.g. from another appo version)."""
+    old, new = flat_dict(saved), flat_dict(config)
+    changes = {key: (old[key], new[key]) for key in new
+               if key in old and key not in RESUME_FREE and old[key] != new[key]}
+    return changes, sorted(set(old) ^ set(new))
 
 def to_dict(config) -> dict:
     """Plain nested dict (tuples as lists) that round-trips through YAML/JSON and ``from_dict``."""

@@ -28,9 +28,10 @@ import yaml
 
 from appo.algos import (arpo_branch_points, dual_group_advantages, fresh_rollouts_to_fill,
                         future_aware_scaling, grpo_advantages, ppo_clip_loss)
-from appo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from appo.config import TrainConfig, to_dict
-from appo.metrics import MetricsWriter, plot_metrics, read_metrics
+from appo.checkpoint import (ResumeError, fingerprint, latest_checkpoint, load_checkpoint, plan_resume,
+                             save_checkpoint)
+from appo.config import TrainConfig, check_available, to_dict, validate
+from appo.metrics import MetricsWriter, plot_metrics, read_metrics, truncate_metrics
 from appo.rollout.batch import RolloutBatch, concat
 from appo.scoring import branching_score, future_value, select_branch_points, token_stats
 
@@ -276,17 +277,42 @@ class Trainer:
 
     # -- state for checkpoints
     def generators(self) -> dict[str, torch.Generator]:
+        """The run's named generators, saved and restored by checkpoints: data order, ARPO draws, sampling."""
         return {"data": self.data_generator, "arpo": self.arpo_generator, "rollout": self.engine.generator}
 
     def save(self, directory: Path) -> Path:
+        """Checkpoint step ``step_count`` under ``directory``: weights, AdamW, RNGs, the data order and cursor,
+        and a fingerprint of the training prompts that ``restore`` checks."""
+        extra = {"order": self.order, "cursor": self.cursor, "data_sha256": fingerprint(self.data.prompts)}
         return save_checkpoint(directory, self.step_count, self.model, self.optimizer, self.config,
-                               self.generators(), {"order": self.order, "cursor": self.cursor},
-                               keep=self.config.keep_checkpoints)
+                               self.generators(), extra, keep=self.config.keep_checkpoints)
 
-    def restore(self, directory: Path) -> int:
-        loaded = load_checkpoint(directory, self.model, self.optimizer, self.generators())
-        self.order, self.cursor = list(loaded.extra["order"]), loaded.extra["cursor"]
-        self.step_count = loaded.step
+    def restore(self, directory: Path, *, verify: bool = True) -> int:
+        """Continue from a checkpoint (a checkpoints folder or one step directory; ``appo.checkpoint``):
+        weights, AdamW state, RNGs, data order and cursor; returns the step. AdamW then takes lr, betas and
+        weight_decay from this run's config, so a change ``allow_config_change`` let through is applied.
+        Raises ResumeError when the training data no longer fits the saved order: another number of prompts,
+        or other prompts unless allow_config_change (then it warns)."""
+        import warnings
+
+        loaded = load_checkpoint(directory, self.model, self.optimizer, self.generators(), verify=verify)
+        size, order, cursor = len(self.data.prompts), list(loaded.extra["order"]), loaded.extra["cursor"]
+        if sorted(order) != list(range(size)) or not 0 <= cursor <= size:
+            raise ResumeError(f"train data: checkpoint {loaded.path} saved its data order over {len(order)} "
+                              f"prompts, but the training data now has {size}; resume with the data it was "
+                              "saved with (data.task, data.path, data.train_size, data.few_shot, "
+                              "rollout.max_prompt_tokens, the data file) or start a new output_dir")
+        if loaded.extra.get("data_sha256", fingerprint(self.data.prompts)) != fingerprint(self.data.prompts):
+            message = (f"train data: the {size} training prompts differ from those checkpoint {loaded.path} "
+                       "was trained on")
+            if not self.config.allow_config_change:
+                raise ResumeError(f"{message}; resume with the same data, or set allow_config_change=true "
+                                  "(--allow-config-change) to go on with these prompts in the saved order")
+            warnings.warn(f"{message}; going on with them in the saved order (allow_config_change)", stacklevel=2)
+        self.order, self.cursor, self.step_count = order, cursor, loaded.step
+        optim = self.config.optim
+        for group in self.optimizer.param_groups:
+            group.update(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.engine_stale = True
         return self.step_count
 
@@ -468,16 +494,34 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
     """Run ``config.steps`` steps into ``config.output_dir`` (resuming from its latest checkpoint when
     ``config.resume``); writes metrics.jsonl, checkpoints/, config.yaml and curves.png. Returns the last
     step's metrics (empty when nothing was left to run). model / tokenizer / train_data / tools replace the
-    ones the config would build (tests, custom tasks)."""
+    ones the config would build (tests, custom tasks).
+
+    Before anything loads: the config is validated (ConfigError naming the key), the checkpoint to resume
+    from is chosen and verified, and its config compared with this one (``appo.checkpoint.plan_resume``:
+    ResumeError naming each changed key unless ``allow_config_change``; applied changes are appended to
+    config_changes.jsonl). metrics.jsonl is cut back to the resumed step, so its steps stay unique."""
+    import warnings
+
     from tqdm import tqdm
 
+    validate(config)
+    check_available(config, model=model is None)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=train_data, tools=tools)
     checkpoints = out / "checkpoints"
-    if config.resume and latest_checkpoint(checkpoints) is not None:
-        trainer.restore(checkpoints)
+    resume_from, changes = plan_resume(checkpoints, config)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=train_data, tools=tools)
+    if resume_from is not None:
+        trainer.restore(resume_from, verify=False)
+    if changes:
+        with open(out / "config_changes.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": trainer.step_count, "changes": {
+                key: {"from": old, "to": new} for key, (old, new) in changes.items()}}) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    dropped = truncate_metrics(out / "metrics.jsonl", trainer.step_count)
+    if dropped:
+        warnings.warn(f"{out / 'metrics.jsonl'}: removed the records of steps {dropped[0]['step']}.."
+                      f"{dropped[-1]['step']}, after step {trainer.step_count} it resumes from", stacklevel=2)
     metrics: dict = {}
     with MetricsWriter(out / "metrics.jsonl", tensorboard=config.tensorboard) as writer, \
             tqdm(total=config.steps, initial=trainer.step_count, desc=f"{config.algo.algo} train") as bar:
@@ -534,7 +578,8 @@ def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: s
     examples = None
     if data_path is not None:
         examples = [Example(id=str(i), question=r["question"], answer=_gold(str(r["answer"])))
-                    for i, r in enumerate(read_jsonl(data_path))]
+                    for i, r in enumerate(read_jsonl(data_path, required={"question": str,
+                                                                          "answer": (str, int, float)}))]
     size = limit or (len(examples) if examples is not None else config.data.eval_size)
     data = load_task_data(config, tokenizer, "dev", size, examples)
     engine = make_engine(config, model, tokenizer, seed=config.seed)
