@@ -29,16 +29,23 @@ IMPLS = ("auto", "cpp", "cuda", "torch")
 
 
 def _load_extension() -> tuple[bool, bool, str]:
-    """Import ``appo._C``; returns (loaded, has_cuda_kernel, status line)."""
+    """Load ``appo._C``: the module built at install time when there is one, else the copy
+    ``appo._extension`` compiles on first use into a cache. Returns (loaded, has_cuda_kernel, status line).
+    Loading the library registers torch.ops.appo.*."""
     try:
-        from appo import _C  # noqa: F401  (loading the library registers torch.ops.appo.*)
+        from appo import _C  # noqa: F401
+        origin = "prebuilt"
     except ImportError as err:
-        return False, False, (f"appo._C not loaded ({type(err).__name__}: {err}); gather_prefix_kv falls "
-                              "back to the torch reference on every device")
+        from appo._extension import load_or_build
+
+        loaded, origin = load_or_build()
+        if not loaded:
+            return False, False, (f"appo._C not loaded (no prebuilt module: {err}; {origin}); "
+                                  "gather_prefix_kv falls back to the torch reference on every device")
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("appo::gather_prefix_kv", "CUDA")
     cuda_part = ("CUDA kernel built" if has_cuda else
                  "CUDA kernel not built, so CUDA tensors fall back to the torch reference")
-    return True, has_cuda, f"appo._C loaded: gather_prefix_kv has a C++ CPU kernel; {cuda_part}"
+    return True, has_cuda, f"appo._C loaded ({origin}): gather_prefix_kv has a C++ CPU kernel; {cuda_part}"
 
 
 EXTENSION_LOADED, EXTENSION_HAS_CUDA, EXTENSION_STATUS = _load_extension()

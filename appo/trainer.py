@@ -54,19 +54,57 @@ def _seed_everything(seed: int) -> None:
 
 
 def load_policy(config: TrainConfig, device: torch.device, name_or_path: str | None = None):
-    """(model, tokenizer) of ``config.model`` (or a checkpoint directory written by appo) on ``device``."""
+    """(model, tokenizer) on ``device``, in eval mode: ``config.model`` when ``name_or_path`` is None, else
+    ``name_or_path``: a model name appo knows ("smollm2-135m-instruct"), a transformers model folder
+    (config.json), an appo run folder (what ``appo train`` writes: its weights are in ``checkpoints/``), a
+    checkpoints folder (``latest`` inside) or one ``step-*`` checkpoint. An appo checkpoint is loaded into the
+    model its run started from (``model.name_or_path`` in the checkpoint's config), with that model's
+    tokenizer. Raises ValueError naming ``model_path`` and what was expected, before any model loads."""
     from appo.models import load_model
 
-    path = Path(name_or_path) if name_or_path else None
-    run_checkpoint = None
-    if path is not None and path.is_dir() and ((path / "meta.json").is_file() or latest_checkpoint(path)):
-        run_checkpoint, name_or_path = path, None
-    model, tokenizer = load_model(name_or_path or config.model.name_or_path,
-                                  dtype=getattr(torch, config.model.dtype),
+    base, checkpoint = resolve_model(name_or_path) if name_or_path else (config.model.name_or_path, None)
+    model, tokenizer = load_model(base, dtype=getattr(torch, config.model.dtype),
                                   attn_implementation=config.attn_implementation, device=device)
-    if run_checkpoint is not None:
-        load_checkpoint(run_checkpoint, model, restore_rng=False)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, model, restore_rng=False)
     return model.eval(), tokenizer
+
+
+def resolve_model(name_or_path: str) -> tuple[str, Path | None]:
+    """(the model to build, the appo checkpoint to load into it or None) for ``load_policy``'s
+    ``name_or_path``. The checkpoint is a step directory or a checkpoints folder (``load_checkpoint`` picks
+    its newest intact step). Cheap: reads one meta.json. ValueError naming ``model_path`` otherwise."""
+    from appo.checkpoint import read_meta, step_directories
+    from appo.models import SMOLLM2
+
+    expected = (f"expected {SMOLLM2!r}, an appo run folder (checkpoints/ inside, as `appo train` writes), a "
+                "checkpoints folder (step-* inside), one step-* checkpoint (meta.json) or a transformers "
+                "model folder (config.json)")
+    path = Path(name_or_path).expanduser()
+    if name_or_path == SMOLLM2 and not path.exists():
+        return SMOLLM2, None
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise ValueError(f"model_path (--model): {name_or_path} {what}; {expected}")
+    if (path / "meta.json").is_file():
+        checkpoint, newest = path, path
+    elif step_directories(path):
+        checkpoint, newest = path, latest_checkpoint(path) or step_directories(path)[-1]
+    elif step_directories(path / "checkpoints"):
+        checkpoint = path / "checkpoints"
+        newest = latest_checkpoint(checkpoint) or step_directories(checkpoint)[-1]
+    elif (path / "config.json").is_file():
+        return str(path), None
+    elif (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+        raise ValueError(f"model_path (--model): the run folder {name_or_path} holds no checkpoint yet "
+                         "(training stopped before its first save, see checkpoint_every)")
+    else:
+        raise ValueError(f"model_path (--model): the folder {name_or_path} holds no model; {expected}")
+    base = (read_meta(newest)["config"].get("model") or {}).get("name_or_path")
+    if not isinstance(base, str):
+        raise ValueError(f"model_path (--model): {newest / 'meta.json'} names no model.name_or_path to load "
+                         "the checkpoint into")
+    return base, checkpoint
 
 
 @dataclass
@@ -84,10 +122,11 @@ class TaskData:
 
 def load_task_data(config: TrainConfig, tokenizer, split: str, size: int, examples=None) -> TaskData:
     """The first ``size`` examples of ``split`` (or the given examples) whose prompt fits
-    max_prompt_tokens."""
+    max_prompt_tokens. The task reads its data from ``data.path``, $APPO_DATA_DIR or the hub
+    (``appo.tasks.data``); a split the task lacks falls back to its first split (HotpotQA has only "dev")."""
     from appo.tasks import get_task, render_prompt
 
-    task = get_task(config.data.task)
+    task = get_task(config.data.task, path=config.data.path)
     if examples is None:
         split = split if split in task.splits else task.splits[0]
         examples = task.examples(split)
@@ -549,6 +588,23 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
     return summary
 
 
+def _note_other_task(config: TrainConfig, model_path: str) -> None:
+    """Say so (stderr) when an appo checkpoint was trained on another task than the one about to be
+    evaluated: ``appo eval --model runs/x`` evaluates on ``data.task`` of the eval config, not the run's."""
+    import sys
+
+    from appo.checkpoint import read_meta, step_directories
+
+    _, checkpoint = resolve_model(model_path)
+    if checkpoint is None:
+        return
+    newest = checkpoint if (checkpoint / "meta.json").is_file() else step_directories(checkpoint)[-1]
+    trained = read_meta(newest)["config"].get("data") or {}
+    if trained.get("task", config.data.task) != config.data.task:
+        print(f"appo eval: {model_path} was trained on {trained['task']}; evaluating on {config.data.task} "
+              f"(add data.task={trained['task']} to evaluate on its own task)", file=sys.stderr)
+
+
 def _gold(answer: str) -> str:
     """A gold answer as given, or the final number of a GSM8K-style worked solution ("... #### 42")."""
     from appo.tasks.gsm8k import gold_answer
@@ -562,10 +618,11 @@ def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: s
     """Held-out accuracy with the training engine (``rollout.temperature``, the tool loop): ``samples``
     sampled rollouts per question give pass@1 (mean correctness) and pass@k (any correct, k = samples).
 
-    model_path: a model name/directory or an appo checkpoint (run or step directory); data_path: a .jsonl
-    with ``question`` and ``answer`` fields (GSM8K "#### n" solutions accepted), else the task's dev split
-    (``data.eval_size`` items). Returns {"accuracy" (= pass@1), "pass@1", "pass@k", "k", "reward",
-    "response_length", "tool_calls", "items"}.
+    model_path: anything ``load_policy`` takes: a model name or folder, or what ``appo train`` wrote (the run
+    folder, its checkpoints folder or one step); None: ``config.model``. data_path: a .jsonl with
+    ``question`` and ``answer`` fields (GSM8K "#### n" solutions accepted), else the dev split of
+    ``data.task`` (``data.eval_size`` items, from ``data.path``, $APPO_DATA_DIR or the hub). Returns
+    {"accuracy" (= pass@1), "pass@1", "pass@k", "k", "reward", "response_length", "tool_calls", "items"}.
     """
     from appo.tasks import Example, read_jsonl
 
@@ -574,6 +631,8 @@ def evaluate(config: TrainConfig, *, model_path: str | None = None, data_path: s
 
     device = _device(config)
     if model is None:
+        if model_path is not None and data_path is None:
+            _note_other_task(config, model_path)
         model, tokenizer = load_policy(config, device, model_path)
     examples = None
     if data_path is not None:

@@ -235,7 +235,8 @@ def test_torch_compile_traces_a_caller_in_one_graph():
 
 
 def test_import_without_the_extension_falls_back(tmp_path):
-    """With appo._C unimportable, appo.prefix_cache still imports, says so, and "auto" uses torch."""
+    """With appo._C unimportable (and its on-first-use build off), appo.prefix_cache still imports, says so,
+    and "auto" uses torch."""
     script = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -256,7 +257,8 @@ def test_import_without_the_extension_falls_back(tmp_path):
         "else:\n"
         "    raise AssertionError('impl=cpp ran without the extension')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "APPO_BUILD_EXTENSION": "0"})
     assert result.returncode == 0, result.stderr
     assert "not loaded" in result.stdout and "falls back to the torch reference" in result.stdout
     assert result.stderr == ""

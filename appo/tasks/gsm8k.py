@@ -1,4 +1,8 @@
-"""GSM8K grade-school math (data_dir()/gsm8k/train.jsonl, 7,473 problems) with a fixed train/dev split.
+"""GSM8K grade-school math (the official training set, 7,473 problems) with a fixed train/dev split.
+
+Data: ``path`` (a gsm8k train.jsonl or a folder holding one), else ``$APPO_DATA_DIR/gsm8k/train.jsonl``, else
+the hub dataset ``openai/gsm8k`` (config "main", split "train"); see ``appo.tasks.data``. All three hold the
+same rows in the same order, so ids and splits do not depend on where the data came from.
 
 Split: the line indices 0..n-1 are permuted by ``random.Random(seed)`` (seed 0 by default, the Mersenne
 Twister, stable across Python versions); the first ``dev_size`` (500) indices form "dev", the rest "train";
@@ -9,11 +13,10 @@ The gold answer is the number after "####" with thousands commas removed; the gr
 from __future__ import annotations
 
 import random
-from functools import lru_cache
 from pathlib import Path
 
 from appo.tasks.base import Example, Task
-from appo.tasks.data import data_dir, read_jsonl
+from appo.tasks.data import load_rows
 from appo.tasks.rewards import RewardConfig, numbers_match
 
 
@@ -26,14 +29,14 @@ class GSM8K(Task):
     def __init__(self, path: str | Path | None = None, dev_size: int = 500, seed: int = 0,
                  reward_config: RewardConfig | None = None):
         super().__init__(reward_config)
-        self.path = Path(path) if path is not None else data_dir() / "gsm8k" / "train.jsonl"
+        self.path = Path(path) if path is not None else None  # None: $APPO_DATA_DIR, then the hub
         if dev_size < 0:
             raise ValueError(f"dev_size: must be >= 0, got {dev_size}")
         self.dev_size, self.seed = dev_size, seed
 
     def examples(self, split: str = "train") -> list[Example]:
         self._check_split(split)
-        all_examples = _load(str(self.path))
+        all_examples = _examples(load_rows("gsm8k", self.path))
         if self.dev_size >= len(all_examples):
             raise ValueError(f"dev_size: {self.dev_size} leaves no training data ({len(all_examples)} items)")
         order = list(range(len(all_examples)))
@@ -53,8 +56,6 @@ def gold_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-@lru_cache(maxsize=4)
-def _load(path: str) -> tuple[Example, ...]:
-    rows = read_jsonl(path)
+def _examples(rows: tuple[dict, ...]) -> tuple[Example, ...]:
     return tuple(Example(id=f"gsm8k-{i}", question=row["question"], answer=gold_answer(row["answer"]),
                          meta={"solution": row["answer"]}) for i, row in enumerate(rows))

@@ -81,12 +81,12 @@ class SearchTool(Tool):
 def build_hotpotqa_corpus(path: str | Path | None = None) -> list[dict]:
     """Union of the context paragraphs of a HotpotQA distractor file, deduplicated by title (first wins).
 
-    path defaults to ``data_dir()/"hotpotqa/dev_distractor_50.jsonl"``. Returns [{"title", "text"}, ...] with
-    the paragraph's sentences joined.
+    path: a file or folder, else the HotpotQA task's data (``appo.tasks.data.load_rows``). Returns
+    [{"title", "text"}, ...] with the paragraph's sentences joined.
     """
-    from appo.tasks.data import data_dir, read_jsonl
+    from appo.tasks.data import load_rows
 
-    rows = read_jsonl(Path(path) if path is not None else data_dir() / "hotpotqa" / "dev_distractor_50.jsonl")
+    rows = load_rows("hotpotqa", path)
     corpus, seen = [], set()
     for row in rows:
         context = row["context"]

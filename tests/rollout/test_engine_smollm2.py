@@ -12,6 +12,7 @@ DEMOS = [("Tom has 3 boxes of 12 eggs and eats 5 eggs. How many eggs are left?",
 
 
 @pytest.mark.slow
+@pytest.mark.data  # GSM8K prompts: $APPO_DATA_DIR
 def test_smollm2_gsm8k_rollouts_call_python_and_keep_logprobs_aligned():
     from appo.models import load_model
     from appo.rollout.engine import RolloutConfig, RolloutEngine

@@ -165,7 +165,8 @@ else:
     sys.path.insert(0, str(REPO / "tests"))
     from _venv import venv_python
 
-    pytestmark = pytest.mark.slow  # builds the vLLM venv the first time (2-3 minutes), then ~3 minutes of runs
+    pytestmark = [pytest.mark.slow,  # builds the vLLM venv the first time (2-3 minutes), then ~3 minutes of runs
+                  pytest.mark.data]  # GSM8K prompts: $APPO_DATA_DIR
 
     @pytest.fixture(scope="module")
     def smollm2():

@@ -19,6 +19,7 @@ def search(corpus):
     return SearchTool(corpus)
 
 
+@pytest.mark.data  # the HotpotQA corpus: $APPO_DATA_DIR
 def test_corpus_is_the_deduplicated_union_of_context_paragraphs(corpus):
     titles = [p["title"] for p in corpus]
     assert len(titles) == len(set(titles))
@@ -27,6 +28,7 @@ def test_corpus_is_the_deduplicated_union_of_context_paragraphs(corpus):
     assert wood["text"].startswith("Edward Davis Wood Jr.")
 
 
+@pytest.mark.data  # the HotpotQA corpus: $APPO_DATA_DIR
 def test_gold_paragraph_in_top_3_for_most_questions(search):
     examples = HotpotQA().examples("dev")[:12]
     hits = 0
@@ -36,6 +38,7 @@ def test_gold_paragraph_in_top_3_for_most_questions(search):
     assert hits >= 10, f"only {hits} of {len(examples)} questions found a gold paragraph"
 
 
+@pytest.mark.data  # the HotpotQA corpus: $APPO_DATA_DIR
 def test_run_formats_title_and_text(search):
     result = search.run("Scott Derrickson director")
     passages = result.split("\n\n")
@@ -45,6 +48,7 @@ def test_run_formats_title_and_text(search):
     assert len(result) <= search.max_output_chars
 
 
+@pytest.mark.data  # the HotpotQA corpus: $APPO_DATA_DIR
 def test_unknown_words_and_empty_queries(search):
     assert search.run("zzqxv wvvvq") == "No results for 'zzqxv wvvvq'."
     assert search.run("   ") == "Error: empty search query"
@@ -67,6 +71,7 @@ def test_bad_corpus_raises_value_error():
         SearchTool([{"title": "x"}])
 
 
+@pytest.mark.data  # the HotpotQA corpus: $APPO_DATA_DIR
 def test_make_tools_keys_by_tag(corpus):
     tools = make_tools(["python", "calculator", "search"], python={"timeout_s": 3}, search={"corpus": corpus})
     assert sorted(tools) == ["calculator", "python", "search"]
