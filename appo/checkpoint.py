@@ -253,17 +253,18 @@ def find_checkpoint(directory: str | Path) -> Path | None:
     directories exist but none is intact.
     """
     directory = Path(directory)
-    faults = []
+    faults, skipped = [], []
     for path in reversed(step_directories(directory)):
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
             faults.append(str(err))
+            skipped.append(path.name)
             warnings.warn(f"skipping checkpoint {path}: {err}", CheckpointWarning, stacklevel=2)
             continue
         pointer = directory / LATEST
         named = pointer.read_text().strip() if pointer.is_file() else None
-        if named != path.name:
+        if named != path.name and named not in skipped:
             state = f"names {named!r}" if named else "is missing"
             warnings.warn(f"{pointer} {state}; using {path.name}, the newest intact checkpoint",
                           CheckpointWarning, stacklevel=2)
