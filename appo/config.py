@@ -403,6 +403,9 @@ def check_available(config: TrainConfig, *, model: bool = True) -> None:
         raise ConfigError("tensorboard", "true needs the 'tensorboard' package (pip install tensorboard)")
     if config.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("rollout.backend", "'vllm' needs the 'vllm' package (scripts/vllm_env.sh or pip)")
+    data_path = getattr(config.data, "path", None)
+    if data_path is not None and not Path(data_path).expanduser().exists():
+        raise ConfigError("data.path", f"no such file or folder: {data_path}")
     if model:
         from appo.models import SMOLLM2
 

@@ -560,7 +560,8 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
     dropped = truncate_metrics(out / "metrics.jsonl", trainer.step_count)
     if dropped:
         warnings.warn(f"{out / 'metrics.jsonl'}: removed the records of steps {dropped[0]['step']}.."
-                      f"{dropped[-1]['step']}, after step {trainer.step_count} it resumes from", stacklevel=2)
+                      f"{dropped[-1]['step']}; the run resumes from step {trainer.step_count} and logs them "
+                      "again", stacklevel=2)
     metrics: dict = {}
     with MetricsWriter(out / "metrics.jsonl", tensorboard=config.tensorboard) as writer, \
             tqdm(total=config.steps, initial=trainer.step_count, desc=f"{config.algo.algo} train") as bar:
