@@ -38,6 +38,18 @@ def test_config_file_errors_name_the_file_and_the_line(tmp_path, text, line, fra
     assert message.startswith(f"{path}:{line}:") and fragment in message, message
 
 
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of eight aliases stand for 8**9 values: walking or copying them would never end."""
+    lines = ["rollout:", "  vllm:", "    l0: &l0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}"]
+    for level in range(1, 9):
+        refs = ", ".join(f"k{i}: *l{level - 1}" for i in range(8))
+        lines.append(f"    l{level}: &l{level} {{{refs}}}")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: rollout\.vllm: expected plain YAML values"):
+        load_config(path)
+
+
 def test_override_wins_over_a_bad_file_value_and_its_own_errors_name_it(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  lr: -1\n")
