@@ -268,7 +268,31 @@ def _coerce(value, hint, key: str):
         raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
     if hint is dict and not all(isinstance(k, str) for k in value):
         raise ConfigError(key, f"expected a mapping with string keys, got {value!r}")
+    if hint is dict and not _plain_and_small(value):
+        raise ConfigError(key, f"expected plain YAML values (numbers, strings, lists, mappings) of at most "
+                          f"{_MAX_NODES} items in all")
     return value
+
+
+_MAX_NODES = 1000
+
+
+def _plain_and_small(value) -> bool:
+    """Whether ``value`` holds only JSON-like plain values, at most _MAX_NODES of them counted with every alias
+    expanded (a YAML alias chain can stand for billions; the walk stops at the limit)."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > _MAX_NODES:
+            return False
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+        elif not isinstance(item, (str, int, float, bool, type(None))):
+            return False
+    return True
 
 
 def _apply(target, updates: dict, prefix: str = "") -> None:
@@ -422,8 +446,9 @@ def from_dict(data: dict) -> TrainConfig:
 
 
 def _key_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
-    """Fill ``lines`` with the 1-based line of each dotted key of the YAML mapping ``node``; a key given twice
-    in one mapping raises ValueError naming both lines."""
+    """Fill ``lines`` with the 1-based line of each top-level key of the YAML mapping ``node`` and of each key
+    of its sections (no deeper: a chain of aliases cannot make the walk blow up); a key given twice in one
+    mapping raises ValueError naming both lines."""
     seen: dict[str, int] = {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
@@ -432,7 +457,7 @@ def _key_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
         if key in seen:
             raise ConfigError(key, f"given twice (first on line {seen[key]})", where=f"{path}:{line}")
         seen[key] = lines[key] = line
-        if isinstance(value_node, yaml.MappingNode):
+        if isinstance(value_node, yaml.MappingNode) and not prefix:
             _key_lines(value_node, f"{key}.", lines, path)
 
 
