@@ -157,8 +157,9 @@ def token_stats(logits: torch.Tensor | None = None, tokens: torch.Tensor | None 
         hidden, weight and bias (use it in a loss); ``entropy`` is detached.
 
     Returns TokenStats(logprobs, entropy), both float32 [..., T]. ``impl`` is "auto" (Triton on CUDA, torch
-    elsewhere), "triton" or "torch". NaN/Inf in the inputs raise ValueError (detected from the outputs, so no
-    extra pass over the logits).
+    elsewhere), "triton" or "torch". -inf logits (a masked vocabulary) are allowed: the entropy is over each
+    row's finite support. NaN or +inf logits, a row with no finite logit, and a sampled token whose logit is
+    -inf raise ValueError (detected from the outputs, so no extra pass over the logits).
     """
     temperature = _check_temperature(temperature)
     if logits is not None:
@@ -229,8 +230,21 @@ def _token_stats_from_hidden(hidden, weight, bias, tokens, temperature, impl) ->
 
 
 def _check_finite_outputs(logprobs: torch.Tensor, entropy: torch.Tensor, source: str) -> None:
-    if not (torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()):
-        raise ValueError(f"{source}: contains NaN or Inf (the token statistics came out non-finite)")
+    """Turn non-finite statistics into errors (no extra pass over the logits: the kernels propagate them).
+
+    -inf logits are allowed (masked vocabulary entries have probability 0). The entropy is NaN when a row
+    holds NaN or +inf, or no finite logit at all; the log-prob is -inf when the sampled token's logit is -inf.
+    """
+    bad_rows = ~torch.isfinite(entropy)
+    if bad_rows.any():
+        where = tuple(int(i) for i in bad_rows.nonzero()[0])
+        raise ValueError(f"{source}: contains NaN or +inf, or a row whose logits are all -inf (first at "
+                         f"position {where}): the token statistics came out non-finite")
+    bad_tokens = ~torch.isfinite(logprobs)
+    if bad_tokens.any():
+        where = tuple(int(i) for i in bad_tokens.nonzero()[0])
+        raise ValueError(f"tokens: the sampled token at position {where} has logit -inf (probability 0 under "
+                         f"the given {source}), so its log-probability is -inf")
 
 
 # ---------------------------------------------------------------------------------------- future value

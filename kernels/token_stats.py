@@ -1,11 +1,32 @@
 """Token statistics from logits in one pass: log-prob of the sampled token and full-vocabulary entropy.
 
 Each logit is read exactly once. Per row, the kernel walks the vocabulary in tiles and keeps three running
-values over the temperature-scaled logits z seen so far:
-    m = max z,   s = sum exp(z - m),   t = sum exp(z - m) * (z - m)
-and at the end
-    lse = m + log s,   logprob = (z_a - m) - log s,   entropy = log s - t / s.
+values over the base-2 logits x = z * log2(e) / temperature seen so far (one multiply folds the temperature
+and the change of base):
+    m = max x,   s = sum 2^(x - m),   t = sum 2^(x - m) (x - m)
+and at the end (natural units again)
+    logprob = ln 2 * ((x_a - m) - log2 s),   entropy = ln 2 * (log2 s - t / s).
 The torch reference (the test oracle) is ``appo.ops.token_stats.token_stats_torch``.
+
+Finite support: a logit of -inf (a masked vocabulary entry) has probability 0 and adds nothing to s or t; its
+(x - m) is clamped to -FLT_MAX before the product so that 0 * (-inf) never makes a NaN. A row whose logits
+are all -inf so far keeps m = -inf, s = 0; the shift reference is 0 then, so nothing becomes NaN until a
+finite logit arrives. A row with no finite logit at all gives s = 0 and a NaN entropy; a sampled token whose
+logit is -inf gives logprob = -inf. NaN or +inf logits give NaN (the clamp propagates NaN). The dispatcher
+(``appo.scoring``) turns each of these into a ValueError.
+
+Loop layout: full tiles of BLOCK_V columns run without masks (vectorised 16-byte loads) in a software-
+pipelined ``tl.range``; one masked tile handles the tail. Row offsets are int64 (T x V passes 2^31).
+
+Byte and instruction model at the target size (T = 32,768 rows, V = 152,064, bf16 logits on an H200):
+  * bytes: T * V * 2 = 9.97 GB read once, 8 T + 8 T written (negligible); floor 9.97 GB / 4.3 TB/s = 2.32 ms.
+  * instructions per logit in the steady-state loop (SASS, sm_90, read by ``bench/sm90_static.py``): about
+    7 (convert, max, FFMA shift, clamp, EX2, add, FFMA), plus 1/8 of a 16-byte load. The H200 issues
+    132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.3e13 thread-instructions/s, i.e. 15.6 per logit at
+    4.3 TB/s of bf16; 7-8 per logit uses about half of the issue slots and EX2 (16/clk/SM) at 51%, so the
+    loop is bound by memory, not by issue: predicted 90-95% of the measured copy bandwidth (2.45-2.6 ms),
+    against the 85% target. One program per row (BLOCK_V = 8,192, 8 warps): 32,768 programs, 248 waves of
+    132 SMs x 1 resident program's worth of loads, so the tail wave costs < 0.5%.
 """
 
 import torch
@@ -15,60 +36,118 @@ from torch import Tensor
 
 from appo.ops.token_stats import check_token_stats_args
 
-# One config (no autotune, so the interpreter runs it). A tile of 8192 fp32 values over 8 warps is 32 values
-# per thread: enough bytes in flight per SM on an H100 without spilling (79 registers for bf16 on sm_90).
-# For small V several rows share a program, at most one row per warp: with more rows per warp each thread
-# holds a 64-bit pointer per element and the register count triples (checked with cuobjdump).
+LOG2_E = 1.4426950408889634
+LN_2 = tl.constexpr(0.6931471805599453)
+# One config (no autotune, so the interpreter runs it). A tile of 8192 values over 8 warps is 32 values per
+# thread (four 16-byte loads of bf16). For small V several rows share a program, at most one row per warp.
 TILE_ELEMENTS = 8192
 NUM_WARPS = 8
+NUM_STAGES = 3
+ROWS_PER_PROGRAM = 8
+FLT_MAX = 3.4028234663852886e38
+
+
+@triton.jit
+def _fold_tile(z, scale, lowest, m, s, t):
+    """Fold a tile of logits z (fp32 [ROWS, THREADS, K * VEC], -inf allowed) into per-thread running values,
+    each [ROWS, THREADS]: m = max z, s = sum 2^((z - m) scale), t = sum 2^((z - m) scale) (z - m). The
+    reductions run over axis 2, which each thread holds itself (no shuffles, no barriers in the loop).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=2))
+    # Shift reference: m_new, or 0 while every value seen is -inf (keeps -inf - -inf = NaN out).
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # z - ref is exact for nearby values (no rounding at the logits' magnitude). Shifts below ``lowest``
+    # (-inf among them) become ``lowest``, whose 2^(lowest * scale) is 0 too, so that e * shift = 0 and not
+    # 0 * -inf = NaN; NaN stays NaN. lowest * scale >= -FLT_MAX / 2: no overflow.
+    shift = tl.maximum(z - ref[:, :, None], lowest, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(shift * scale)
+    # Rescale the old sums from base m to base ref (alpha = 2^((m - ref) scale) <= 1):
+    #   s <- alpha * s,   t <- alpha * (t + (m - ref) * s).
+    # Every term of t and (m - ref) * s is <= 0, so nothing cancels, and entropy = log s - t/s adds two
+    # non-negative numbers. The guard keeps (-inf) * 0 out while s = 0.
+    alpha = tl.exp2((m - ref) * scale)
+    t = alpha * (t + tl.where(s > 0.0, m - ref, 0.0) * s) + tl.sum(e * shift, axis=2)
+    s = alpha * s + tl.sum(e, axis=2)
+    return m_new, s, t
+
+
+@triton.jit
+def _per_thread(z, ROWS: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+    """[ROWS, K, THREADS * VEC] -> [ROWS, THREADS, K * VEC]: each thread's logits on the last axis (a
+    relabelling of registers, no data movement)."""
+    return tl.reshape(tl.permute(tl.reshape(z, (ROWS, K, THREADS, VEC)), (0, 2, 1, 3)), (ROWS, THREADS, K * VEC))
+
+
+@triton.jit
+def _merge(m, s, t, scale):
+    """Combine per-thread (m, s, t) [ROWS, THREADS] into per-row values [ROWS], as _fold_tile does."""
+    m_row = tl.max(m, axis=1)
+    ref = tl.where(m_row == float("-inf"), 0.0, m_row)
+    alpha = tl.exp2((m - ref[:, None]) * scale)
+    t_row = tl.sum(alpha * (t + tl.where(s > 0.0, m - ref[:, None], 0.0) * s), axis=1)
+    s_row = tl.sum(alpha * s, axis=1)
+    return m_row, s_row, t_row
 
 
 @triton.jit
 def _token_stats_kernel(logits_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
-                        num_rows, vocab_size, row_stride, inv_temperature,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+                        num_rows, vocab_size, row_stride, scale, lowest,
+                        ROWS: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
+    """ROWS rows per program (1 for real vocabularies). A tile is K x THREADS x VEC logits of each row:
+    thread i holds K runs of VEC contiguous logits (one 16-byte load each), neighbouring threads
+    neighbouring runs (coalesced)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_valid = rows < num_rows
-    # Rows past the end re-read the last row (always in bounds) and are not stored: no row mask on loads.
+    # Rows past the end re-read the last row (in bounds) and are not stored: no row mask on the loads.
     safe_rows = tl.minimum(rows, num_rows - 1).to(tl.int64)
-    row_ptrs = logits_ptr + safe_rows * row_stride  # int64 offsets: N x V can exceed 2**31
+    row_ptrs = logits_ptr + safe_rows * row_stride  # int64 offsets: T x V passes 2^31
+    BLOCK_V: tl.constexpr = K * THREADS * VEC
+    columns = tl.arange(0, K)[:, None] * (THREADS * VEC) + tl.arange(0, THREADS * VEC)[None, :]
+    ptrs = row_ptrs[:, None, None] + columns[None, :, :]  # [ROWS, K, THREADS * VEC]
 
-    m = tl.full((BLOCK_ROWS,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_ROWS,), tl.float32)
-    t = tl.zeros((BLOCK_ROWS,), tl.float32)
-    for v_start in range(0, vocab_size, BLOCK_V):
-        cols = v_start + tl.arange(0, BLOCK_V)
-        col_valid = cols < vocab_size
-        z = tl.load(row_ptrs[:, None] + cols[None, :], mask=col_valid[None, :], other=float("-inf"))
-        z = z.to(tl.float32) * inv_temperature
-        # Every tile holds at least one valid column, so m_new is finite after the first tile
-        # (unless the logits themselves are not finite, which then shows up as NaN in the outputs).
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        shift = tl.where(col_valid[None, :], z - m_new[:, None], 0.0)  # <= 0
-        e = tl.where(col_valid[None, :], tl.exp(shift), 0.0)
-        # Rescale the old sums from base m to base m_new (alpha = exp(m - m_new) <= 1):
-        #   s <- alpha * s,   t <- alpha * (t + (m - m_new) * s).
-        # Stable: every term of t and (m - m_new) * s is <= 0, so nothing cancels, and entropy = log s - t/s
-        # adds two non-negative numbers. The textbook form lse - sum(p * z) instead subtracts two numbers of
-        # the size of the logits and loses ~|z| * 1e-7 absolute when the logits have a large offset.
-        # On the first tile m = -inf and s = 0: alpha = 0 and the guard keeps (-inf) * 0 out.
-        alpha = tl.exp(m - m_new)
-        t = alpha * (t + tl.where(s > 0.0, m - m_new, 0.0) * s) + tl.sum(e * shift, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+    m = tl.full((ROWS, THREADS), float("-inf"), tl.float32)
+    s = tl.zeros((ROWS, THREADS), tl.float32)
+    t = tl.zeros((ROWS, THREADS), tl.float32)
+    full_end = (vocab_size // BLOCK_V) * BLOCK_V
+    for v_start in tl.range(0, full_end, BLOCK_V, num_stages=NUM_STAGES):  # cp.async pipeline on GPUs
+        z = tl.load(ptrs + v_start)
+        m, s, t = _fold_tile(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), scale, lowest, m, s, t)
+    if full_end < vocab_size:
+        in_row = (full_end + columns < vocab_size)[None, :, :]
+        z = tl.load(ptrs + full_end, mask=in_row, other=float("-inf"))
+        m, s, t = _fold_tile(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), scale, lowest, m, s, t)
+    m, s, t = _merge(m, s, t, scale)
 
-    token = tl.load(tokens_ptr + safe_rows)
-    z_token = tl.load(row_ptrs + token).to(tl.float32) * inv_temperature
-    log_s = tl.log(s)
-    tl.store(logprobs_ptr + rows, (z_token - m) - log_s, mask=row_valid)
-    tl.store(entropy_ptr + rows, log_s - t / s, mask=row_valid)
+    tokens = tl.load(tokens_ptr + safe_rows)
+    z_token = tl.load(row_ptrs + tokens).to(tl.float32)
+    log_s = LN_2 * tl.log2(s)
+    inv_temperature = LN_2 * scale
+    tl.store(logprobs_ptr + rows, (z_token - m) * inv_temperature - log_s, mask=row_valid)
+    tl.store(entropy_ptr + rows, log_s - (t / s) * inv_temperature, mask=row_valid)
 
 
-def launch_config(num_rows: int, vocab_size: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_V): tiles of up to TILE_ELEMENTS values, at most NUM_WARPS rows per program."""
-    block_v = min(TILE_ELEMENTS, triton.next_power_of_2(vocab_size))
-    block_rows = min(TILE_ELEMENTS // block_v, NUM_WARPS, triton.next_power_of_2(num_rows))
-    return block_rows, block_v
+def lowest_shift(temperature: float) -> float:
+    """The clamp of z - max: -FLT_MAX / 2 in units of 2^((z - max) log2(e) / temperature), so that the
+    scaled value stays finite (numpy's interpreter warns on overflow) and 2^(scaled) is exactly 0."""
+    return -0.5 * FLT_MAX / max(1.0, LOG2_E / temperature)
+
+
+def launch_config(vocab_size: int, itemsize: int, interpreted: bool = False) -> dict:
+    """Tile shape (ROWS, K, THREADS, VEC), warps and pipeline stages for rows of ``vocab_size`` logits.
+
+    VEC logits make one 16-byte load. A row's tile holds up to TILE_ELEMENTS logits, 32 per thread over
+    NUM_WARPS warps; a small vocabulary gets fewer threads (down to one warp) and runs (down to one), and
+    several rows per program while a thread holds at most 32 logits of a tile. The CPU interpreter, whose
+    cost is per program and per op rather than per register, takes up to 8 rows per program regardless.
+    """
+    vec = 16 // itemsize
+    runs_of_vec = triton.next_power_of_2(triton.cdiv(vocab_size, vec))
+    threads = min(32 * NUM_WARPS, max(32, runs_of_vec // 4))
+    runs = min(TILE_ELEMENTS // (threads * vec), max(1, runs_of_vec // threads))
+    rows = max(1, min(ROWS_PER_PROGRAM, (TILE_ELEMENTS // threads if interpreted else 32) // (runs * vec)))
+    return {"ROWS": rows, "K": runs, "THREADS": threads, "VEC": vec, "NUM_STAGES": NUM_STAGES,
+            "num_warps": threads // 32}
 
 
 def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -76,14 +155,15 @@ def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
 
     Args:
         logits: [N, V] float32 / bfloat16 / float16 (CUDA, or CPU under TRITON_INTERPRET=1), contiguous
-            along V, any row stride.
+            along V, any row stride. -inf entries (masked vocabulary) have probability 0.
         tokens: [N] int64 in [0, V), same device (not range-checked here: an id outside the vocabulary reads
             out of bounds; ``appo.token_stats`` validates it).
         temperature: positive divisor applied to the logits before the softmax.
 
     Returns:
-        (logprobs, entropy): both [N] float32, detached; entropy is over the full vocabulary.
-        Non-finite logits give a non-finite entropy or log-prob in that row.
+        (logprobs, entropy): both [N] float32, detached; entropy is over the finite support of each row.
+        A row with NaN or +inf logits, or with no finite logit, gets a NaN entropy; a sampled token whose
+        logit is -inf gets logprob -inf.
 
     Reads N x V x itemsize bytes of logits once plus 8 N bytes of tokens, writes 8 N bytes.
     """
@@ -94,12 +174,10 @@ def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
     if num_rows == 0:
         return logprobs, entropy
 
-    block_rows, block_v = launch_config(num_rows, vocab_size)
-    grid = (triton.cdiv(num_rows, block_rows),)
-    _token_stats_kernel[grid](
+    config = launch_config(vocab_size, logits.element_size(), interpreted=logits.device.type != "cuda")
+    _token_stats_kernel[(triton.cdiv(num_rows, config["ROWS"]),)](
         logits.detach(), tokens.contiguous(), logprobs, entropy,
-        num_rows, vocab_size, logits.stride(0), 1.0 / temperature,
-        BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=NUM_WARPS,
+        num_rows, vocab_size, logits.stride(0), LOG2_E / temperature, lowest_shift(temperature), **config,
     )
     return logprobs, entropy
 
@@ -108,15 +186,21 @@ def compile_for_gpu(logits_dtype: str, num_rows: int, vocab_size: int, capabilit
     """Ahead-of-time build of the kernel for one launch config (no GPU needed): a triton CompiledKernel.
 
     ``logits_dtype`` is a Triton type name ("fp32", "bf16", "fp16"); ``capability`` the CUDA compute
-    capability (90: H100/H200). Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).
+    capability (90: H100/H200). Pointers and sizes divisible by 16 get the specialisation the JIT gives
+    them at run time (16-byte aligned, contiguous tensors). Must run without TRITON_INTERPRET=1 (the
+    interpreter replaces the compiler).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_rows, block_v = launch_config(num_rows, vocab_size)
+    config = launch_config(vocab_size, {"fp32": 4, "bf16": 2, "fp16": 2}[logits_dtype])
+    num_warps = config.pop("num_warps")
     signature = {"logits_ptr": f"*{logits_dtype}", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
                  "entropy_ptr": "*fp32", "num_rows": "i32", "vocab_size": "i32", "row_stride": "i64",
-                 "inv_temperature": "fp32", "BLOCK_ROWS": "constexpr", "BLOCK_V": "constexpr"}
-    constexprs = {"BLOCK_ROWS": block_rows, "BLOCK_V": block_v}
-    source = ASTSource(_token_stats_kernel, signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+                 "scale": "fp32", "lowest": "fp32", **{name: "constexpr" for name in config}}
+    constexprs = config
+    aligned = [0, 1, 2, 3] + [i for i, value in ((4, num_rows), (5, vocab_size), (6, vocab_size))
+                              if value % 16 == 0]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    source = ASTSource(_token_stats_kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

@@ -17,7 +17,7 @@ GAMMA = 2 ** (-1 / 32)
 # ------------------------------------------------------------------------------------------ fp64 oracle
 def oracle_stats(logits, tokens, temperature):
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = -torch.where(logp == -math.inf, 0.0, logp.exp() * logp).sum(-1)  # over the finite support
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
@@ -313,6 +313,50 @@ def test_hidden_path_errors_name_the_argument():
     bad[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="hidden"):
         appo.token_stats(hidden=bad, weight=weight, tokens=tokens)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocabulary_masked_logits_are_accepted_and_scored_over_the_finite_support(impl):
+    """A logit processor's -inf entries have probability 0; token_stats and branching_score accept them."""
+    logits, tokens, old_logprobs, mask = make_rollouts(B=2, T=12, V=300, seed=13)
+    g = torch.Generator().manual_seed(14)
+    banned = torch.rand(logits.shape, generator=g) < 0.6
+    banned.scatter_(-1, tokens[..., None], False)  # the sampled tokens stay allowed
+    logits = logits.masked_fill(banned, -math.inf)
+    stats = appo.token_stats(logits, tokens, temperature=0.9, impl=impl)
+    want_logprobs, want_entropy = oracle_stats(logits, tokens, 0.9)
+    torch.testing.assert_close(stats.logprobs.double(), want_logprobs, rtol=0, atol=2e-5)
+    torch.testing.assert_close(stats.entropy.double(), want_entropy, rtol=0, atol=2e-5)
+    result = appo.branching_score(tokens=tokens, old_logprobs=old_logprobs, mask=mask, logits=logits, impl=impl)
+    assert torch.isfinite(result.entropy).all() and result.candidates.any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_inf_sampled_token_and_all_minus_inf_rows_are_clear_errors(impl):
+    logits, tokens = torch.randn(2, 6, 40), torch.randint(0, 40, (2, 6))
+    at_token = logits.clone()
+    at_token[1, 3, tokens[1, 3]] = -math.inf
+    with pytest.raises(ValueError, match=r"tokens: the sampled token at position \(1, 3\) has logit -inf"):
+        appo.token_stats(at_token, tokens, impl=impl)
+    empty_row = logits.clone()
+    empty_row[0, 5] = -math.inf
+    with pytest.raises(ValueError, match=r"logits: .*all -inf \(first at position \(0, 5\)\)"):
+        appo.token_stats(empty_row, tokens, impl=impl)
+
+
+def test_minus_inf_bias_masks_the_hidden_path_too():
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(20, 8)
+    bias = torch.zeros(20)
+    bias[::3] = -math.inf
+    tokens = torch.randint(0, 20, (2, 5))
+    tokens[tokens % 3 == 0] += 1
+    stats = appo.token_stats(hidden=hidden, weight=weight, bias=bias, tokens=tokens, impl="torch")
+    want_logprobs, want_entropy = oracle_stats(hidden @ weight.T + bias, tokens, 1.0)
+    torch.testing.assert_close(stats.logprobs.double(), want_logprobs, rtol=0, atol=2e-5)
+    torch.testing.assert_close(stats.entropy.double(), want_entropy, rtol=0, atol=2e-5)
+    tokens[0, 0] = 3
+    with pytest.raises(ValueError, match="tokens: the sampled token at position"):
+        appo.token_stats(hidden=hidden, weight=weight, bias=bias, tokens=tokens, impl="torch")
 
 
 def test_explicit_triton_without_a_device_raises_runtime_error(monkeypatch):

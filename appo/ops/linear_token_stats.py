@@ -24,6 +24,7 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CHUNK_ROWS = 1024
+FLT_MAX = torch.finfo(torch.float32).max
 
 
 def check_linear_token_stats_inputs(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None,
@@ -98,8 +99,10 @@ class _LinearTokenStats(torch.autograd.Function):
             # rounded at the logits' magnitude; entropy as -sum p log p avoids cancelling two large terms
             # on peaked rows.
             log_probs = shifted.sub_(log_sumexp[rows, None])
-            entropy[rows] = -(torch.exp(log_probs) * log_probs).sum(dim=-1)
             logprobs[rows] = log_probs.gather(1, tokens[rows, None]).squeeze(1)
+            # A -inf logit (a -inf bias entry masks the vocabulary) has p = 0 and adds 0, not 0 * -inf.
+            probs = torch.exp(log_probs)
+            entropy[rows] = -probs.mul_(log_probs.clamp_(min=-FLT_MAX)).sum(dim=-1)
         ctx.save_for_backward(hidden, weight, bias, tokens, row_max, log_sumexp)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(entropy)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 # Rows per chunk are chosen so that one fp32 chunk holds about this many elements (128 MiB).
 DEFAULT_CHUNK_ELEMENTS = 2**25
+FLT_MAX = torch.finfo(torch.float32).max
 
 
 def check_token_stats_args(logits: Tensor, tokens: Tensor, temperature: float) -> None:
@@ -42,8 +43,10 @@ def token_stats_torch(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
         chunk_size: rows per chunk; default ``max(1, 2**25 // V)`` (about 220 rows at V = 152,064).
 
     Returns:
-        (logprobs, entropy): both [N] float32, detached; entropy is over the full vocabulary.
-        Non-finite logits (NaN, +inf, -inf) give a non-finite entropy or log-prob in that row.
+        (logprobs, entropy): both [N] float32, detached; entropy is over the finite support of each row
+        (a -inf logit, e.g. a masked vocabulary entry, has probability 0 and adds 0 to the entropy).
+        A row with NaN or +inf logits, or with no finite logit, gets a NaN entropy; a sampled token whose
+        logit is -inf gets logprob -inf.
 
     Memory: O(chunk_size x V), never O(N x V): per chunk one fp32 log p buffer and one fp32 temporary for
     p (plus the scaled fp32 copy when temperature != 1), about 2-3 x chunk_size x V x 4 bytes (256-384 MiB
@@ -74,5 +77,8 @@ def token_stats_torch(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
                 log_p = torch.log_softmax(rows.to(torch.float32) / temperature, dim=-1)
             logprobs[start:stop] = log_p.gather(1, tokens[start:stop, None]).squeeze(1)
             # entropy = lse - sum(p * z) = -sum(p * log p); the second form has no cancellation either.
-            entropy[start:stop] = -torch.exp(log_p).mul_(log_p).sum(dim=-1)
+            # log p = -inf (a -inf logit) has p = 0: clamped to -FLT_MAX so that 0 * log p is 0, not NaN
+            # (clamp keeps NaN, so NaN logits still show).
+            p = torch.exp(log_p)
+            entropy[start:stop] = -p.mul_(log_p.clamp_(min=-FLT_MAX)).sum(dim=-1)
     return logprobs, entropy

@@ -37,9 +37,12 @@ def make_logits(num_rows, vocab_size, kind, dtype, device, generator):
 
 
 def stats_in(logits, tokens, temperature, compute_dtype):
-    """log_softmax + entropy as people write it, computed in compute_dtype (float64: the oracle)."""
+    """log_softmax + entropy as people write it, computed in compute_dtype (float64: the oracle).
+
+    Entropy over the finite support: entries with p = 0 (logit -inf) add 0, not 0 * (-inf) = NaN.
+    """
     log_p = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    entropy = -torch.where(log_p == float("-inf"), 0.0, log_p.exp() * log_p).sum(dim=-1)
     return log_p.gather(1, tokens[:, None]).squeeze(1).double(), entropy.double()
 
 
@@ -145,19 +148,69 @@ def test_torch_realistic_shape(chunk_size, seeded):
     assert max_err(logprobs, ref_logprobs) <= 2e-5 and max_err(entropy, ref_entropy) <= 2e-5
 
 
+def mask_vocabulary(logits, generator, keep=0.3):
+    """-inf on a random ~(1 - keep) of every row's entries (a vocabulary mask), at least one kept per row."""
+    masked = torch.rand(logits.shape, generator=generator) > keep
+    masked[torch.arange(logits.shape[0]), torch.randint(0, logits.shape[1], (logits.shape[0],),
+                                                          generator=generator)] = False
+    return logits.masked_fill(masked.to(logits.device), float("-inf")), masked
+
+
+def kept_tokens(masked, generator):
+    """One token per row, drawn among the row's finite (kept) entries."""
+    weights = (~masked).double()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("kind", ["random", "peaked", "offset"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vocabulary_masked_logits_match_fp64(backend, dtype, kind, device, seeded):
+    """-inf logits (a logit processor's mask) have probability 0: entropy over the finite support."""
+    logits, masked = mask_vocabulary(make_logits(23, 1000, kind, dtype, device, seeded), seeded)
+    tokens = kept_tokens(masked, seeded).to(device)
+    logprobs, entropy = check_against_fp64(backend, logits, tokens, 0.8)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_first_tiles_entirely_minus_inf(backend, dtype, device, seeded):
+    """Every logit of the first 8,192+ columns (more than one kernel tile) is -inf in some rows, and the
+    only finite logits of row 0 sit in the ragged tail."""
+    vocab = 20_011
+    logits, masked = mask_vocabulary(make_logits(4, vocab, "random", dtype, "cpu", seeded), seeded, keep=0.5)
+    logits[:3, :12_000] = float("-inf")
+    masked[:3, :12_000] = True
+    logits[0, :vocab - 5] = float("-inf")
+    masked[0, :vocab - 5] = True
+    masked[0, vocab - 5:] = False
+    logits[0, vocab - 5:] = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0]).to(dtype)
+    tokens = kept_tokens(masked, seeded)
+    logprobs, entropy = check_against_fp64(backend, logits.to(device), tokens.to(device), 1.1)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_non_finite_logits_give_non_finite_stats(backend, device, seeded):
-    """The dispatcher detects NaN/Inf logits from the outputs, so each must surface in its own row only."""
-    logits = make_logits(5, 300, "random", torch.float32, device, seeded)
+    """The dispatcher turns non-finite outputs into errors, so each case must surface in its own row only:
+    NaN and +inf logits give NaN; a row of -inf only gives a NaN entropy; a sampled token at -inf gives
+    logprob -inf with a finite entropy; a -inf logit elsewhere changes nothing."""
+    logits = make_logits(7, 300, "random", torch.float32, device, seeded)
     logits[1, 7] = float("nan")
     logits[2, 100] = float("inf")
-    logits[3, 299] = float("-inf")
-    tokens = torch.tensor([0, 1, 2, 3, 4], device=device)
+    logits[3, 299] = float("-inf")  # not the sampled token: a masked entry, finite statistics
+    logits[5] = float("-inf")
+    logits[6, 6] = float("-inf")  # the sampled token
+    tokens = torch.tensor([0, 1, 2, 3, 4, 5, 6], device=device)
     logprobs, entropy = BACKENDS[backend](logits, tokens, 1.0)
-    row_finite = torch.isfinite(logprobs) & torch.isfinite(entropy)
-    assert row_finite.tolist() == [True, False, False, False, True]
+    assert torch.isfinite(entropy).tolist() == [True, False, False, True, True, False, True]
+    assert torch.isfinite(logprobs).tolist() == [True, False, False, True, True, False, False]
+    assert logprobs[6].item() == float("-inf") and 0 < entropy[6].item() <= math.log(299)
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
