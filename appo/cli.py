@@ -2,7 +2,8 @@
 
     appo train [--algo grpo|arpo|appo] [--config file.yaml] [--print-config] [--allow-config-change]
                [key=value ...]
-    appo eval  [--model PATH] --data file.jsonl [--limit N] [--samples K] [--out results.jsonl] [key=value ...]
+    appo eval  [--model PATH] [--data file.jsonl] [--limit N] [--samples K] [--out results.jsonl]
+               [key=value ...]
     appo plot  run1/metrics.jsonl [run2/metrics.jsonl ...] --out curves.png
 
 ``key=value`` overrides use the dotted config keys of ``appo.config`` (e.g. ``algo.M=8 optim.lr=2e-6``).
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from appo.config import ConfigError, check_available, load_config, to_dict
+from appo.runs import resolve_model
 from appo.tasks.data import read_jsonl
 
 # The fields of an `appo eval --data` row, and the types their values may have.
@@ -44,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="pass@1 / pass@k of a model on a task file (sampled, with tools)")
     evaluate.add_argument("--model", default="smollm2-135m-instruct",
-                          help="'smollm2-135m-instruct' or a checkpoint directory")
-    evaluate.add_argument("--data", required=True, help="a .jsonl file with question / answer fields")
+                          help="'smollm2-135m-instruct', a transformers model folder, or what `appo train` "
+                               "wrote (the run folder, e.g. runs/appo-demo, or one of its checkpoints)")
+    evaluate.add_argument("--data", default=None,
+                          help="a .jsonl file with question / answer fields (default: the dev split of "
+                               "data.task)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     evaluate.add_argument("--out", default=None, help="write per-item results to this .jsonl file")
     evaluate.add_argument("--samples", type=int, default=1, help="rollouts per question (pass@k with k = N)")
@@ -119,7 +124,9 @@ def _eval(args: argparse.Namespace) -> int:
     config = _config_from(args)
     try:
         check_available(config, model=False)
-        read_jsonl(args.data, required=EVAL_FIELDS)
+        if args.data is not None:
+            read_jsonl(args.data, required=EVAL_FIELDS)
+        resolve_model(args.model)  # a wrong --model: one line saying what was expected, before any load
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():

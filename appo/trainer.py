@@ -57,10 +57,11 @@ def load_policy(config: TrainConfig, device: torch.device, name_or_path: str | N
     """(model, tokenizer) on ``device``, in eval mode: ``config.model`` when ``name_or_path`` is None, else
     ``name_or_path``: a model name appo knows ("smollm2-135m-instruct"), a transformers model folder
     (config.json), an appo run folder (what ``appo train`` writes: its weights are in ``checkpoints/``), a
-    checkpoints folder (``latest`` inside) or one ``step-*`` checkpoint. An appo checkpoint is loaded into the
+    checkpoints folder (``step-*`` inside) or one ``step-*`` checkpoint. An appo checkpoint is loaded into the
     model its run started from (``model.name_or_path`` in the checkpoint's config), with that model's
     tokenizer. Raises ValueError naming ``model_path`` and what was expected, before any model loads."""
     from appo.models import load_model
+    from appo.runs import resolve_model
 
     base, checkpoint = resolve_model(name_or_path) if name_or_path else (config.model.name_or_path, None)
     model, tokenizer = load_model(base, dtype=getattr(torch, config.model.dtype),
@@ -68,43 +69,6 @@ def load_policy(config: TrainConfig, device: torch.device, name_or_path: str | N
     if checkpoint is not None:
         load_checkpoint(checkpoint, model, restore_rng=False)
     return model.eval(), tokenizer
-
-
-def resolve_model(name_or_path: str) -> tuple[str, Path | None]:
-    """(the model to build, the appo checkpoint to load into it or None) for ``load_policy``'s
-    ``name_or_path``. The checkpoint is a step directory or a checkpoints folder (``load_checkpoint`` picks
-    its newest intact step). Cheap: reads one meta.json. ValueError naming ``model_path`` otherwise."""
-    from appo.checkpoint import read_meta, step_directories
-    from appo.models import SMOLLM2
-
-    expected = (f"expected {SMOLLM2!r}, an appo run folder (checkpoints/ inside, as `appo train` writes), a "
-                "checkpoints folder (step-* inside), one step-* checkpoint (meta.json) or a transformers "
-                "model folder (config.json)")
-    path = Path(name_or_path).expanduser()
-    if name_or_path == SMOLLM2 and not path.exists():
-        return SMOLLM2, None
-    if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise ValueError(f"model_path (--model): {name_or_path} {what}; {expected}")
-    if (path / "meta.json").is_file():
-        checkpoint, newest = path, path
-    elif step_directories(path):
-        checkpoint, newest = path, latest_checkpoint(path) or step_directories(path)[-1]
-    elif step_directories(path / "checkpoints"):
-        checkpoint = path / "checkpoints"
-        newest = latest_checkpoint(checkpoint) or step_directories(checkpoint)[-1]
-    elif (path / "config.json").is_file():
-        return str(path), None
-    elif (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
-        raise ValueError(f"model_path (--model): the run folder {name_or_path} holds no checkpoint yet "
-                         "(training stopped before its first save, see checkpoint_every)")
-    else:
-        raise ValueError(f"model_path (--model): the folder {name_or_path} holds no model; {expected}")
-    base = (read_meta(newest)["config"].get("model") or {}).get("name_or_path")
-    if not isinstance(base, str):
-        raise ValueError(f"model_path (--model): {newest / 'meta.json'} names no model.name_or_path to load "
-                         "the checkpoint into")
-    return base, checkpoint
 
 
 @dataclass
@@ -594,16 +558,13 @@ def _note_other_task(config: TrainConfig, model_path: str) -> None:
     evaluated: ``appo eval --model runs/x`` evaluates on ``data.task`` of the eval config, not the run's."""
     import sys
 
-    from appo.checkpoint import read_meta, step_directories
+    from appo.runs import checkpoint_in, trained_config
 
-    _, checkpoint = resolve_model(model_path)
-    if checkpoint is None:
-        return
-    newest = checkpoint if (checkpoint / "meta.json").is_file() else step_directories(checkpoint)[-1]
-    trained = read_meta(newest)["config"].get("data") or {}
-    if trained.get("task", config.data.task) != config.data.task:
-        print(f"appo eval: {model_path} was trained on {trained['task']}; evaluating on {config.data.task} "
-              f"(add data.task={trained['task']} to evaluate on its own task)", file=sys.stderr)
+    checkpoint = checkpoint_in(Path(model_path).expanduser())
+    trained = (trained_config(checkpoint).get("data") or {}).get("task") if checkpoint is not None else None
+    if trained is not None and trained != config.data.task:
+        print(f"appo eval: {model_path} was trained on {trained}; evaluating on {config.data.task} "
+              f"(add data.task={trained} to evaluate on its own task)", file=sys.stderr)
 
 
 def _gold(answer: str) -> str:

@@ -1,27 +1,35 @@
-"""Record benchmark results as json under bench/results/, with the device, date and git commit of the run.
+"""Record benchmark results as json, with the device, date and git commit of the run.
 
 Usage (from a benchmark or script in bench/)::
 
     from _record import record
     path = record("token_stats", [{"impl": "torch", "rows": 1024, "vocab": 32000, "median_s": 0.012}])
+
+Where the json goes (``RESULTS_DIR``): the folder ``$APPO_BENCH_RESULTS`` names, or ``--results-dir`` of
+``pytest bench/``; by default ``.benchmarks/appo/`` in the repository, beside pytest-benchmark's own storage
+and ignored by git. A benchmark run therefore leaves the tree clean. The results the README cites live in
+bench/results/ (``COMMITTED_DIR``): copy a file there on purpose, or run with
+``APPO_BENCH_RESULTS=bench/results``.
 """
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_DIR = REPO / "bench" / "results"
+RESULTS_DIR = Path(os.environ.get("APPO_BENCH_RESULTS") or REPO / ".benchmarks" / "appo")
 
 
 def git_commit() -> str:
     """The checked-out commit (with '+dirty' when the tree has local changes), or 'unknown' outside git."""
-    repo = RESULTS_DIR.parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -62,7 +70,8 @@ def _cpu_name() -> str:
 
 
 def record(name: str, rows: list[dict]) -> Path:
-    """Write ``rows`` (one dict per measured case, json-serialisable) to bench/results/<name>-<utc time>.json.
+    """Write ``rows`` (one dict per measured case, json-serialisable) to RESULTS_DIR/<name>-<utc time>.json
+    (the module docstring says where that is).
 
     The file also holds the benchmark name, the UTC date, the git commit and the device; returns its path.
     """
@@ -80,7 +89,7 @@ def record(name: str, rows: list[dict]) -> Path:
 
 
 # ------------------------------------------------------------------------------ helpers shared by the suites
-CPU_THREADS = int(__import__("os").environ.get("APPO_BENCH_CPU_THREADS", 1))
+CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
 
 
 @__import__("contextlib").contextmanager

@@ -1,16 +1,20 @@
 """Rollout engine on SmolLM2-135M-Instruct with the python tool, on CPU.
 
-Benchmarks (``pytest bench/bench_rollout.py --benchmark-only -s``): a batch of GSM8K rollouts with tools,
+Benchmarks (``pytest bench/bench_rollout.py --benchmark-only -s``): a batch of 4 rollouts with tools,
 generated once with the multi-turn cache kept across tool turns (``reuse_cache=True``, the engine's default)
-and once re-prefilling every row's history after each tool turn (``reuse_cache=False``), same seed. Each
-prints the wall time, generated tokens/s, the tokens forwarded (real and padding), the tool calls and the
-time spent inside tools, and records the rows to bench/results/rollout-<time>.json.
+and once re-prefilling every row's history after each tool turn (``reuse_cache=False``), same seed. The
+prompts are procedural arithmetic questions (no data needed) and, when $APPO_DATA_DIR holds this project's
+data, GSM8K train problems too (the README's figure). Each case prints the wall time, generated tokens/s, the
+tokens forwarded (real and padding), the tool calls and the time spent inside tools, and the re-prefill /
+reuse time ratio; the rows are recorded through bench/_record.py (rollout-<time>.json, in .benchmarks/appo/
+unless ``--results-dir`` or $APPO_BENCH_RESULTS says otherwise).
 
 Script (``python bench/bench_rollout.py --prompts 32 --samples 8 --temperature 0.7 --few-shot 4``): 8 rollouts
-for each of the first 32 GSM8K-train prompts (``--sample-seed S`` takes a seeded random sample instead);
-reports the fraction of rollouts that ran a python call, the correct rollouts, the prompts with at least one
-correct rollout (pass@k), the format-penalised rollouts, finish reasons, throughput and peak RSS; records to
-bench/results/rollout_gsm8k-<time>.json (``--keep-rollouts`` adds every rollout's text and grade).
+for each of the first 32 GSM8K-train prompts (``--sample-seed S`` takes a seeded random sample instead; the
+data comes from $APPO_DATA_DIR or the Hugging Face hub, see appo.tasks.data); reports the fraction of rollouts
+that ran a python call, the correct rollouts, the prompts with at least one correct rollout (pass@k), the
+format-penalised rollouts, finish reasons, throughput and peak RSS; records rollout_gsm8k-<time>.json
+(``--keep-rollouts`` adds every rollout's text and grade).
 
 Prompting: the library's ``render_prompt`` (system prompt and ``--few-shot`` python demonstrations from
 ``appo.tasks.prompts``), and the response opened with "<python>" (``RolloutConfig.response_prefix``): without
@@ -36,15 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
 
 
-def gsm8k_prompts(tokenizer, count: int, few_shot: int = 4, sample_seed: int | None = None):
-    """(examples, prompt token lists) for ``count`` GSM8K-train problems rendered by the library's
-    ``render_prompt`` with ``few_shot`` python demonstrations: the first ``count`` of the train split, or a
-    ``random.Random(sample_seed)`` sample of it when ``sample_seed`` is given."""
+def task_prompts(tokenizer, count: int, few_shot: int = 4, sample_seed: int | None = None, task=None):
+    """(examples, prompt token lists) for ``count`` train problems of ``task`` (default GSM8K) rendered by the
+    library's ``render_prompt`` with ``few_shot`` python demonstrations: the first ``count`` of the train
+    split, or a ``random.Random(sample_seed)`` sample of it when ``sample_seed`` is given."""
     import random
 
     from appo.tasks import GSM8K, render_prompt
 
-    examples = GSM8K().examples("train")
+    examples = (task or GSM8K()).examples("train")
     examples = (examples[:count] if sample_seed is None
                 else random.Random(sample_seed).sample(examples, count))
     return examples, [render_prompt(tokenizer, e, tools=("python",), few_shot=few_shot) for e in examples]
@@ -69,16 +73,16 @@ class TimedTool:
 def run_rollouts(model, tokenizer, count: int, *, reuse_cache: bool = True, temperature: float = 0.3,
                  max_new_tokens_per_turn: int = 64, few_shot: int = 4, seed: int = 0,
                  batch_size: int | None = None, samples: int = 1, sample_seed: int | None = None,
-                 keep_rollouts: bool = False) -> dict:
-    """Generate ``samples`` rollouts for each of ``count`` GSM8K prompts (``batch_size`` rows decoded together,
-    default all at once); return a result row (throughput, work counters, task figures; with
-    ``keep_rollouts`` every rollout's text, answer, gold and reward)."""
+                 keep_rollouts: bool = False, task_name: str = "gsm8k") -> dict:
+    """Generate ``samples`` rollouts for each of ``count`` prompts of ``task_name`` ("gsm8k" or "arithmetic";
+    ``batch_size`` rows decoded together, default all at once); return a result row (throughput, work
+    counters, task figures; with ``keep_rollouts`` every rollout's text, answer, gold and reward)."""
     from appo.rollout.engine import RolloutConfig, RolloutEngine
-    from appo.tasks import GSM8K
+    from appo.tasks import get_task
     from appo.tools import make_tools
 
-    task = GSM8K()
-    examples, prompts = gsm8k_prompts(tokenizer, count, few_shot, sample_seed)
+    task = get_task(task_name)
+    examples, prompts = task_prompts(tokenizer, count, few_shot, sample_seed, task)
     tools = make_tools(["python"])
     timer = TimedTool(tools["python"])
     rows = count * samples
@@ -105,8 +109,9 @@ def run_rollouts(model, tokenizer, count: int, *, reuse_cache: bool = True, temp
     solved = sorted({g for g, c in zip(groups, correct) if c})
     row = {
         "rollouts": rows, "prompts": count, "samples_per_prompt": samples,
+        "task": task_name,
         "prompt_set": ("first" if sample_seed is None else f"random.Random({sample_seed}).sample")
-                      + f" {count} of GSM8K().examples('train')",
+                      + f" {count} of get_task({task_name!r}).examples('train')",
         "prompt_ids": [e.id for e in examples], "few_shot": few_shot,
         "mean_prompt_tokens": sum(map(len, prompts)) / count,
         "batch_size": config.max_batch_rows, "reuse_cache": reuse_cache, "temperature": temperature,
@@ -149,6 +154,8 @@ def describe(row: dict) -> str:
 
 # ---------------------------------------------------------------- pytest-benchmark
 _ROWS: list[dict] = []
+TASKS = [pytest.param("arithmetic", id="arithmetic"),
+         pytest.param("gsm8k", id="gsm8k", marks=pytest.mark.data)]  # GSM8K: the project's data only
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +171,18 @@ def smollm2():
 
 
 @pytest.mark.parametrize("reuse_cache", [True, False], ids=["reuse_cache", "reprefill"])
-def test_rollout_throughput(benchmark, smollm2, reuse_cache):
+@pytest.mark.parametrize("task_name", TASKS)
+def test_rollout_throughput(benchmark, smollm2, reuse_cache, task_name):
     model, tokenizer = smollm2
-    row = benchmark.pedantic(run_rollouts, args=(model, tokenizer, 4), kwargs={"reuse_cache": reuse_cache},
-                             rounds=1, iterations=1)
+    row = benchmark.pedantic(run_rollouts, args=(model, tokenizer, 4), rounds=1, iterations=1,
+                             kwargs={"reuse_cache": reuse_cache, "task_name": task_name})
     _ROWS.append(row)
-    print("\n" + describe(row))
-    assert row["generated_tokens"] > 0
+    print(f"\n{task_name} " + describe(row))
+    pair = [r for r in _ROWS if r["task"] == task_name]
+    if len(pair) == 2:
+        reuse, reprefill = sorted(pair, key=lambda r: not r["reuse_cache"])
+        print(f"{task_name}: re-prefill / reuse time {reprefill['seconds'] / reuse['seconds']:.2f}x, "
+              f"forwarded tokens {reprefill['forward_tokens']} vs {reuse['forward_tokens']}")
 
 
 def main() -> None:

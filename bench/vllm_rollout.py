@@ -8,7 +8,9 @@ One rollout for each of the first ``--prompts`` GSM8K-train prompts (few-shot, r
 "<python>"), then ``--branches`` branches per rollout at generated positions drawn with a seeded generator
 (uniform over each rollout's generated tokens). For both phases it reports wall time, generated tokens/s, the
 vLLM requests (one per row per turn), their prompt tokens and the part vLLM's prefix cache served
-(``num_cached_tokens``). Records to bench/results/vllm_rollout-<time>.json.
+(``num_cached_tokens``). Records vllm_rollout-<time>.json through bench/_record.py ($APPO_BENCH_RESULTS, by
+default .benchmarks/appo/). The GSM8K prompts come from $APPO_DATA_DIR or the Hugging Face hub
+(appo.tasks.data).
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, fake_train
     assert fake_trainer == []
 
 
-def test_unknown_algo_and_missing_data_rejected_by_argparse(capsys):
-    for argv in (["train", "--algo", "ppo"], ["eval"], []):
+def test_unknown_algo_and_missing_command_rejected_by_argparse(capsys):
+    for argv in (["train", "--algo", "ppo"], []):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args(argv)
         assert exit_info.value.code == 2
@@ -87,11 +87,14 @@ def test_unknown_algo_and_missing_data_rejected_by_argparse(capsys):
 def test_eval_passes_paths_and_prints_summary(tmp_path, capsys, fake_trainer):
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "1 + 1?", "answer": "2"}\n{"question": "2 * 3?", "answer": 6}\n')
-    assert main(["eval", "--model", "ckpt/step-1", "--data", str(data), "--limit", "3", "--samples", "4",
+    (tmp_path / "ckpt" / "step-1").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step-1" / "config.json").write_text("{}")  # a transformers model folder
+    model = str(tmp_path / "ckpt" / "step-1")
+    assert main(["eval", "--model", model, "--data", str(data), "--limit", "3", "--samples", "4",
                  "rollout.max_new_tokens_per_turn=64"]) == 0
     (kind, config, kwargs), = fake_trainer
     assert kind == "eval" and config.rollout.max_new_tokens_per_turn == 64
-    assert kwargs == {"model_path": "ckpt/step-1", "data_path": str(data), "limit": 3, "samples": 4,
+    assert kwargs == {"model_path": model, "data_path": str(data), "limit": 3, "samples": 4,
                       "out_path": None}
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5, "items": 2}
 
