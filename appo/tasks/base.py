@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -52,10 +53,28 @@ class Task(ABC):
         """(correctness in [0, 1] used in the score, task metric reported as ``correct``) of an answer."""
 
     def reward(self, response: str, example: Example) -> Reward:
-        """Reward of a whole response (model text with its result blocks); rule in appo.tasks.rewards."""
-        format_ok, _ = check_format(response, tool_tags=TOOL_TAGS)
-        answer = extract_answer(response)
-        correctness, correct = self.grade(answer, example) if answer is not None else (0.0, 0.0)
+        """Reward of a whole response (model text with its result blocks); rule in appo.tasks.rewards.
+
+        The response is hostile: it is only scanned (never compiled or evaluated), in linear time, and no text
+        makes this raise. Should a parse or the grader fail all the same, the response gets no credit and a
+        failed format check, with a warning naming the error. Tool output inside result blocks must have been
+        escaped (``escape_tool_output``, as the rollout engine does), so that it cannot close its block."""
+        if not isinstance(response, str):
+            raise ValueError(f"response: expected a string, got {type(response).__name__}")
+        try:
+            format_ok, _ = check_format(response, tool_tags=TOOL_TAGS)
+            answer = extract_answer(response)
+        except Exception as error:  # noqa: BLE001 - a parser bug must not end a training run
+            warnings.warn(f"{self.name}: parsing a response failed ({type(error).__name__}: {error}); "
+                          "graded as malformed with no answer", RuntimeWarning, stacklevel=2)
+            format_ok, answer = False, None
+        correctness, correct = 0.0, 0.0
+        if answer is not None:
+            try:
+                correctness, correct = self.grade(answer, example)
+            except Exception as error:  # noqa: BLE001
+                warnings.warn(f"{self.name}: grading an answer failed ({type(error).__name__}: {error}); "
+                              "no credit given", RuntimeWarning, stacklevel=2)
         return Reward(combine(correctness, format_ok, self.reward_config), correct, format_ok, answer)
 
     def _check_split(self, split: str) -> None:

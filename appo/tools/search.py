@@ -1,7 +1,9 @@
 """A local search tool: BM25 (``bm25s``) over a closed corpus of {title, text} passages.
 
 The result of a call is the top ``k`` passages, each formatted ``"Title: text"`` and cut to
-``max_passage_chars``, separated by blank lines; the whole result is cut to ``max_output_chars``.
+``max_passage_chars``, separated by blank lines; the whole result is cut to ``max_output_chars``. The query
+is cut to ``max_query_chars`` (whitespace collapsed) before anything else, so a huge query costs no more than
+a long one and is never echoed back whole.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class SearchTool(Tool):
     tag = "search"
 
     def __init__(self, corpus: list[dict], k: int = 3, max_passage_chars: int = 400,
-                 max_output_chars: int = 1400):
+                 max_output_chars: int = 1400, max_query_chars: int = 300):
         import bm25s  # imported here: it pulls numpy/scipy, which the other tools do not need
 
         if not corpus:
@@ -30,9 +32,11 @@ class SearchTool(Tool):
                 raise ValueError(f"corpus: item {i} is not a dict with string 'title' and 'text'")
         if k < 1:
             raise ValueError(f"k: must be at least 1, got {k}")
-        if max_passage_chars < 1 or max_output_chars < 1:
-            raise ValueError("max_passage_chars and max_output_chars: must be positive")
-        self.corpus, self.k = list(corpus), k
+        for arg, value in (("max_passage_chars", max_passage_chars), ("max_output_chars", max_output_chars),
+                           ("max_query_chars", max_query_chars)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
+        self.corpus, self.k, self.max_query_chars = list(corpus), k, max_query_chars
         self.max_passage_chars, self.max_output_chars = max_passage_chars, max_output_chars
         self._bm25s = bm25s
         self._retriever = bm25s.BM25()
@@ -62,7 +66,9 @@ class SearchTool(Tool):
         return [self.corpus[int(i)] for i, s in zip(indices[0], scores[0]) if s > 0]
 
     def run(self, text: str) -> str:
-        query = " ".join(text.split())
+        if not isinstance(text, str):
+            return f"Error: expected a text query, got {type(text).__name__}"
+        query = " ".join(text[: 4 * self.max_query_chars].split())[: self.max_query_chars].rstrip()
         if not query:
             return "Error: empty search query"
         try:
@@ -70,7 +76,8 @@ class SearchTool(Tool):
         except Exception as error:  # the tool contract: never raise into the rollout loop
             return f"Error: search failed: {type(error).__name__}: {error}"
         if not passages:
-            return f"No results for {query!r}."
+            shown = query if len(query) <= 80 else query[:77] + "..."
+            return f"No results for {shown!r}."
         return self.truncate("\n\n".join(self._format(p) for p in passages))
 
     def _format(self, passage: dict) -> str:

@@ -1,11 +1,14 @@
-"""The calculator evaluates arithmetic exactly where it can and refuses everything else with a message."""
+"""The calculator evaluates arithmetic exactly where it can, refuses everything else with a message, and
+answers every input (the hostile worst cases included) within its time limit, from a worker process."""
 
 import math
+import os
 import random
+import time
 
 import pytest
 
-from appo.tools.calculator import CalculatorTool
+from appo.tools.calculator import CalculatorTool, Evaluator
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +81,63 @@ def test_long_input_is_refused_quickly(calc):
     assert calc.run("1 + " * 1000 + "1").startswith("Error: expression longer than")
 
 
-def test_evaluate_returns_numbers(calc):
-    assert calc.evaluate("3 * 7") == 21
-    assert math.isclose(calc.evaluate("sin(pi / 6)"), 0.5, rel_tol=1e-12)
+def test_evaluator_returns_numbers():
+    evaluator = Evaluator()
+    assert evaluator.evaluate("3 * 7") == 21
+    assert math.isclose(evaluator.evaluate("sin(pi / 6)"), 0.5, rel_tol=1e-12)
+
+
+WORST_CASES = [
+    "round(1, -10**9)",               # never returned when evaluated in the trainer
+    "round(1.5, 10**9)",
+    "-" * 499 + "1",                  # deep unary nesting
+    "(" * 199 + "1" + ")" * 199,      # deep parentheses
+    "9 ** 9 ** 9",
+    "factorial(500) * factorial(500)",
+    "9" * 100 + " * " + "9" * 100,
+    "gcd(" + ",".join(["9" * 99] * 4) + ")",
+    "exp(exp(exp(10)))",
+    "2 ** -1000 ** 2",
+    "1" * 10_000_000,                 # 10 MB of digits
+    "\x00" * 100,
+]
+
+
+@pytest.mark.parametrize("expression", WORST_CASES, ids=range(len(WORST_CASES)))
+def test_worst_cases_return_within_one_second(calc, expression):
+    calc.run("1")  # the worker is up
+    start = time.monotonic()
+    result = calc.run(expression)
+    assert time.monotonic() - start < 1.0
+    assert isinstance(result, str) and result
+
+
+def test_round_digits_are_bounded(calc):
+    assert calc.run("round(1, -10**9)") == "Error: rounding to more than 100 digits"
+    assert calc.run("round(123.456, -2)") == "100"
+
+
+def test_time_limit_kills_the_worker_and_the_next_call_starts_a_new_one():
+    calc = CalculatorTool(time_limit_s=1e-9)  # no answer can arrive in time
+    calc.run("1")
+    assert calc.run("2 + 2") == "Error: the calculation exceeded the time limit of 1e-09 s"
+    assert calc._worker is None  # killed
+    calc.time_limit_s = 5.0
+    assert calc.run("2 + 2") == "4"
+    worker = calc._worker.pid
+    assert os.path.exists(f"/proc/{worker}")
+    calc._stop_worker()
+
+
+def test_nothing_is_evaluated_in_the_calling_process(calc, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated in the caller")
+    monkeypatch.setattr(Evaluator, "evaluate", refuse)
+    assert calc.run("6 * 7") == "42"
 
 
 def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="max_exponent"):
         CalculatorTool(max_exponent=0)
+    with pytest.raises(ValueError, match="time_limit_s"):
+        CalculatorTool(time_limit_s=0)

@@ -1,6 +1,7 @@
 """BM25 search over the HotpotQA paragraphs finds the gold paragraphs; make_tools wires the tools by tag."""
 
 import json
+import time
 
 import pytest
 
@@ -62,6 +63,18 @@ def test_from_jsonl_and_k(tmp_path):
     tool = SearchTool.from_jsonl(path, k=1)
     assert tool.run("red apples") == "Gamma: red wine and red apples"
     assert [p["title"] for p in tool.search("red", k=3)] == ["Gamma", "Alpha"]  # zero-score Beta left out
+
+
+def test_huge_queries_are_cut_and_never_echoed_whole():
+    tool = SearchTool([{"title": "Alpha", "text": "the red fox jumps"}], max_query_chars=50)
+    start = time.monotonic()
+    result = tool.run("zzqxv " * 2_000_000)  # 12 MB
+    assert time.monotonic() - start < 1.0
+    assert result.startswith("No results for 'zzqxv") and len(result) < 120
+    assert tool.run("x " * 1000 + " red") == "No results for 'x x x x x x x x x x x x x x x x x x x x x x x x x'."
+    assert tool.run("red" + " " * 10_000) == "Alpha: the red fox jumps"
+    with pytest.raises(ValueError, match="max_query_chars"):
+        SearchTool([{"title": "a", "text": "b"}], max_query_chars=0)
 
 
 def test_bad_corpus_raises_value_error():

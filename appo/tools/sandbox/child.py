@@ -1,0 +1,152 @@
+"""The interpreter side of the Python sandbox: this file runs as a script inside the sandbox.
+
+It imports nothing from appo (inside the sandbox appo is not in view). ``python -I -S -B child.py CONFIG``:
+CONFIG is json with "code_path" (the code to run), "workdir" (the working directory), "limits" (resource
+name -> value, applied to the worker only) and "audit_hook" (true only when the sandbox is unconfined).
+
+Process layout: this process stays as a small init (PID 1 of the sandbox's PID namespace when confined): it
+forks one worker that applies the limits and runs the code, reaps every orphan reparented to it, and exits
+with the worker's status (128 + signal number for a signalled worker). Its exit tears down the PID namespace,
+so every process the code started dies with it. Exit 121 means the sandbox could not be set up.
+"""
+
+import ast
+import json
+import os
+import sys
+
+SETUP_FAILED_EXIT = 121
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_PROCESS_EVENTS = ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn",
+                   "os.fork", "os.forkpty")
+_WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink", "os.link", "os.chmod",
+                 "os.chown", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.rmtree",
+                 "shutil.copyfile", "shutil.move", "os.setxattr", "os.removexattr")
+
+
+def main() -> None:
+    os.dup2(1, 2)  # the code's stderr joins its stdout; the sandbox's own errors went to the old fd 2
+    try:
+        config = json.loads(sys.argv[1])
+        with open(config["code_path"], encoding="utf-8", errors="surrogateescape") as file:
+            code = file.read()
+        os.chdir(config["workdir"])
+        worker = os.fork()
+    except Exception as error:  # noqa: BLE001 - any failure here means the code was not run
+        os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
+        os._exit(SETUP_FAILED_EXIT)
+    if worker == 0:
+        try:
+            _apply_limits(config["limits"])
+            if config["audit_hook"]:
+                sys.addaudithook(_make_audit_hook(os.path.realpath(config["workdir"])))
+        except Exception as error:  # noqa: BLE001
+            os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
+            os._exit(SETUP_FAILED_EXIT)
+        os._exit(_run_user_code(code))
+    os._exit(_reap_until(worker))
+
+
+def _apply_limits(limits: dict) -> None:
+    import resource
+    for name, value in limits.items():
+        hard = value + 1 if name == "RLIMIT_CPU" else value  # SIGXCPU at the soft limit, SIGKILL at the hard
+        resource.setrlimit(getattr(resource, name), (value, hard))
+
+
+def _reap_until(worker: int) -> int:
+    """Reap children (the worker and any orphan) until the worker exits -> its exit status."""
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return SETUP_FAILED_EXIT
+        except InterruptedError:
+            continue
+        if pid == worker:
+            return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _make_audit_hook(workdir: str):
+    """Only for the unconfined mode: refuse network, process creation and writes outside ``workdir``.
+
+    Python code can remove it (ctypes); it is a courtesy layer, not confinement."""
+    allowed = workdir + os.sep
+
+    def inside(path) -> bool:
+        if isinstance(path, int):
+            return True
+        real = os.path.realpath(os.fsdecode(path))
+        return real == workdir or real.startswith(allowed) or real == os.devnull
+
+    def hook(event: str, args: tuple) -> None:
+        if event.startswith("socket."):
+            raise PermissionError("network access is disabled in the sandbox")
+        if event.startswith(_PROCESS_EVENTS):
+            raise PermissionError("starting processes is disabled in the unconfined sandbox")
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(flags & _WRITE_FLAGS)
+            if path is not None and writes and not inside(path):
+                raise PermissionError(f"writing outside the sandbox directory is not allowed: {path!r}")
+        elif event in _WRITE_EVENTS:
+            for arg in args:
+                if isinstance(arg, (str, bytes, os.PathLike)) and not inside(arg):
+                    raise PermissionError(f"{event} outside the sandbox directory is not allowed: {arg!r}")
+
+    return hook
+
+
+class _TrackingStream:
+    """Wraps sys.stdout and remembers whether anything was written."""
+
+    def __init__(self, stream):
+        self._stream, self.written = stream, False
+
+    def write(self, text):
+        self.written = self.written or bool(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _run_user_code(code: str) -> int:
+    """Run ``code`` as __main__; print the last expression's repr if nothing was printed -> exit code."""
+    import linecache
+    import site
+    import traceback
+    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
+    sys.stderr.reconfigure(line_buffering=True, errors="backslashreplace")
+    filename = "<code>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    sys.stdout = tracker = _TrackingStream(sys.stdout)
+    sys.path += [p for p in site.getsitepackages() if p not in sys.path]
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        tree = ast.parse(code, filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), filename, "eval"), namespace)
+            if value is not None and not tracker.written:
+                print(repr(value))
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException as error:  # noqa: BLE001 - report everything, including MemoryError
+        namespace.clear()  # free what the code allocated (a memory bomb) before formatting the traceback
+        sys.stdout.flush()
+        frames = traceback.extract_tb(error.__traceback__)
+        user_frames = [f for f in frames if f.filename != __file__]
+        lines = ["Traceback (most recent call last):\n"] if user_frames else []
+        lines += traceback.format_list(user_frames[-3:]) + traceback.format_exception_only(type(error), error)
+        sys.stderr.write("".join(lines))
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    main()
