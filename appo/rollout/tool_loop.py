@@ -243,7 +243,13 @@ class ToolLoop:
     def run_calls(self, rows: list[Row], calls: list[tuple[int, str, str, int]]) -> dict[int, int]:
         """Run ``calls`` = [(row index, tag, query, call start)] grouped by tool (``Tool.run_batch``); append
         each result block (mask 0, log-prob 0) to its row. A result that would pass ``max_total_tokens`` ends
-        the row with "length" instead. Returns {row index: index of its first result token}."""
+        the row with "length" instead. Returns {row index: index of its first result token}.
+
+        The result text is escaped first (``appo.tasks.parsing.escape_tool_output``): tool output is hostile
+        and must never open or close a tag, so a result block ends where this loop closed it and the grader
+        reads only the model's own tags. ``ToolCall.result`` holds the escaped text the model saw."""
+        from appo.tasks.parsing import escape_tool_output
+
         appended: dict[int, int] = {}
         for tag in dict.fromkeys(c[1] for c in calls):
             group = [c for c in calls if c[1] == tag]
@@ -251,6 +257,9 @@ class ToolLoop:
             self.stats.tool_calls += len(group)
             for (r, _, query, call_start), result in zip(group, results):
                 row = rows[r]
+                if not isinstance(result, str):
+                    result = f"Error: the {tag} tool returned {type(result).__name__}, not text"
+                result = escape_tool_output(result, tags=self.tools)
                 ids = self.tokenizer.encode(self.config.result_template.format(result=result),
                                             add_special_tokens=False)
                 if len(row.tokens) + len(ids) >= self.config.max_total_tokens:
