@@ -148,7 +148,12 @@ def _plot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``appo`` in pyproject). Returns the exit status; bad input exits with status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before and after the options (argparse alone takes only one run of them)
+    args, rest = parser.parse_known_args(argv)
+    if rest and (not hasattr(args, "overrides") or any(item.startswith("-") for item in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     handler = {"train": _train, "eval": _eval, "plot": _plot}[args.command]
     try:
         return handler(args)

@@ -56,6 +56,16 @@ def test_allow_config_change_flag_sets_the_config_key(fake_trainer):
     assert [config.allow_config_change for _, config in fake_trainer] == [False, True]
 
 
+def test_overrides_before_and_after_options_all_apply(fake_trainer, capsys):
+    assert main(["train", "steps=2", "--allow-config-change", "seed=3", "--algo", "grpo", "optim.lr=1e-6"]) == 0
+    (_, config), = fake_trainer
+    assert (config.steps, config.seed, config.optim.lr, config.algo.algo) == (2, 3, 1e-6, "grpo")
+    assert config.allow_config_change
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "steps=2", "--print-config", "--bogus", "seed=3"])
+    assert exit_info.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
 def test_train_print_config_does_not_train(capsys, fake_trainer):
     assert main(["train", "--algo", "arpo", "--print-config", "algo.M=6"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
