@@ -299,7 +299,8 @@ class Trainer:
         import warnings
 
         loaded = load_checkpoint(directory, self.model, self.optimizer, self.generators(), verify=verify)
-        size, order, cursor = len(self.data.prompts), list(loaded.extra["order"]), loaded.extra["cursor"]
+        extra, size = loaded.extra, len(self.data.prompts)
+        order, cursor = list(extra.get("order", ())), extra.get("cursor", -1)  # none: not the trainer's
         if sorted(order) != list(range(size)) or not 0 <= cursor <= size:
             raise ResumeError(f"train data: checkpoint {loaded.path} saved its data order over {len(order)} "
                               f"prompts, but the training data now has {size}; resume with the data it was "
