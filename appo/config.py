@@ -72,25 +72,33 @@ class RolloutSettings:
 class AlgoConfig:
     """The algorithm and its options (METHOD.md); every [appo choice] with its documented default.
 
-    M: rollouts per prompt (budget), N: initial rollouts per prompt, B: branch tokens per rollout (APPO needs
-    M = (B + 1) * N). gamma, clip, candidates: future value and Branching Score. b: the A_fut weight (0 is the
-    "w/o A_fut" ablation); entropy_only: BS -> entropy ablation; one_group: "w/o dual-group" ablation. per:
-    "rollout" (top-B per rollout) or "group" (top B*N pooled per prompt, the authors' code). include_token:
-    keep the chosen token in the branch prefix (the authors' code) instead of re-sampling it. arpo_*: ARPO's
-    rule.
+    M: rollouts per prompt (budget, exactly M trajectories per prompt for every algorithm), N: initial rollouts
+    per prompt, B: branch tokens per rollout (APPO needs M = (B + 1) * N; a rollout with fewer candidate tokens
+    is made up for by its prompt's next-best tokens, see ``appo.algos.plan_branches``).
+    bs_gamma, bs_clip, candidates: the Branching Score's future value (discount per position, clip range) and
+    candidate rule. fut_gamma, fut_clip: A_fut's, set apart from the Branching Score's (the paper uses the same
+    values; the authors' code uses bs_gamma 1, bs_clip [0.8, 1.2], fut_gamma 2^(-1/64)). b: the A_fut weight
+    (0 is the "w/o A_fut" ablation); entropy_only: BS -> entropy ablation; one_group: "w/o dual-group" ablation.
+    per: "rollout" (top-B per rollout) or "group" (top B*N pooled per prompt, the authors' code). include_token:
+    keep the chosen token in the branch prefix (the authors' code) instead of re-sampling it. tis_cap: the
+    truncated importance-sampling weight min(pi_old / pi_behaviour, tis_cap) on the loss, correcting for the
+    rollout engine / trainer mismatch (null disables it). arpo_*: ARPO's rule.
     """
 
     algo: Literal["appo", "grpo", "arpo"] = "appo"
     M: int = 4
     N: int = 2
     B: int = 1
-    gamma: float = 2 ** (-1 / 32)
-    clip: tuple[float, float] = (1.0, 1.2)
+    bs_gamma: float = 2 ** (-1 / 32)
+    bs_clip: tuple[float, float] = (1.0, 1.2)
     candidates: Literal["strict", "all"] = "strict"
+    fut_gamma: float = 2 ** (-1 / 32)
+    fut_clip: tuple[float, float] = (1.0, 1.2)
     b: float = 0.5
     combine: Literal["avg", "sum"] = "avg"
     eps_low: float = 0.2
     eps_high: float = 0.28
+    tis_cap: float | None = 2.0
     kl_coef: float = 0.0
     entropy_only: bool = False
     one_group: bool = False
@@ -212,7 +220,8 @@ RANGES: dict[str, Range] = {
     "algo.b": _AT_LEAST_0, "algo.eps_low": Range(0, 1, open_hi=True), "algo.eps_high": _AT_LEAST_0,
     "algo.tis_cap": _POSITIVE, "algo.kl_coef": _AT_LEAST_0, "algo.min_gap": _AT_LEAST_0,
     "algo.arpo_k": _AT_LEAST_1, "algo.arpo_beta": _AT_LEAST_0, "algo.arpo_tau": Range(0, 1),
-    "optim.lr": _POSITIVE, "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": _AT_LEAST_0,
+    "optim.lr": _AT_LEAST_0,  # 0 is a real diagnostic: no update, so no mini-batch may see a policy shift
+    "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": _AT_LEAST_0,
     "optim.grad_clip": _POSITIVE, "optim.minibatches_per_step": _AT_LEAST_1,
     "optim.grad_accumulation": _AT_LEAST_1,
     "prompts_per_step": _AT_LEAST_1, "steps": _AT_LEAST_1, "seed": Range(0, 2**32 - 1), "threads": _AT_LEAST_0,

@@ -1,16 +1,22 @@
 """The lean training loop (ARCHITECTURE.md): APPO, with GRPO and ARPO as baselines, from one ``TrainConfig``.
 
-One step:
-  1. rollouts: N initial rollouts per prompt (APPO, ARPO) or M (GRPO), rewarded by the task;
-     ARPO then branches after tool results by its entropy rule and fills the budget with fresh rollouts.
-  2. updates: the step's prompts are split into ``optim.minibatches_per_step`` optimizer updates, each
-     accumulated over ``optim.grad_accumulation`` micro-batches of whole prompts. For APPO, each micro-batch's
-     forward of pi_theta over its initial rollouts (with grad and KV cache) yields log-probs and entropies ->
-     Branching Score -> branch points -> prefix caches -> branch continuations (no prefill) -> branch rewards
-     -> dual-group advantages * (1 + b * A_fut) -> PPO loss on the initial rollouts (1/M per prompt).
-     ``algo.branch_when="once_per_step"`` (the authors' code) branches every micro-batch before the first
-     update instead, from a no-grad forward.
-  3. metrics (JSONL, optional TensorBoard), atomic checkpoints, a PNG of the curves at the end.
+One step (``Trainer.step``; the per-algorithm parts are objects in ``appo.algorithms``):
+  1. rollouts: the algorithm samples exactly M trajectories per prompt in all: GRPO M full rollouts; ARPO N,
+     branches after tool results by its entropy rule, fresh rollouts to fill M; APPO N (its B * N branches per
+     prompt come in 3).
+  2. pi_old: the step's prompts are split into ``optim.minibatches_per_step`` optimizer updates, each
+     accumulated over ``optim.grad_accumulation`` micro-batches of whole prompts. Before the first update, a
+     no-grad forward recomputes pi_old for every micro-batch of the later updates, with the micro-batch, padding,
+     dtype and autocast its loss forward will use (the first update's micro-batches take theirs from their own
+     loss forward). With no update, pi_theta == pi_old bit for bit: the PPO ratio is exactly 1 and APPO's
+     Branching Score falls back to entropy alone. The engine's log-probs are only the behaviour policy's, used
+     by the truncated importance-sampling weight of the loss (``algo.tis_cap``).
+  3. updates: per micro-batch, a forward of pi_theta (log-probs, entropies, KV cache when APPO branches) -> the
+     algorithm's advantages (APPO: Branching Score -> B * N branch points per prompt -> continuations decoded
+     from the gathered prefix caches -> branch rewards -> dual-group advantages * (1 + b * A_fut)) -> PPO loss
+     (1/M per prompt) -> backward; an optimizer step per update. ``algo.branch_when="once_per_step"`` (the
+     authors' code) branches every micro-batch before the first update instead.
+  4. metrics (JSONL, optional TensorBoard), atomic checkpoints, a PNG of the curves at the end.
 Resume: a run directory holding a checkpoint continues from it exactly (weights, AdamW, RNGs, data cursor).
 """
 
@@ -26,14 +32,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from appo.algos import (arpo_branch_points, dual_group_advantages, fresh_rollouts_to_fill,
-                        future_aware_scaling, grpo_advantages, ppo_clip_loss)
+from appo.algorithms import PolicyForward, StepContext, make_algorithm
+from appo.algos import ppo_clip_loss
 from appo.checkpoint import (ResumeError, fingerprint, latest_checkpoint, load_checkpoint, plan_resume,
                              save_checkpoint)
 from appo.config import TrainConfig, check_available, to_dict, validate
 from appo.metrics import MetricsWriter, plot_metrics, read_metrics, truncate_metrics
 from appo.rollout.batch import RolloutBatch, concat
-from appo.scoring import branching_score, future_value, select_branch_points, token_stats
+from appo.scoring import token_stats
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -148,13 +154,14 @@ def take_rows(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
         return [values[r] for r in picked] if values else []
 
     return RolloutBatch(tokens=batch.tokens[rows, :width], mask=batch.mask[rows, :width],
-                        old_logprobs=batch.old_logprobs[rows, :width], lengths=batch.lengths[rows],
+                        behaviour_logprobs=batch.behaviour_logprobs[rows, :width], lengths=batch.lengths[rows],
                         prompt_lengths=batch.prompt_lengths[rows], group_ids=batch.group_ids[rows],
                         rewards=batch.rewards[rows], parent=batch.parent[rows],
                         branch_pos=batch.branch_pos[rows],
                         pad_id=batch.pad_id, tool_calls=pick(batch.tool_calls), answers=pick(batch.answers),
                         finish_reasons=pick(batch.finish_reasons), texts=pick(batch.texts),
-                        correct=pick(batch.correct))
+                        correct=pick(batch.correct),
+                        entropy=batch.entropy[rows, :width] if batch.entropy is not None else None)
 
 
 def rows_of_groups(batch: RolloutBatch, groups: list[int]) -> torch.Tensor:
@@ -163,8 +170,9 @@ def rows_of_groups(batch: RolloutBatch, groups: list[int]) -> torch.Tensor:
     return torch.nonzero(torch.isin(batch.group_ids, wanted)).squeeze(1)
 
 
-def policy_token_stats(model, batch: RolloutBatch, temperature: float, *, use_cache: bool):
-    """Forward pi_theta over right-padded rollouts: (logprobs [R, T] with grad, entropy [R, T], cache).
+def policy_token_stats(model, batch: RolloutBatch, temperature: float, *, use_cache: bool) -> PolicyForward:
+    """Forward pi_theta over right-padded rollouts: PolicyForward(logprobs [R, T] (with grad when enabled),
+    entropy [R, T], cache or None).
 
     Position t holds the statistics of the distribution that sampled token t (from the hidden state at t - 1);
     position 0 (always a prompt token) is 0. The LM head is fused into ``appo.token_stats``, so the [R, T, V]
@@ -177,63 +185,7 @@ def policy_token_stats(model, batch: RolloutBatch, temperature: float, *, use_ca
                         tokens=batch.tokens[:, 1:], temperature=temperature)
     logprobs = torch.nn.functional.pad(stats.logprobs, (1, 0))
     entropy = torch.nn.functional.pad(stats.entropy, (1, 0))
-    return logprobs, entropy, out.past_key_values if use_cache else None
-
-
-# ---------------------------------------------------------------------------------------------- branching
-def appo_branches(engine, config: TrainConfig, initial: RolloutBatch, logprobs: torch.Tensor,
-                  entropy: torch.Tensor, cache, score_fn, model_dtype: torch.dtype):
-    """Branch ``initial`` (rows of whole prompts) at its top Branching Score tokens -> (branches, info dict).
-
-    The branches decode from the gathered prefix KV of ``cache`` (no prefill; on vLLM from its prefix cache,
-    ``cache`` unused). Returns branches=None when no row has a candidate token.
-    """
-    from appo.prefix_cache import gather_prefix_kv
-
-    algo = config.algo
-    # "BS -> entropy" ablation: comparing pi_theta with itself makes Omega constant, so the score falls back
-    # to z(H) alone (appo.branching_score's documented behaviour).
-    reference = logprobs.detach() if algo.entropy_only else initial.old_logprobs
-    score = branching_score(tokens=initial.tokens, old_logprobs=reference, mask=initial.mask,
-                            entropy=entropy, logprobs=logprobs.detach(), gamma=algo.gamma, clip=algo.clip,
-                            candidates=algo.candidates)
-    src, pos = select_branch_points(score.score, algo.B, group_ids=initial.group_ids, per=algo.per,
-                                    min_gap=algo.min_gap, allow_fewer=True)
-    info = {"branches": int(src.numel()), "bs_entropy_only": score.entropy_only.float().mean().item()}
-    if src.numel() == 0:
-        return None, info
-    prefix_cache = None
-    if engine.accepts_gathered_cache:  # vLLM instead finds the prefixes in its own prefix cache
-        with torch.no_grad():
-            prefix_cache = gather_prefix_kv(cache, src, pos, include_token=algo.include_token,
-                                            lengths=initial.lengths)
-        for layer in prefix_cache.layers:  # the training forward may have run under bf16 autocast
-            layer.keys, layer.values = layer.keys.to(model_dtype), layer.values.to(model_dtype)
-    branches = engine.continue_branches(initial, src, pos, past_key_values=prefix_cache,
-                                        include_token=algo.include_token, score=score_fn)
-    return branches, info
-
-
-def arpo_rollouts(engine, model, config: TrainConfig, prompts: list[list[int]], group_ids: list[int],
-                  score_fn, generator: torch.Generator) -> tuple[RolloutBatch, dict]:
-    """ARPO's rollout phase: N initial rollouts, branches after tool results, fresh rollouts to fill M."""
-    algo = config.algo
-    initial = engine.generate([p for p in prompts for _ in range(algo.N)],
-                              [g for g in group_ids for _ in range(algo.N)], score=score_fn)
-    with torch.no_grad():
-        _, entropy, _ = policy_token_stats(model, initial, config.rollout.temperature, use_cache=False)
-    spans = [[call.result_span for call in calls] for calls in initial.tool_calls]
-    src, pos = arpo_branch_points(entropy, initial.mask, spans, initial.group_ids, budget=algo.M,
-                                  k=algo.arpo_k, beta=algo.arpo_beta, tau=algo.arpo_tau, generator=generator)
-    parts = [initial]
-    if src.numel():
-        parts.append(engine.continue_branches(initial, src, pos, score=score_fn))
-    prompt_ids, fresh = fresh_rollouts_to_fill(initial.group_ids, src, algo.M)
-    by_group = dict(zip(group_ids, prompts))
-    extra = [(g, by_group[g]) for g, count in zip(prompt_ids.tolist(), fresh.tolist()) for _ in range(count)]
-    if extra:
-        parts.append(engine.generate([p for _, p in extra], [g for g, _ in extra], score=score_fn))
-    return concat(parts), {"branches": int(src.numel())}
+    return PolicyForward(logprobs, entropy, out.past_key_values if use_cache else None)
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -249,7 +201,7 @@ def _average(records: list[dict]) -> dict:
 
 
 class Trainer:
-    """Holds the model, optimizer, engine, data and RNGs of one run; ``step()`` runs one training step."""
+    """Holds the model, optimizer, engine, algorithm, data and RNGs of one run; ``step()`` runs one step."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskData | None = None,
                  tools: dict | None = None):
@@ -264,6 +216,7 @@ class Trainer:
         self.model_dtype = next(model.parameters()).dtype
         self.data = train_data or load_task_data(config, tokenizer, "train", config.data.train_size)
         self.engine = make_engine(config, model, tokenizer, seed=config.seed, tools=tools)
+        self.algorithm = make_algorithm(config)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
@@ -277,6 +230,7 @@ class Trainer:
         self.step_count = 0
         self.engine_stale = False  # the vLLM engine holds weights older than self.model's
         self.score = self.data.score  # replaced each step by a scorer over that step's group ids
+        self.micro_records: list[dict] = []  # the last step's {"loss": ..., "branching": ...} per micro-batch
 
     # -- state for checkpoints
     def generators(self) -> dict[str, torch.Generator]:
@@ -334,9 +288,18 @@ class Trainer:
 
     # -- the step
     def step(self) -> dict:
-        """One training step; returns its metrics."""
-        config, algo = self.config, self.config.algo
-        timings = {"rollout": 0.0, "branch": 0.0, "update": 0.0}
+        """One training step; returns its metrics.
+
+        1. the algorithm samples the step's rollouts (exactly M trajectories per prompt in all);
+        2. the prompts are split into micro-batches (whole groups), ``optim.grad_accumulation`` per update;
+        3. pi_old: before the first update, a no-grad forward of every micro-batch of the later updates, with
+           the same padding, dtype, autocast and kernels as its loss forward (the first update's micro-batches
+           use their own loss forward, detached: the policy has not moved yet), so that with no update pi_theta
+           equals pi_old bit for bit;
+        4. per micro-batch: forward of pi_theta -> the algorithm's advantages (APPO branches here) -> PPO loss
+           (truncated IS against the engine's behaviour log-probs) -> backward; an optimizer step per update.
+        """
+        config = self.config
         started = time.perf_counter()
         examples = self.next_examples()
         prompts = [self.data.prompts[e] for e in examples]
@@ -344,53 +307,58 @@ class Trainer:
         groups = list(range(len(examples)))
         self.score = lambda group_id, response: self.data.score(examples[group_id], response)
         self._sync_engine()
-        if algo.algo == "arpo":
-            batch, info = arpo_rollouts(self.engine, self.model, config, prompts, groups, self.score,
-                                        self.arpo_generator)
-        else:
-            copies = algo.M if algo.algo == "grpo" else algo.N
-            batch = self.engine.generate([p for p in prompts for _ in range(copies)],
-                                         [g for g in groups for _ in range(copies)], score=self.score)
-            info = {}
-        timings["rollout"] = time.perf_counter() - started
+        ctx = StepContext(engine=self.engine, score=self.score, forward=self._forward,
+                          generator=self.arpo_generator, model_dtype=self.model_dtype)
+        batch, rollout_info = self.algorithm.rollouts(ctx, prompts, groups)
+        timings = {"rollout": time.perf_counter() - started}
 
-        advantages = None
-        if algo.algo != "appo":
-            advantages = grpo_advantages(batch.rewards, batch.group_ids)
-        per_update = len(groups) // config.optim.minibatches_per_step
-        per_micro = per_update // config.optim.grad_accumulation
-        micro_groups = [groups[i:i + per_micro] for i in range(0, len(groups), per_micro)]
-        early = {}
-        if algo.algo == "appo" and algo.branch_when == "once_per_step":
-            tick = time.perf_counter()
-            for i, chunk in enumerate(micro_groups):
-                early[i] = self._branch_without_grad(batch, chunk)
-            timings["branch"] += time.perf_counter() - tick
+        per_micro = len(groups) // (config.optim.minibatches_per_step * config.optim.grad_accumulation)
+        micro = [take_rows(batch, rows_of_groups(batch, groups[i:i + per_micro]))
+                 for i in range(0, len(groups), per_micro)]
+        rollouts_per_update = per_micro * config.optim.grad_accumulation * config.algo.M
 
-        loss_records, branch_records, branch_batches, grad_norms = [], [], [], []
-        for i, chunk in enumerate(micro_groups):
-            tick = time.perf_counter()
-            rows = rows_of_groups(batch, chunk)
-            if algo.algo == "appo":
-                record, branch_info, branches, branch_time = self._appo_micro(batch, rows, early.get(i))
-                branch_records.append(branch_info)
-                if branches is not None:
-                    branch_batches.append(branches)
-                timings["branch"] += branch_time
-            else:
-                record = self._flat_micro(batch, rows, advantages, num_rollouts_total=per_update * algo.M)
-                branch_time = 0.0
-            loss_records.append(record)
-            timings["update"] += time.perf_counter() - tick - branch_time
+        tick = time.perf_counter()
+        old_logprobs = {}
+        for i in range(config.optim.grad_accumulation, len(micro)):
+            with torch.no_grad():
+                forward = self._forward(micro[i], self._keep_cache)
+            old_logprobs[i] = forward.logprobs
+            self.algorithm.after_old_forward(ctx, i, micro[i], forward)
+            del forward
+        branched_before_updates = ctx.timings["branch"]  # once_per_step branches in the pi_old pass
+        timings["old_logprobs"] = time.perf_counter() - tick - branched_before_updates
+
+        self.micro_records, grad_norms, branch_batches = [], [], []
+        tick = time.perf_counter()
+        for i, sub in enumerate(micro):
+            forward = self._forward(sub, self._keep_cache)
+            old = old_logprobs.pop(i) if i in old_logprobs else forward.logprobs.detach()
+            advantages, info = self.algorithm.advantages(ctx, i, sub, forward, old)
+            forward = forward._replace(cache=None)
+            branches = info.pop("branch_batch", None)
+            if branches is not None:
+                branch_batches.append(branches)
+            loss, record = ppo_clip_loss(forward.logprobs, old, advantages, sub.mask,
+                                         num_rollouts_total=rollouts_per_update, eps_low=config.algo.eps_low,
+                                         eps_high=config.algo.eps_high, ref_logprobs=self._reference_logprobs(sub),
+                                         kl_coef=config.algo.kl_coef, behaviour_logprobs=sub.behaviour_logprobs,
+                                         is_cap=config.algo.tis_cap)
+            loss.backward()
+            self.micro_records.append({"loss": record, "branching": info})
             if (i + 1) % config.optim.grad_accumulation == 0:
-                tick = time.perf_counter()
                 grad_norms.append(self._optimizer_step())
-                timings["update"] += time.perf_counter() - tick
+        timings["update"] = time.perf_counter() - tick - (ctx.timings["branch"] - branched_before_updates)
+        timings["branch"] = ctx.timings["branch"]
         self.step_count += 1
-        return self._step_metrics(batch, branch_batches, loss_records, branch_records or [info], grad_norms,
-                                  timings, time.perf_counter() - started)
+        return self._step_metrics(batch, branch_batches, rollout_info, grad_norms, timings,
+                                  time.perf_counter() - started, len(groups))
 
-    def _loss_inputs(self, sub: RolloutBatch, *, use_cache: bool):
+    @property
+    def _keep_cache(self) -> bool:
+        """The forward keeps its KV cache when the algorithm branches from it on this engine."""
+        return self.algorithm.keeps_cache and self.engine.accepts_gathered_cache
+
+    def _forward(self, sub: RolloutBatch, use_cache: bool) -> PolicyForward:
         with _autocast(self.config, self.device):
             return policy_token_stats(self.model, sub, self.config.rollout.temperature, use_cache=use_cache)
 
@@ -399,59 +367,7 @@ class Trainer:
             return None
         with torch.no_grad(), _autocast(self.config, self.device):
             stats = policy_token_stats(self.reference, sub, self.config.rollout.temperature, use_cache=False)
-        return stats[0]
-
-    def _branch_without_grad(self, batch: RolloutBatch, chunk: list[int]):
-        """once_per_step: branch a micro-batch from a no-grad forward before any update of the step."""
-        initial = take_rows(batch, rows_of_groups(batch, chunk))
-        with torch.no_grad():
-            logprobs, entropy, cache = self._loss_inputs(initial, use_cache=self.engine.accepts_gathered_cache)
-        return appo_branches(self.engine, self.config, initial, logprobs, entropy, cache, self.score,
-                             self.model_dtype)
-
-    def _appo_micro(self, batch: RolloutBatch, rows: torch.Tensor, early):
-        """APPO micro-batch: forward, (branch), dual-group * future-aware advantages, loss.backward()."""
-        config, algo = self.config, self.config.algo
-        initial = take_rows(batch, rows)
-        use_cache = early is None and self.engine.accepts_gathered_cache
-        logprobs, entropy, cache = self._loss_inputs(initial, use_cache=use_cache)
-        tick = time.perf_counter()
-        if early is None:
-            self._sync_engine()
-            branches, branch_info = appo_branches(self.engine, config, initial, logprobs, entropy, cache,
-                                                  self.score, self.model_dtype)
-        else:
-            branches, branch_info = early
-        del cache
-        branch_time = time.perf_counter() - tick
-        bundle = concat([initial, branches]) if branches is not None else initial
-        # With include_token the branch also shares the chosen token: its prefix ends one position later.
-        shared_until = bundle.branch_pos + int(algo.include_token)
-        base = dual_group_advantages(bundle.rewards, bundle.group_ids, bundle.parent, shared_until,
-                                     initial.mask, combine=algo.combine, one_group=algo.one_group)
-        future = future_value(logprobs.detach(), initial.old_logprobs, initial.mask, gamma=algo.gamma,
-                              clip=algo.clip)
-        advantages = future_aware_scaling(base, future, b=algo.b)
-        groups_per_update = config.prompts_per_step // config.optim.minibatches_per_step
-        record = self._backward(initial, logprobs, advantages, groups_per_update * algo.M)
-        return record, branch_info, branches, branch_time
-
-    def _flat_micro(self, batch: RolloutBatch, rows: torch.Tensor, advantages: torch.Tensor,
-                    num_rollouts_total: int) -> dict:
-        """GRPO / ARPO micro-batch: every rollout optimised with its group advantage broadcast to its
-        tokens."""
-        sub = take_rows(batch, rows)
-        logprobs, _, _ = self._loss_inputs(sub, use_cache=False)
-        return self._backward(sub, logprobs, advantages[rows.to(advantages.device)], num_rollouts_total)
-
-    def _backward(self, sub: RolloutBatch, logprobs, advantages, num_rollouts_total: int) -> dict:
-        algo = self.config.algo
-        loss, record = ppo_clip_loss(logprobs, sub.old_logprobs, advantages, sub.mask,
-                                     num_rollouts_total=num_rollouts_total, eps_low=algo.eps_low,
-                                     eps_high=algo.eps_high, ref_logprobs=self._reference_logprobs(sub),
-                                     kl_coef=algo.kl_coef)
-        loss.backward()
-        return record
+        return stats.logprobs
 
     def _optimizer_step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
@@ -466,11 +382,13 @@ class Trainer:
             self.engine.load_weights(self.model)
         self.engine_stale = False
 
-    def _step_metrics(self, batch, branch_batches, loss_records, branch_records, grad_norms, timings,
-                      total_time) -> dict:
+    def _step_metrics(self, batch, branch_batches, rollout_info, grad_norms, timings, total_time,
+                      prompts) -> dict:
         initial = batch.parent < 0
         everything = concat([batch, *branch_batches]) if branch_batches else batch
         generated = batch.mask.sum(dim=1).float()
+        trajectories = rollout_info["trajectories"] + sum(r["branching"].get("trajectories", 0)
+                                                          for r in self.micro_records)
         metrics = {
             "reward": batch.rewards[initial].mean().item(),
             "accuracy": sum(c for c, keep in zip(batch.correct, initial.tolist()) if keep)
@@ -478,17 +396,21 @@ class Trainer:
             "reward_all": everything.rewards.mean().item(),
             "response_length": generated[initial].mean().item(),
             "rollouts": everything.num_rollouts,
+            "rollouts_per_prompt": trajectories / prompts,
             "tool_calls": sum(len(c) for c in everything.tool_calls) / everything.num_rollouts,
             "answered": sum(r == "answer" for r in everything.finish_reasons) / everything.num_rollouts,
             "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
             "time/step": total_time,
             **{f"time/{k}": v for k, v in timings.items()},
         }
-        metrics.update({f"loss/{k}": v for k, v in _average(loss_records).items()})
-        branch_records = [r for r in branch_records if r]
-        if branch_records:
-            metrics.update(_average(branch_records))
-            metrics["branches"] = sum(r["branches"] for r in branch_records)
+        records = self.micro_records
+        metrics.update({f"loss/{k}": v for k, v in _average([r["loss"] for r in records]).items()})
+        branching = [r["branching"] for r in records if r["branching"]]
+        if branching:
+            metrics.update(_average(branching))
+            metrics["branches"] = sum(r["branches"] for r in branching)
+        elif "branches" in rollout_info:
+            metrics["branches"] = rollout_info["branches"]
         return metrics
 
 

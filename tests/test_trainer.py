@@ -92,15 +92,138 @@ def test_each_algorithm_trains_and_logs(tmp_path, algo, extra):
     assert (out / "curves.png").stat().st_size > 0 and (out / "checkpoints" / "latest").is_file()
     last = records[-1]
     assert last["loss/tokens"] > 0 and last["grad_norm"] > 0
-    expected_rows = config.prompts_per_step * (config.algo.M if algo in ("grpo", "arpo") else config.algo.N)
-    assert last["rollouts"] >= expected_rows
+    # every algorithm samples exactly M trajectories per prompt
+    assert last["rollouts"] == config.prompts_per_step * config.algo.M
+    assert last["rollouts_per_prompt"] == config.algo.M
     if algo == "appo":
-        # At most B = 1 branch per initial rollout; the branches are rolled out and rewarded.
-        assert 0 < last["branches"] <= config.prompts_per_step * config.algo.N
-        assert last["rollouts"] == expected_rows + last["branches"]
-    if algo == "arpo":
-        assert last["rollouts"] == config.prompts_per_step * config.algo.M  # fresh rollouts fill the budget
+        assert last["branches"] == config.prompts_per_step * config.algo.B * config.algo.N
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def make_trainer(tmp_path, overrides, *, prompts=("hello", "abc", "xyz!", "q7"), seed=0):
+    from appo.trainer import Trainer
+
+    tokenizer = CharTokenizer()
+    config = load_config(None, [f"output_dir={tmp_path}", "device=cpu", "rollout.temperature=1.0",
+                                "rollout.response_prefix=''", "rollout.max_new_tokens_per_turn=12",
+                                "rollout.max_total_tokens=24", "rollout.max_prompt_tokens=8",
+                                f"prompts_per_step={len(prompts)}", "eval_at_end=false", *overrides])
+    ids = [tokenizer.encode(p) for p in prompts]
+    model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=32, heads=2, kv_heads=1, seed=seed)
+    return Trainer(config, model=model, tokenizer=tokenizer, train_data=TaskData(VowelTask(), [None] * len(ids), ids),
+                   tools={"python": Echo()})
+
+
+@pytest.mark.parametrize("bf16_autocast", [False, True])
+def test_no_update_means_no_policy_shift_in_any_minibatch(tmp_path, monkeypatch, bf16_autocast):
+    """lr = 0: pi_old, recomputed by the trainer, equals pi_theta bit for bit in every mini-batch, so every
+    Branching Score falls back to entropy alone and every PPO ratio is exactly 1, even though the engine's own
+    log-probs (fp32, step-by-step decoding) differ from the trainer's forward. Under bf16 autocast (the GPU
+    path, doubled here by CPU autocast) the engine/trainer gap is large, and still no mini-batch sees it."""
+    import appo.trainer
+
+    if bf16_autocast:
+        monkeypatch.setattr(appo.trainer, "_autocast",
+                            lambda config, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    trainer = make_trainer(tmp_path, ["optim.lr=0", "optim.minibatches_per_step=2", "optim.grad_accumulation=2",
+                                      "algo.N=2", "algo.B=1", "algo.M=4"])
+    captured = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda *a, **k: captured.append(generate(*a, **k)) or captured[-1]
+    metrics = trainer.step()
+    assert len(trainer.micro_records) == 4
+    for record in trainer.micro_records:
+        assert record["branching"]["bs_entropy_only"] == 1.0
+        assert record["branching"]["omega_min"] == record["branching"]["omega_max"] == 1.0
+        assert record["loss"]["ratio_max"] == 1.0 and record["loss"]["ratio_mean"] == 1.0
+        assert record["loss"]["approx_kl"] == 0.0
+    assert metrics["bs_entropy_only"] == 1.0
+    # the engine's log-probs are not pi_old: they differ from the trainer's forward (more so under bf16)
+    from appo.trainer import policy_token_stats
+
+    batch = captured[0]
+    with torch.no_grad(), appo.trainer._autocast(trainer.config, trainer.device):
+        ours = policy_token_stats(trainer.model, batch, 1.0, use_cache=False).logprobs
+    gap = (ours - batch.behaviour_logprobs)[batch.mask].abs().max()
+    assert gap > 0.0
+    assert metrics["loss/is_weight_max"] != 1.0  # the truncated IS weight sees that gap instead
+
+
+def test_after_an_update_later_minibatches_measure_a_policy_shift(tmp_path):
+    """lr > 0: the first mini-batch still falls back (no update yet, ratio exactly 1); the second one, after
+    an optimizer step, sees Omega != 1, so its Branching Score uses the future value."""
+    trainer = make_trainer(tmp_path, ["optim.lr=3e-2", "optim.minibatches_per_step=2", "optim.grad_accumulation=1",
+                                      "algo.N=2", "algo.B=1", "algo.M=4"])
+    trainer.step()
+    first, second = trainer.micro_records
+    assert first["loss"]["ratio_max"] == 1.0 and first["branching"]["bs_entropy_only"] == 1.0
+    assert first["branching"]["omega_min"] == first["branching"]["omega_max"] == 1.0
+    assert second["branching"]["omega_min"] < 1.0 or second["branching"]["omega_max"] > 1.0
+    assert second["branching"]["bs_entropy_only"] < 1.0
+    assert second["loss"]["ratio_max"] != 1.0
+
+
+@pytest.mark.parametrize("algo, extra", [
+    # B = 3 on responses of at most 4 tokens: candidate tokens run short, the fill rule makes up the budget
+    ("appo", ["algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4"]),
+    ("appo", ["algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4", "algo.per=group"]),
+    ("grpo", ["algo.M=8"]),
+    ("arpo", ["algo.N=2", "algo.M=8", "algo.arpo_k=3"]),
+])
+def test_every_algorithm_samples_exactly_m_trajectories_per_prompt(tmp_path, algo, extra):
+    trainer = make_trainer(tmp_path, [f"algo.algo={algo}", "optim.lr=1e-3", "optim.minibatches_per_step=2",
+                                      "optim.grad_accumulation=1", *extra])
+    metrics = trainer.step()
+    assert metrics["rollouts"] == 4 * 8 and metrics["rollouts_per_prompt"] == 8
+    if algo == "appo":
+        assert metrics["branches"] == 4 * 2 * 3
+        assert sum(r["branching"]["branches_filled"] for r in trainer.micro_records) > 0  # the fill rule ran
+
+
+def test_appo_advantages_credit_the_shared_prefix_from_the_branch_group(tmp_path):
+    """The trainer's APPO advantages are the dual-group rule times (1 + b * A_fut): on the first mini-batch
+    (A_fut = clip(1) = 1) a token in a branch's shared prefix gets 1.5 * (A_init + A_br) / 2, any other token
+    1.5 * A_init; computed here from the rewards with an independent fp64 loop (GRPO's rollout-level advantage
+    would fail this)."""
+    trainer = make_trainer(tmp_path, ["optim.lr=1e-3", "optim.minibatches_per_step=1", "optim.grad_accumulation=1",
+                                      "algo.N=3", "algo.B=1", "algo.M=6"], prompts=("hello", "abc"))
+    seen = []
+    advantages = trainer.algorithm.advantages
+
+    def spy(ctx, index, sub, forward, old):
+        out, info = advantages(ctx, index, sub, forward, old)
+        seen.append((sub, info["branch_batch"], out))
+        return out, info
+
+    trainer.algorithm.advantages = spy
+    trainer.step()
+    (sub, branches, got), = seen
+
+    def z(values):
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        return [(v - mean) / (std + 1e-6) for v in values]
+
+    for group in sub.group_ids.unique().tolist():
+        rows = [r for r in range(sub.num_rollouts) if int(sub.group_ids[r]) == group]
+        kids = [k for k in range(branches.num_rollouts) if int(branches.group_ids[k]) == group]
+        a_init = dict(zip(rows, z([float(sub.rewards[r]) for r in rows])))
+        a_br = dict(zip(kids, z([float(branches.rewards[k]) for k in kids])))
+        for r in rows:
+            for t in sub.mask[r].nonzero().flatten().tolist():
+                covering = [a_br[k] for k in kids if int(branches.parent[k]) == r and int(branches.branch_pos[k]) > t]
+                base = a_init[r] if not covering else (a_init[r] + sum(covering) / len(covering)) / 2
+                assert abs(float(got[r, t]) - 1.5 * base) < 1e-5, (r, t)
+    assert len(set(branches.rewards.tolist())) > 1, "branch rewards should differ for the test to bite"
+
+
+def test_separate_branching_score_and_future_value_settings_reach_the_chain(tmp_path):
+    """The authors'-code variant is expressible: BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64)."""
+    trainer = make_trainer(tmp_path, ["algo.bs_gamma=1.0", "algo.bs_clip=[0.8, 1.2]", "algo.fut_gamma=0.98923",
+                                      "algo.fut_clip=[1.0, 1.3]"])
+    settings = trainer.algorithm.settings
+    assert (settings.bs_gamma, settings.bs_clip) == (1.0, (0.8, 1.2))
+    assert (settings.fut_gamma, settings.fut_clip) == (0.98923, (1.0, 1.3))
 
 
 @pytest.mark.slow
@@ -113,39 +236,3 @@ def test_resume_continues_exactly(tmp_path):
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     straight_lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["reward"] == json.loads(straight_lines[-1])["reward"]
-
-
-@pytest.mark.slow
-def test_one_appo_step_raises_the_logprob_of_the_best_rollout(tmp_path):
-    """After one APPO step, the best-rewarded initial rollout is more likely and the worst less likely."""
-    import copy
-
-    from appo.trainer import Trainer, policy_token_stats
-
-    tokenizer = CharTokenizer()
-    config = load_config(None, [f"output_dir={tmp_path}", "steps=1", "device=cpu", "rollout.temperature=1.0",
-                                "rollout.response_prefix=''", "rollout.max_new_tokens_per_turn=12",
-                                "rollout.max_total_tokens=24", "rollout.max_prompt_tokens=8", "optim.lr=3e-3",
-                                "prompts_per_step=1", "optim.minibatches_per_step=1",
-                                "optim.grad_accumulation=1", "algo.N=4", "algo.B=1", "algo.M=8",
-                                "eval_at_end=false"])
-    prompts = [tokenizer.encode("hello")]
-    model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=32, heads=2, kv_heads=1, seed=3)
-    before = copy.deepcopy(model)
-    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=TaskData(VowelTask(), [None], prompts),
-                      tools={"python": Echo()})
-    captured = []
-    generate = trainer.engine.generate
-    trainer.engine.generate = lambda *args, **kw: captured.append(generate(*args, **kw)) or captured[-1]
-    metrics = trainer.step()
-    batch = captured[0]
-    assert metrics["branches"] > 0 and len(set(batch.rewards.tolist())) > 1
-
-    def sequence_logprob(policy):
-        with torch.no_grad():
-            logprobs, _, _ = policy_token_stats(policy, batch, 1.0, use_cache=False)
-        return (logprobs * batch.mask).sum(dim=1)
-
-    change = sequence_logprob(trainer.model) - sequence_logprob(before)
-    best, worst = int(batch.rewards.argmax()), int(batch.rewards.argmin())
-    assert change[best] > 0 > change[worst]

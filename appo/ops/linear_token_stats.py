@@ -69,8 +69,10 @@ def check_linear_token_stats_inputs(hidden: Tensor, weight: Tensor, tokens: Tens
 
 def _chunk_logits(hidden_chunk: Tensor, weight32: Tensor, bias32: Tensor | None,
                   temperature: float) -> Tensor:
-    """[c, H] any float dtype, weight32 [V, H] fp32, bias32 [V] fp32 or None -> z [c, V] fp32."""
-    logits = hidden_chunk.float() @ weight32.T
+    """[c, H] any float dtype, weight32 [V, H] fp32, bias32 [V] fp32 or None -> z [c, V] fp32 (also under an
+    enclosing autocast, which would otherwise run this matmul in bf16/fp16)."""
+    with torch.autocast(hidden_chunk.device.type, enabled=False):
+        logits = hidden_chunk.float() @ weight32.T
     if bias32 is not None:
         logits += bias32
     if temperature != 1.0:

@@ -2,7 +2,7 @@
 
 from appo.rollout.batch import RolloutBatch, ToolCall, concat
 from appo.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats
-from appo.rollout.sampling import sample_tokens
+from appo.rollout.sampling import Sampled, sample_tokens
 
 __all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "RolloutStats", "ToolCall", "concat",
-           "sample_tokens"]
+           "Sampled", "sample_tokens"]

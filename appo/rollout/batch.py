@@ -32,20 +32,26 @@ class RolloutBatch:
     Tensors (all on one device):
       tokens        int64   [R, T]  token ids, right-padded with ``pad_id``
       mask          bool    [R, T]  True where the model generated the token (never prompt, tool result, pad)
-      old_logprobs  float32 [R, T]  log-prob of the token under the sampling distribution (0 where not mask)
+      behaviour_logprobs float32 [R, T]  log-prob of the token under the distribution the engine sampled it
+                    from, as the engine computed it (0 where not mask). These are the behaviour policy's
+                    log-probs; the trainer recomputes pi_old with its own forward (METHOD.md "Notation").
       lengths       int64   [R]     valid tokens per row (prompt + response)
       prompt_lengths int64  [R]     prompt tokens per row
       group_ids     int64   [R]     index of the prompt the rollout answers (rollouts of one prompt share it)
       rewards       float32 [R]     scalar reward per rollout
       parent        int64   [R]     -1 for an initial rollout; for a branch, the row it branched from
       branch_pos    int64   [R]     -1 for an initial rollout; for a branch, the position re-sampled from
+    Optional tensor:
+      entropy       float32 [R, T]  full-vocabulary entropy of the sampling distribution at each generated
+                    token, recorded while decoding (0 where not mask); None when the backend never sees the
+                    whole distribution (vLLM returns top-k log-probs only).
     Per-rollout lists (length R): tool_calls, answers (None when the rollout gave none), finish_reasons
     ("answer", "eos", "length", "tool_limit", "error"), texts (decoded response), correct (task metric).
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    behaviour_logprobs: torch.Tensor
     lengths: torch.Tensor
     prompt_lengths: torch.Tensor
     group_ids: torch.Tensor
@@ -58,6 +64,7 @@ class RolloutBatch:
     finish_reasons: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     correct: list[float] = field(default_factory=list)
+    entropy: torch.Tensor | None = None
 
     @property
     def num_rollouts(self) -> int:
@@ -70,11 +77,13 @@ class RolloutBatch:
 
     def to(self, device) -> "RolloutBatch":
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        entropy = self.entropy.to(device) if self.entropy is not None else None
         return RolloutBatch(**moved, pad_id=self.pad_id, tool_calls=self.tool_calls, answers=self.answers,
-                            finish_reasons=self.finish_reasons, texts=self.texts, correct=self.correct)
+                            finish_reasons=self.finish_reasons, texts=self.texts, correct=self.correct,
+                            entropy=entropy)
 
 
-_TENSOR_FIELDS = ("tokens", "mask", "old_logprobs", "lengths", "prompt_lengths", "group_ids", "rewards",
+_TENSOR_FIELDS = ("tokens", "mask", "behaviour_logprobs", "lengths", "prompt_lengths", "group_ids", "rewards",
                   "parent", "branch_pos")
 
 
@@ -97,4 +106,7 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         out[name] = torch.cat(parts)
     lists = {name: [x for b in batches for x in getattr(b, name)]
              for name in ("tool_calls", "answers", "finish_reasons", "texts", "correct")}
-    return RolloutBatch(**out, pad_id=pad_id, **lists)
+    entropy = None
+    if all(b.entropy is not None for b in batches):
+        entropy = torch.cat([pad(b.entropy, 0.0) for b in batches])
+    return RolloutBatch(**out, pad_id=pad_id, **lists, entropy=entropy)

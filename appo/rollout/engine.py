@@ -70,6 +70,7 @@ class RolloutEngine(ToolLoop):
         self.model = model
         super().__init__(tokenizer, tools, config, next(model.parameters()).device)
         self.generator = torch.Generator(device=self.device)
+        self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # generate_with_cache
         if self.config.seed is None:
             self.generator.seed()
         else:
@@ -90,6 +91,38 @@ class RolloutEngine(ToolLoop):
                 self._decode(rows, self._prefill_state(rows, chunk))
         return self.to_batch(rows, score)
 
+    def generate_with_cache(self, prompts: list[list[int]], group_ids: list[int], score=None):
+        """``generate``, plus the KV cache decoding built, kept for branching: ``(batch, cache)``.
+
+        cache: a ``DynamicCache`` of R right-padded rows, per layer [R, H, T, D] (T = the batch's width, the
+        model's dtype): row r holds the keys/values of its tokens ``[:lengths[r] - 1]`` at their positions (its
+        last token was sampled, never fed), zeros after. That is what a forward over the rollouts would give,
+        computed incrementally while decoding, so ``appo.prefix_cache.gather_prefix_kv(cache, src, pos,
+        lengths=batch.lengths)`` serves branch prefixes with no forward at all (ARPO's branches use it). It
+        costs the memory of every row's cache until the caller drops it.
+        """
+        from transformers import DynamicCache
+
+        self._kept = {}
+        try:
+            batch = self.generate(prompts, group_ids, score)
+            kept, width = self._kept, batch.tokens.shape[1]
+        finally:
+            self._kept = None
+        layers = []
+        for layer in range(len(kept[0])):
+            per_row = [kept[r][layer] for r in range(batch.num_rollouts)]
+            keys, values = (torch.stack([torch.nn.functional.pad(kv[i], (0, 0, 0, width - kv[i].shape[1]))
+                                         for kv in per_row]) for i in (0, 1))
+            layers.append((keys, values))
+        return batch, DynamicCache(layers)
+
+    def _keep_row_cache(self, r: int, state: _DecodeState, slot: int) -> None:
+        """Copy row ``r``'s real cache slots (holes and padding dropped) out of the decode state."""
+        slots = state.attention[slot].nonzero().squeeze(1)
+        self._kept[r] = [(layer.keys[slot][:, slots], layer.values[slot][:, slots])
+                         for layer in state.cache.layers]
+
     def continue_branches(self, batch: RolloutBatch, src: torch.Tensor, pos: torch.Tensor, *,
                           past_key_values=None, include_token: bool = False, score=None) -> RolloutBatch:
         """Branch K rollouts: row k keeps row ``src[k]`` of ``batch`` up to token ``pos[k]``, then re-samples.
@@ -97,7 +130,9 @@ class RolloutEngine(ToolLoop):
         src, pos: int [K]; ``pos[k]`` must be a generated token of row ``src[k]`` (``batch.mask[src, pos]``).
         The prefix is ``tokens[src, :pos]`` (``:pos + 1`` with include_token, the authors' variant); its mask,
         old log-probs and completed tool calls are copied from the source row, and those calls count toward
-        ``max_tool_calls``. The same tool loop then runs to the end.
+        ``max_tool_calls``. The same tool loop then runs to the end. With include_token, a kept token that
+        ends a turn is acted on first (``ToolLoop.start_branches``): the call it closes runs, ``</answer>`` or
+        EOS finishes the branch with no new token.
         past_key_values: optional gathered cache (``appo.prefix_cache.gather_prefix_kv``): per layer the
             keys/values of every prefix token except the last, left-padded to P - 1 (P = longest prefix). With
             it, no prefix token is prefilled: decoding starts by feeding each prefix's last token. Without it,
@@ -106,18 +141,22 @@ class RolloutEngine(ToolLoop):
         """
         src, pos = self.check_branch_args(batch, src, pos)
         rows = self.branch_rows(batch, src, pos, include_token)
+        appended = self.start_branches(rows, include_token)
+        live = [r for r, row in enumerate(rows) if row.finish is None]
         with torch.inference_mode():
             if past_key_values is None:
-                for chunk in self._chunks(len(rows)):
+                for chunk in self._chunks(live):
                     self._decode(rows, self._prefill_state(rows, chunk))
-            else:
-                self._decode(rows, self._cached_state(rows, batch, src, pos, past_key_values, include_token))
+            elif live:
+                self._decode(rows, self._cached_state(rows, live, appended, batch, src, pos, past_key_values,
+                                                      include_token))
         return self.to_batch(rows, score)
 
-    def _chunks(self, n: int) -> list[range]:
-        """Row index ranges decoded together (``max_batch_rows`` at a time)."""
-        size = self.config.max_batch_rows or n
-        return [range(i, min(i + size, n)) for i in range(0, n, size)]
+    def _chunks(self, rows) -> list[list[int]]:
+        """``rows`` (a count or a list of row indices) in groups decoded together (``max_batch_rows`` each)."""
+        rows = list(range(rows)) if isinstance(rows, int) else list(rows)
+        size = self.config.max_batch_rows or max(len(rows), 1)
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
 
     # ------------------------------------------------------------------ the decode loop
     def _decode(self, rows: list[Row], state: _DecodeState) -> None:
@@ -134,18 +173,23 @@ class RolloutEngine(ToolLoop):
     def _decode_loop(self, rows: list[Row], state: _DecodeState) -> None:
         while state.rows:
             logits = self._forward(state)
-            tokens, logprobs = sample_tokens(logits, temperature=self.config.temperature,
-                                             top_p=self.config.top_p, generator=self.generator)
+            drawn = sample_tokens(logits, temperature=self.config.temperature, top_p=self.config.top_p,
+                                  generator=self.generator)
             blocks: dict[int, list[int]] = {}
             calls: list[tuple[int, str, str, int]] = []  # (row, tag, query, call start)
-            for slot, (r, token, logprob) in enumerate(zip(state.rows, tokens.tolist(), logprobs.tolist())):
-                outcome = self.add_token(rows[r], token, logprob)
+            for slot, (r, token, logprob, entropy) in enumerate(zip(
+                    state.rows, drawn.tokens.tolist(), drawn.logprobs.tolist(), drawn.entropy.tolist())):
+                outcome = self.add_token(rows[r], token, logprob, entropy)
                 if isinstance(outcome, tuple):
                     calls.append((r, *outcome))
                 elif outcome is None:
                     blocks[slot] = [token]
             slot_of = {r: slot for slot, r in enumerate(state.rows)}
             appended = self.run_calls(rows, calls)
+            if self._kept is not None:  # a finished row's cache holds every token but its last: keep it
+                for slot, r in enumerate(state.rows):
+                    if rows[r].finish is not None:
+                        self._keep_row_cache(r, state, slot)
             for r, start in appended.items():  # feed the closing-tag token, then the result
                 blocks[slot_of[r]] = rows[r].tokens[start - 1:]
             keep = sorted(blocks)
@@ -243,15 +287,22 @@ class RolloutEngine(ToolLoop):
         return _DecodeState(which, DynamicCache(config=self.model.config), empty,
                             torch.zeros(len(which), dtype=torch.long, device=self.device), ids, mask)
 
-    def _cached_state(self, rows, batch, src, pos, cache, include_token) -> _DecodeState:
-        """State over a gathered prefix cache: the first forward feeds only each prefix's last token."""
+    def _cached_state(self, rows, live, appended, batch, src, pos, cache, include_token) -> _DecodeState:
+        """State over a gathered prefix cache: the first forward feeds only each prefix's last token (and, for
+        a branch whose kept token closed a tool call, the result block after it). Rows already finished by
+        ``start_branches`` (``live`` lists the others) are dropped from the cache."""
         ids, mask, positions = self._branch_inputs(batch, src, pos, include_token)
         width = ids.shape[1] - 1
         if cache.get_seq_length() != width or cache.layers[0].keys.shape[0] != len(rows):
             raise ValueError(f"past_key_values: expected {len(rows)} rows of {width} cached tokens (longest "
                              f"prefix minus one), got {tuple(cache.layers[0].keys.shape)}")
-        return _DecodeState(list(range(len(rows))), cache, mask[:, :-1], positions[:, -1], ids[:, -1:],
-                            mask[:, -1:], prefill=False)
+        index = torch.tensor(live, dtype=torch.long, device=self.device)
+        if len(live) < len(rows):
+            cache.batch_select_indices(index)
+        blocks = [rows[r].tokens[appended[r] - 1:] if r in appended else [int(ids[r, -1])] for r in live]
+        pending_ids, pending_mask = left_pad(blocks, self.pad_id, self.device)
+        return _DecodeState(live, cache, mask[index, :-1], positions[index, -1], pending_ids, pending_mask,
+                            prefill=False)
 
     def _branch_inputs(self, batch, src, pos, include_token):
         """Left-padded prefixes (ids, mask, position_ids) by ``appo.prefix_cache.build_branch_batch``."""

@@ -105,7 +105,8 @@ class Row:
 
     tokens: list[int]
     mask: list[bool]
-    logprobs: list[float]
+    logprobs: list[float]  # behaviour log-probs: the engine's, of the distribution it sampled from
+    entropy: list[float]  # that distribution's full-vocabulary entropy (0.0 off the mask or when unknown)
     prompt_length: int
     group_id: int
     parent: int = -1
@@ -123,7 +124,11 @@ class ToolLoop:
         clean_up_tokenization_spaces=False)``, ``eos_token_id`` and ``pad_token_id``.
     tools: ``{tag: Tool}`` (e.g. ``appo.tools.make_tools(["python"])``).
     device: where the output bundle's tensors live.
+    records_entropy: whether the backend sees each step's whole distribution (``add_token`` gets its entropy);
+        when False the bundle's ``entropy`` is None.
     """
+
+    records_entropy = True
 
     def __init__(self, tokenizer, tools: dict[str, Tool] | None, config: RolloutConfig | None, device):
         self.tokenizer = tokenizer
@@ -158,7 +163,8 @@ class ToolLoop:
                 raise ValueError(f"prompts: prompt {i} has {len(prompt)} tokens (+{len(self.prefix_ids)} of "
                                  f"response_prefix); need 1 to max_total_tokens - 1 = "
                                  f"{self.config.max_total_tokens - 1} in all")
-            rows.append(Row(full, [False] * len(full), [0.0] * len(full), len(full), int(group),
+            zeros = [0.0] * len(full)
+            rows.append(Row(full, [False] * len(full), zeros, list(zeros), len(full), int(group),
                             turn_start=len(prompt), response_start=len(prompt)))
         return rows
 
@@ -173,19 +179,42 @@ class ToolLoop:
             calls = [replace(c) for c in source_calls if c.result_span[1] <= k]
             prompt_length = int(batch.prompt_lengths[s])
             response_start = prompt_length - len(self.prefix_ids)
+            entropy = batch.entropy[s, :k].tolist() if batch.entropy is not None else [0.0] * k
             rows.append(Row(batch.tokens[s, :k].tolist(), batch.mask[s, :k].tolist(),
-                            batch.old_logprobs[s, :k].tolist(), prompt_length, int(batch.group_ids[s]),
+                            batch.behaviour_logprobs[s, :k].tolist(), entropy, prompt_length,
+                            int(batch.group_ids[s]),
                             parent=s, branch_pos=p, tool_calls=calls,
                             turn_start=max([response_start] + [c.result_span[1] for c in calls]),
                             response_start=response_start))
         return rows
 
-    def add_token(self, row: Row, token: int, logprob: float):
-        """Append a sampled token; return what follows: None (continue), a finish reason, or a tool call
-        ``(tag, query, call_start)``. A finish reason is also stored in ``row.finish``."""
+    def start_branches(self, rows: list[Row], include_token: bool) -> dict[int, int]:
+        """Settle what the kept token of each branch prefix decided (``include_token`` only).
+
+        A prefix that keeps the chosen token ends with a generated token that may itself end a turn: close a
+        tool call, ``</answer>``, be EOS or reach a limit. ``add_token`` took that decision when the parent
+        sampled the token; the branch takes it again here, before decoding: a closed call runs (its result is
+        appended, as for the parent), a finish reason finishes the row. Returns ``{row index: index of its
+        first result token}`` for the rows whose kept token closed a call (as ``run_calls`` does)."""
+        if not include_token:
+            return {}
+        calls = []
+        for r, row in enumerate(rows):
+            outcome = self._after_token(row)
+            if isinstance(outcome, tuple):
+                calls.append((r, *outcome))
+            elif isinstance(outcome, str):
+                row.finish = outcome
+        return self.run_calls(rows, calls)
+
+    def add_token(self, row: Row, token: int, logprob: float, entropy: float = 0.0):
+        """Append a sampled token with its behaviour log-prob (and its distribution's entropy); return what
+        follows: None (continue), a finish reason, or a tool call ``(tag, query, call_start)``. A finish reason
+        is also stored in ``row.finish``."""
         row.tokens.append(token)
         row.mask.append(True)
         row.logprobs.append(logprob)
+        row.entropy.append(entropy)
         self.stats.generated_tokens += 1
         outcome = self._after_token(row)
         if isinstance(outcome, str):
@@ -271,6 +300,7 @@ class ToolLoop:
                 row.tokens += ids
                 row.mask += [False] * len(ids)
                 row.logprobs += [0.0] * len(ids)
+                row.entropy += [0.0] * len(ids)
                 row.turn_start = len(row.tokens)
                 self.stats.result_tokens += len(ids)
                 appended[r] = start
@@ -288,11 +318,13 @@ class ToolLoop:
         n = len(rows)
         tokens = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
-        old_logprobs = torch.zeros((n, width), dtype=torch.float32)
+        behaviour_logprobs = torch.zeros((n, width), dtype=torch.float32)
+        entropy = torch.zeros((n, width), dtype=torch.float32)
         for i, row in enumerate(rows):
             tokens[i, :len(row.tokens)] = torch.tensor(row.tokens)
             mask[i, :len(row.tokens)] = torch.tensor(row.mask)
-            old_logprobs[i, :len(row.tokens)] = torch.tensor(row.logprobs)
+            behaviour_logprobs[i, :len(row.tokens)] = torch.tensor(row.logprobs)
+            entropy[i, :len(row.tokens)] = torch.tensor(row.entropy)
         texts = [self._decode_text(r.tokens[r.response_start:], skip_special=True) for r in rows]
         scored = [score(r.group_id, t) if score is not None else (0.0, 0.0) for r, t in zip(rows, texts)]
 
@@ -301,7 +333,8 @@ class ToolLoop:
 
         return RolloutBatch(
             tokens=tokens.to(self.device), mask=mask.to(self.device),
-            old_logprobs=old_logprobs.to(self.device),
+            behaviour_logprobs=behaviour_logprobs.to(self.device),
+            entropy=entropy.to(self.device) if self.records_entropy else None,
             lengths=column([len(r.tokens) for r in rows], torch.long),
             prompt_lengths=column([r.prompt_length for r in rows], torch.long),
             group_ids=column([r.group_id for r in rows], torch.long),

@@ -72,6 +72,7 @@ class VLLMRolloutEngine(ToolLoop):
     """
 
     accepts_gathered_cache = False  # branches reuse vLLM's own prefix cache, not a gathered transformers cache
+    records_entropy = False  # vLLM returns top-k log-probs, never the whole distribution: bundle entropy is None
 
     def __init__(self, llm, tokenizer=None, tools: dict[str, Tool] | None = None,
                  config: RolloutConfig | None = None, **llm_kwargs):
@@ -122,6 +123,7 @@ class VLLMRolloutEngine(ToolLoop):
             raise ValueError("past_key_values: not supported by the vLLM backend (its prefix cache does this)")
         src, pos = self.check_branch_args(batch, src, pos)
         rows = self.branch_rows(batch, src, pos, include_token)
+        self.start_branches(rows, include_token)  # a kept token that closed a call: the call runs first
         self._decode(rows)
         return self.to_batch(rows, score)
 
@@ -141,7 +143,7 @@ class VLLMRolloutEngine(ToolLoop):
         """One request per unfinished row per turn until every row has finished (rows are edited in place)."""
         from vllm.inputs import TokensPrompt
 
-        active = list(range(len(rows)))
+        active = [r for r, row in enumerate(rows) if row.finish is None]
         while active:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=rows[r].tokens) for r in active],
                                         [self._sampling_params(rows[r]) for r in active], use_tqdm=False)

@@ -35,38 +35,64 @@ def combine(correctness: float, format_ok: bool, config: RewardConfig) -> float:
 
 # ---------------------------------------------------------------- numbers (GSM8K and arithmetic)
 
-_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*-?(?:\d+(?:\.\d*)?|\.\d+))?")
+# A number token: an optional sign (never right after a letter or digit: "a-3" is not -3), digits with an
+# optional decimal part or a leading-dot decimal, and an optional exponent ("1e3", "2.5E-4").
+_NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:\.\d*)?|\.\d+)(?:[eE]([-+]?\d+)(?![A-Za-z]))?")
 _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")  # 1,234,567 (not 12,34 nor 1,2345)
+_RANGE = re.compile(r"\d\s*[-\u2013]\s*\.?\d")  # "5-3", "2019-2020": a subtraction or a range, not a number
 
 
 def parse_number(text: str | None) -> Fraction | None:
     """The number an answer states, exactly as a Fraction, or None.
 
-    Handles ``\\boxed{..}`` (the last one wins), ``\\frac{a}{b}``, thousands commas, ``$`` and other
-    currency signs, a unicode minus, trailing units or periods (``"72 clips."``), decimals and fractions
-    (``"3/4"``). When several numbers appear, the last one is taken (``"5 + 3 = 8"`` -> 8).
+    Handles ``\\boxed{..}`` (the last one wins), ``\\frac{a}{b}``, thousands commas (``1,234,567``), ``$`` and
+    other currency signs, a unicode minus, trailing units or periods (``"72 clips."``), decimals, exponents
+    (``"1e3"``), fractions (``"3/4"``) and mixed numbers (``"1 1/2"``). When an ``=`` appears, only what follows
+    the last one counts (``"5 + 3 = 8"`` -> 8); then the last number is taken. An answer that does not state
+    one number is None, never guessed: an unresolved subtraction or range (``"5-3"``, ``"2019-2020"``) or a
+    comma between digits that is not a thousands separator (``"12,34"``).
     """
     if text is None:
         return None
     boxed = _last_boxed(text)
     text = boxed if boxed is not None else text
     text = _FRAC.sub(r"(\1)/(\2)", text).replace("−", "-").replace("\u2009", "")
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234,567 -> 1234567
+    text = text.rsplit("=", 1)[-1]
+    text = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), text)
     text = re.sub(r"[$€£¥()]", "", text)
-    found = _NUMBER.findall(text)
+    if re.search(r"\d,\d", text) or _RANGE.search(text):
+        return None
+    found = list(_NUMBER.finditer(text))[-4:]  # a mixed number needs the last three (and the gap before them)
     if not found:
         return None
     try:
-        return _to_fraction(found[-1])
+        values = [_token_value(m) for m in found]
+        value = values[-1]
+        between = [text[a.end():b.start()] for a, b in zip(found, found[1:])]  # gap before found[i + 1]
+        if len(found) >= 2 and re.fullmatch(r"\s*/\s*", between[-1]):
+            numerator, denominator = values[-2], values[-1]
+            value = numerator / denominator
+            mixed = (len(found) >= 3 and re.fullmatch(r"\s+", between[-2])
+                     and (len(found) == 3 or not re.fullmatch(r"\s*/\s*", between[-3]))
+                     and numerator.denominator == denominator.denominator == 1 and 0 < value < 1)
+            if mixed:                                     # "1 1/2", "-1 1/2"
+                whole = values[-3]
+                value = whole + value if whole >= 0 else whole - value
     except (ValueError, ZeroDivisionError):
         return None
+    return value
 
 
-def _to_fraction(token: str) -> Fraction:
-    if "/" in token:
-        numerator, denominator = token.split("/")
-        return Fraction(numerator.strip()) / Fraction(denominator.strip())
-    return Fraction(token)
+_MAX_EXPONENT = 100  # "1e999999999" is model-written text: never let it cost time or memory
+
+
+def _token_value(match: re.Match) -> Fraction:
+    sign, digits, exponent = match.groups()
+    if exponent and abs(int(exponent)) > _MAX_EXPONENT:
+        raise ValueError(f"exponent beyond 1e{_MAX_EXPONENT}")
+    value = Fraction(digits) * (Fraction(10) ** int(exponent) if exponent else 1)
+    return -value if sign else value
 
 
 def _last_boxed(text: str) -> str | None:

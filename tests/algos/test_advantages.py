@@ -61,21 +61,26 @@ def test_grpo_rejects_mismatched_lengths():
 
 
 def test_dual_group_hand_computed_first_and_last_position():
-    # One prompt, two initial rollouts (rewards 1 and 0), two branches: from row 0 at position 1 (the first
-    # generated token) and from row 1 at position 4 (the last generated token of a length-5 response).
-    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    groups = torch.zeros(4, dtype=torch.long)
-    parent = torch.tensor([-1, -1, 0, 1])
-    branch_pos = torch.tensor([-1, -1, 1, 4])
+    # One prompt, two initial rollouts (rewards 1 and 0) and three branches whose group z-scores differ from
+    # the initial ones: from row 0 at position 1 (the first generated token: it shares only the prompt), from
+    # row 1 at position 4 (the last generated token of a length-5 response) and from row 1 at position 3.
+    rewards = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0])
+    groups = torch.zeros(5, dtype=torch.long)
+    parent = torch.tensor([-1, -1, 0, 1, 1])
+    branch_pos = torch.tensor([-1, -1, 1, 4, 3])
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
     got = dual_group_advantages(rewards, groups, parent, branch_pos, mask)
-    a = 1 / (1 + 1e-6)  # |z| of a two-member group with different rewards
-    # Row 0: the branch at p=1 covers no generated token (only position 0, the prompt) -> A_init everywhere.
+    a = 1 / (1 + 1e-6)                              # |A_init| of a two-member group with different rewards
+    c = 1 / (math.sqrt(2 / 3) + 1e-6)               # A_br of branch rewards [2, 0, 1]: [c, -c, 0]
+    # Row 0: its branch at p=1 covers no generated token -> A_init everywhere.
     torch.testing.assert_close(got[0], torch.tensor([0.0, a, a, a, a]))
-    # Row 1: positions 1..3 lie before p=4 -> (A_init + A_br) / 2 = (-a + -a) / 2; position 4 is re-sampled.
-    torch.testing.assert_close(got[1], torch.tensor([0.0, -a, -a, -a, -a]))
+    # Row 1: positions 1, 2 lie in both branches' prefixes (mean A_br = -c / 2), position 3 only in the p=4
+    # one (A_br = -c), position 4 in none (it is re-sampled by both).
+    want = torch.tensor([0.0, (-a - c / 2) / 2, (-a - c / 2) / 2, (-a - c) / 2, -a])
+    torch.testing.assert_close(got[1], want)
     summed = dual_group_advantages(rewards, groups, parent, branch_pos, mask, combine="sum")
-    torch.testing.assert_close(summed[1], torch.tensor([0.0, -2 * a, -2 * a, -2 * a, -a]))
+    torch.testing.assert_close(summed[1], torch.tensor([0.0, -a - c / 2, -a - c / 2, -a - c, -a]))
+    torch.testing.assert_close(summed[0], got[0])
 
 
 def test_dual_group_avg_vs_sum_differ_only_under_branches():

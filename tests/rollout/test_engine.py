@@ -46,9 +46,9 @@ def assert_logprobs_match(engine, batch, tol=1e-4):
     ref = reference_logprobs(engine, batch)
     generated = batch.mask[:, 1:]
     assert generated.sum() > 0
-    err = (ref - batch.old_logprobs[:, 1:].double())[generated].abs().max().item()
-    assert err < tol, f"recorded old_logprobs differ from a full forward by {err}"
-    assert (batch.old_logprobs[~batch.mask] == 0).all()
+    err = (ref - batch.behaviour_logprobs[:, 1:].double())[generated].abs().max().item()
+    assert err < tol, f"recorded behaviour_logprobs differ from a full forward by {err}"
+    assert (batch.behaviour_logprobs[~batch.mask] == 0).all()
 
 
 @pytest.mark.parametrize("arch,temperature,top_p", [("llama", 1.0, 1.0), ("qwen2", 0.7, 0.9)])
@@ -133,7 +133,7 @@ def test_reprefill_baseline_gives_same_rollouts_with_more_forward_tokens():
     prompts = prompts_for(cached, 4)
     a, b = cached.generate(prompts, [0, 1, 2, 3]), naive.generate(prompts, [0, 1, 2, 3])
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
-    assert torch.allclose(a.old_logprobs, b.old_logprobs, atol=1e-4)
+    assert torch.allclose(a.behaviour_logprobs, b.behaviour_logprobs, atol=1e-4)
     assert naive.stats.forward_tokens > cached.stats.forward_tokens
     assert naive.stats.prefill_tokens > cached.stats.prefill_tokens
     assert_logprobs_match(naive, b)
@@ -206,7 +206,7 @@ def test_continue_branches_with_gathered_cache_matches_prefill_fallback():
         for k, (s, p) in enumerate(zip(src.tolist(), pos.tolist())):
             assert torch.equal(out.tokens[k, :p], batch.tokens[s, :p])
             assert torch.equal(out.mask[k, :p], batch.mask[s, :p])
-            assert torch.equal(out.old_logprobs[k, :p], batch.old_logprobs[s, :p])
+            assert torch.equal(out.behaviour_logprobs[k, :p], batch.behaviour_logprobs[s, :p])
         assert_logprobs_match(engine, out)
 
 
@@ -240,6 +240,81 @@ def test_include_token_keeps_the_branch_token():
             assert torch.equal(out.tokens[k, : p + 1], batch.tokens[s, : p + 1])
         assert_logprobs_match(engine, out)
     assert torch.allclose(first_logits[0], first_logits[1], atol=1e-4)
+
+
+def test_entropy_recorded_while_decoding_matches_a_full_forward():
+    """The engine records each generated token's full-vocabulary entropy from the logits it sampled from."""
+    engine = make_engine(ANSWER_SCRIPT, 3.0, temperature=0.8, top_p=0.9)
+    batch = engine.generate(prompts_for(engine, 5), list(range(5)))
+    with torch.no_grad():
+        logits = engine.model(input_ids=batch.tokens, attention_mask=batch.attention_mask()).logits
+    logp = torch.log_softmax(logits[:, :-1].double() / 0.8, dim=-1)
+    reference = -(logp.exp() * logp).sum(-1)
+    generated = batch.mask[:, 1:]
+    assert batch.entropy is not None and batch.entropy.dtype == torch.float32
+    assert (reference[generated] - batch.entropy[:, 1:][generated].double()).abs().max() < 1e-4
+    assert (batch.entropy[~batch.mask] == 0).all() and (batch.entropy[batch.mask] > 0).all()
+    branches = engine.continue_branches(batch, torch.tensor([0, 3]), batch.prompt_lengths[[0, 3]] + 2)
+    assert branches.entropy is not None and torch.equal(branches.entropy[0, :batch.prompt_lengths[0] + 2],
+                                                        batch.entropy[0, :batch.prompt_lengths[0] + 2])
+
+
+@pytest.mark.parametrize("max_batch_rows", [None, 2])
+def test_kept_decoding_cache_equals_a_forward_and_serves_branches(max_batch_rows):
+    """generate_with_cache keeps the cache decoding built (holes dropped): per row the keys/values of every
+    token but the last, as a forward over the finished rollouts gives them; branches decode from it."""
+    from appo.prefix_cache import gather_prefix_kv
+
+    engine = make_engine(LOOP_SCRIPT, 7.0, max_tool_calls=3, max_total_tokens=120, max_batch_rows=max_batch_rows)
+    batch, kept = engine.generate_with_cache(prompts_for(engine, 5), [0, 0, 1, 1, 2])
+    assert any(batch.tool_calls), "ragged tool results leave holes in the decode cache"
+    with torch.no_grad():
+        out = engine.model(input_ids=batch.tokens, attention_mask=batch.attention_mask(), use_cache=True)
+    assert len(kept.layers) == len(out.past_key_values.layers)
+    for mine, full in zip(kept.layers, out.past_key_values.layers):
+        assert mine.keys.shape == full.keys.shape
+        for r, n in enumerate((batch.lengths - 1).tolist()):
+            assert torch.allclose(mine.keys[r, :, :n], full.keys[r, :, :n], atol=1e-5)
+            assert torch.allclose(mine.values[r, :, :n], full.values[r, :, :n], atol=1e-5)
+            assert (mine.keys[r, :, n:] == 0).all()
+    src = torch.tensor([0, 2, 4])
+    pos = torch.stack([batch.mask[r].nonzero()[3, 0] for r in src.tolist()])
+    engine.stats.reset()
+    cache = gather_prefix_kv(kept, src, pos, lengths=batch.lengths)
+    branches = engine.continue_branches(batch, src, pos, past_key_values=cache)
+    assert engine.stats.prefill_tokens == 0
+    assert_logprobs_match(engine, branches)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_include_token_that_closes_a_tool_call_runs_the_tool(cached):
+    """Keeping a chosen token that completes "</python>" must run the call it closes, as it did for the
+    parent, and the branch continues after the result (it never goes on as free text)."""
+    engine = make_engine(ANSWER_SCRIPT, 30.0)
+    batch = engine.generate(prompts_for(engine, 3), [0, 1, 2])
+    closing = torch.tensor([calls[0].call_span[1] - 1 for calls in batch.tool_calls])  # the "</python>" token
+    src = torch.arange(3)
+    calls_before = engine.tools["python"].calls
+    cache = gather_prefix_cache(engine, batch, src, closing, include_token=True) if cached else None
+    out = engine.continue_branches(batch, src, closing, include_token=True, past_key_values=cache)
+    assert engine.tools["python"].calls - calls_before == 3
+    for k in range(3):
+        call = out.tool_calls[k][0]
+        assert call.query == "6*7" and call.call_span == batch.tool_calls[k][0].call_span
+        assert call.result_span[0] == int(closing[k]) + 1
+        assert not out.mask[k, call.result_span[0]:call.result_span[1]].any()
+    assert out.finish_reasons == ["answer"] * 3 and out.answers == ["42"] * 3
+    assert_logprobs_match(engine, out)
+
+
+def test_include_token_that_closes_the_answer_finishes_the_branch():
+    engine = make_engine(ANSWER_SCRIPT, 30.0)
+    batch = engine.generate(prompts_for(engine, 2), [0, 1], score=lambda g, text: (float("42" in text), 1.0))
+    last = batch.lengths - 1                     # "</answer>": the rollouts' last token
+    out = engine.continue_branches(batch, torch.arange(2), last, include_token=True,
+                                   score=lambda g, text: (float("42" in text), 1.0))
+    assert out.finish_reasons == ["answer", "answer"] and torch.equal(out.lengths, batch.lengths)
+    assert out.rewards.tolist() == [1.0, 1.0]
 
 
 def test_bad_input_raises_value_error():
@@ -300,7 +375,7 @@ def test_cuda_rollouts_and_cached_branches():
     engine = make_engine(LOOP_SCRIPT, 9.0, max_tool_calls=3, max_total_tokens=120)
     engine = RolloutEngine(engine.model.to("cuda"), engine.tokenizer, engine.tools, engine.config)
     batch = engine.generate(prompts_for(engine, 6), [0, 0, 1, 1, 2, 2])
-    assert batch.tokens.is_cuda and batch.old_logprobs.is_cuda
+    assert batch.tokens.is_cuda and batch.behaviour_logprobs.is_cuda
     assert engine.stats.forward_tokens == int(batch.lengths.sum()) - batch.num_rollouts
     assert_logprobs_match(engine, batch)
     src = torch.arange(batch.num_rollouts, device="cuda")

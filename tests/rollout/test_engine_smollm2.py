@@ -60,4 +60,4 @@ def test_smollm2_gsm8k_rollouts_call_python_and_keep_logprobs_aligned():
         logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][generated])
     ref = torch.log_softmax(logits.double() / config.temperature, dim=-1)
     ref = ref.gather(-1, batch.tokens[:, 1:][generated][:, None]).squeeze(-1)
-    assert (ref - batch.old_logprobs[:, 1:][generated].double()).abs().max() < 1e-4
+    assert (ref - batch.behaviour_logprobs[:, 1:][generated].double()).abs().max() < 1e-4

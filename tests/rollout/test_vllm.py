@@ -30,7 +30,7 @@ def rollout_config(temperature: float):
 def dump(batch) -> dict:
     return {"tokens": [batch.tokens[r, :n].tolist() for r, n in enumerate(batch.lengths.tolist())],
             "mask": [batch.mask[r, :n].int().tolist() for r, n in enumerate(batch.lengths.tolist())],
-            "logprobs": [batch.old_logprobs[r, :n].tolist() for r, n in enumerate(batch.lengths.tolist())],
+            "logprobs": [batch.behaviour_logprobs[r, :n].tolist() for r, n in enumerate(batch.lengths.tolist())],
             "calls": [[[c.tag, c.query, c.result, list(c.call_span), list(c.result_span)] for c in row]
                       for row in batch.tool_calls],
             "finish": batch.finish_reasons, "parent": batch.parent.tolist(), "pos": batch.branch_pos.tolist(),
@@ -49,7 +49,7 @@ def load(data: dict):
         return torch.tensor([row + [fill] * (width - len(row)) for row in data[key]], dtype=dtype)
 
     return RolloutBatch(tokens=padded("tokens", 0, torch.long), mask=padded("mask", 0, torch.bool),
-                        old_logprobs=padded("logprobs", 0.0, torch.float32),
+                        behaviour_logprobs=padded("logprobs", 0.0, torch.float32),
                         lengths=torch.tensor([len(t) for t in data["tokens"]]),
                         prompt_lengths=torch.tensor(data["prompt_lengths"]), group_ids=torch.arange(rows),
                         rewards=torch.zeros(rows), parent=torch.tensor(data["parent"]),

@@ -23,12 +23,24 @@ from appo.tasks.rewards import combine, exact_match, normalize_answer, numbers_m
     (".25 of it", Fraction(1, 4)),
     ("12.", Fraction(12)),
     ("50%", Fraction(50)),
+    ("1 1/2", Fraction(3, 2)),           # a mixed number, not 1/2
+    ("-1 1/2 cups", Fraction(-3, 2)),
+    ("1e3", Fraction(1000)),             # an exponent, not 3
+    ("2.5E-4", Fraction(1, 4000)),
+    ("3 / 4", Fraction(3, 4)),
+    ("5 - 3 = 2", Fraction(2)),          # what follows the last "=" counts
+    ("-3", Fraction(-3)),
+    ("it is -3", Fraction(-3)),
 ])
 def test_parse_number(text, value):
     assert parse_number(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "none", "three", None, "1/0"])
+@pytest.mark.parametrize("text", ["", "none", "three", None, "1/0",
+                                  "5-3",          # an unresolved subtraction, not -3
+                                  "2019-2020",    # a range, not -2020
+                                  "12,34",        # not a thousands separator: not 34
+                                  "1e999999999"])  # model-written: refused at once, never computed
 def test_parse_number_none(text):
     assert parse_number(text) is None
 
@@ -37,6 +49,9 @@ def test_parse_number_none(text):
     ("18", "18", True), ("$18.00", "18", True), ("18 dollars", "18", True), ("1,000", "1000", True),
     ("0.75", "3/4", True), ("\\boxed{42}", "42", True), ("17", "18", False), ("18.5", "18", False),
     ("no idea", "18", False), (None, "18", False), ("-3", "3", False),
+    ("5-3", "2", False), ("5-3", "3", False), ("5-3", "-3", False), ("2019-2020", "2020", False),
+    ("1 1/2", "1.5", True), ("1 1/2", "0.5", False), ("1e3", "1000", True), ("1e3", "3", False),
+    ("12,34", "34", False), ("12,34", "1234", False),
 ])
 def test_numbers_match(predicted, gold, same):
     assert numbers_match(predicted, gold) is same

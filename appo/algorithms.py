@@ -1,0 +1,198 @@
+"""GRPO, ARPO and APPO as the trainer sees them: one object per algorithm behind one small interface.
+
+The trainer (``appo.trainer.Trainer.step``) owns everything the algorithms share: the prompts of a step, the
+micro-batches (whole prompt groups), pi_old recomputed by its own forward before the first update, the policy
+forward of each micro-batch, the PPO loss and the optimizer. An algorithm decides only
+
+  rollouts(ctx, prompts, groups) -> (batch, info)    what the step samples: exactly M trajectories per prompt,
+                                                     all but APPO's branches (APPO branches per micro-batch);
+  advantages(ctx, index, sub, forward, old_logprobs) -> (advantages, info)
+                                                     the advantages of micro-batch ``sub`` given this update's
+                                                     forward of pi_theta and pi_old;
+  after_old_forward(ctx, index, sub, forward)        a hook on the no-grad pi_old forward (APPO's
+                                                     ``branch_when="once_per_step"`` branches there);
+  keeps_cache                                        whether the forward must keep the KV cache (APPO's
+                                                     branches decode from it).
+
+Nothing here switches on an algorithm's name: ``make_algorithm`` looks the class up once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from appo.algos import (APPOSettings, arpo_branch_points, dual_group_base, fresh_rollouts_to_fill,
+                        grpo_advantages, plan_branches, scale_by_future)
+from appo.config import TrainConfig
+from appo.rollout.batch import RolloutBatch, concat
+
+
+class PolicyForward(NamedTuple):
+    """A forward of the policy over a micro-batch: log pi of each token [R, T] (with grad in the loss pass),
+    its full-vocabulary entropy [R, T] (detached) and the KV cache (None unless asked for)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    cache: object
+
+
+@dataclass
+class StepContext:
+    """What an algorithm may use during one step: the engine, the step's scorer (group id, response text) ->
+    (reward, correct), the no-grad policy forward (for backends that record no entropy), the step's ARPO
+    generator, the model's dtype, and a timer dict the algorithm adds its branching seconds to."""
+
+    engine: object
+    score: Callable
+    forward: Callable[[RolloutBatch, bool], PolicyForward]
+    generator: torch.Generator
+    model_dtype: torch.dtype
+    timings: dict = field(default_factory=lambda: {"branch": 0.0})
+
+
+class Algorithm:
+    """The interface (GRPO is its simplest case). ``config`` is the run's TrainConfig."""
+
+    keeps_cache = False
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.algo = config.algo
+
+    def rollouts(self, ctx: StepContext, prompts: list[list[int]], groups: list[int]
+                 ) -> tuple[RolloutBatch, dict]:
+        """M full rollouts per prompt."""
+        batch = ctx.engine.generate([p for p in prompts for _ in range(self.algo.M)],
+                                    [g for g in groups for _ in range(self.algo.M)], score=ctx.score)
+        return batch, {"trajectories": batch.num_rollouts}
+
+    def after_old_forward(self, ctx: StepContext, index: int, sub: RolloutBatch, forward: PolicyForward) -> None:
+        """Called with the no-grad pi_old forward of micro-batch ``index`` (updates after the first only)."""
+
+    def advantages(self, ctx: StepContext, index: int, sub: RolloutBatch, forward: PolicyForward,
+                   old_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One group z-score per rollout, broadcast to its tokens (micro-batches hold whole groups)."""
+        return grpo_advantages(sub.rewards, sub.group_ids), {}
+
+
+class GRPO(Algorithm):
+    """GRPO: M full rollouts per prompt, every one optimised with its group advantage."""
+
+
+class ARPO(Algorithm):
+    """ARPO (arXiv 2507.19849): N rollouts, branches after tool results by the entropy rule, fresh rollouts to
+    fill M, GRPO advantages over all M. The entropies are the ones the engine recorded while decoding, and the
+    branches decode from the KV cache decoding built (no extra forward, no prefill over the prefixes); a backend
+    that records neither (vLLM) costs one no-grad forward for the entropies and uses its own prefix cache."""
+
+    def rollouts(self, ctx, prompts, groups):
+        from appo.prefix_cache import gather_prefix_kv
+
+        algo, engine = self.algo, ctx.engine
+        prompt_rows = [p for p in prompts for _ in range(algo.N)]
+        group_rows = [g for g in groups for _ in range(algo.N)]
+        cache = None
+        if engine.accepts_gathered_cache:
+            initial, cache = engine.generate_with_cache(prompt_rows, group_rows, score=ctx.score)
+        else:
+            initial = engine.generate(prompt_rows, group_rows, score=ctx.score)
+        entropy = initial.entropy
+        if entropy is None:
+            with torch.no_grad():
+                entropy = ctx.forward(initial, False).entropy
+        spans = [[call.result_span for call in calls] for calls in initial.tool_calls]
+        src, pos = arpo_branch_points(entropy, initial.mask, spans, initial.group_ids, budget=algo.M,
+                                      k=algo.arpo_k, beta=algo.arpo_beta, tau=algo.arpo_tau,
+                                      generator=ctx.generator)
+        parts = [initial]
+        if src.numel():
+            prefix_cache = None
+            if cache is not None:
+                prefix_cache = gather_prefix_kv(cache, src.to(initial.tokens.device), pos.to(initial.tokens.device),
+                                                lengths=initial.lengths)
+            parts.append(engine.continue_branches(initial, src, pos, past_key_values=prefix_cache,
+                                                  score=ctx.score))
+        del cache
+        prompt_ids, fresh = fresh_rollouts_to_fill(initial.group_ids, src, algo.M)
+        by_group = dict(zip(groups, prompts))
+        extra = [g for g, count in zip(prompt_ids.tolist(), fresh.tolist()) for _ in range(count)]
+        if extra:
+            parts.append(engine.generate([by_group[g] for g in extra], extra, score=ctx.score))
+        batch = concat(parts)
+        return batch, {"trajectories": batch.num_rollouts, "branches": int(src.numel())}
+
+
+class APPO(Algorithm):
+    """APPO: N rollouts per prompt; each micro-batch's forward of pi_theta scores and branches them (B * N
+    branches per prompt, from the forward's KV cache), then dual-group advantages scaled by A_fut. Only the N
+    initial rollouts are optimised; the branches supply rewards."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        algo = self.algo
+        self.settings = APPOSettings(
+            branches_per_rollout=algo.B, bs_gamma=algo.bs_gamma, bs_clip=algo.bs_clip, candidates=algo.candidates,
+            per=algo.per, min_gap=algo.min_gap, include_token=algo.include_token, entropy_only=algo.entropy_only,
+            fut_gamma=algo.fut_gamma, fut_clip=algo.fut_clip, future_scale=algo.b, combine=algo.combine,
+            one_group=algo.one_group)
+        self.keeps_cache = True
+        self.early: dict[int, tuple[RolloutBatch, dict]] = {}  # once_per_step: branches made before the updates
+
+    def rollouts(self, ctx, prompts, groups):
+        batch = ctx.engine.generate([p for p in prompts for _ in range(self.algo.N)],
+                                    [g for g in groups for _ in range(self.algo.N)], score=ctx.score)
+        self.early.clear()
+        return batch, {"trajectories": batch.num_rollouts}
+
+    def after_old_forward(self, ctx, index, sub, forward):
+        if self.algo.branch_when == "once_per_step":  # the authors' code: branch before any update
+            self.early[index] = self._branch(ctx, sub, forward, forward.logprobs)
+
+    def advantages(self, ctx, index, sub, forward, old_logprobs):
+        branches, info = self.early.pop(index) if index in self.early else \
+            self._branch(ctx, sub, forward, old_logprobs)
+        bundle = concat([sub, branches]) if branches is not None else sub
+        base = dual_group_base(self.settings, rewards=bundle.rewards, group_ids=bundle.group_ids,
+                               parent=bundle.parent, shared_prefix=self.settings.shared_prefix(bundle.branch_pos),
+                               mask=sub.mask)
+        advantages = scale_by_future(self.settings, base, logprobs=forward.logprobs, old_logprobs=old_logprobs,
+                                     mask=sub.mask)
+        return advantages, info
+
+    def _branch(self, ctx, sub, forward, old_logprobs) -> tuple[RolloutBatch | None, dict]:
+        """Plan B * N branches per prompt from this forward and decode them (from its gathered KV cache)."""
+        from appo.prefix_cache import gather_prefix_kv
+
+        tick = time.perf_counter()
+        plan = plan_branches(self.settings, tokens=sub.tokens, mask=sub.mask, group_ids=sub.group_ids,
+                             logprobs=forward.logprobs, old_logprobs=old_logprobs, entropy=forward.entropy)
+        omega = plan.score.future_value[sub.mask]
+        info = {"bs_entropy_only": plan.entropy_only_fraction, "branches_filled": plan.filled,
+                "branches_fresh": plan.fresh, "omega_min": float(omega.min()), "omega_max": float(omega.max())}
+        branches = None
+        if plan.src.numel():
+            prefix_cache = None
+            if ctx.engine.accepts_gathered_cache:  # vLLM finds the prefixes in its own prefix cache instead
+                with torch.no_grad():
+                    prefix_cache = gather_prefix_kv(forward.cache, plan.src, plan.pos,
+                                                    include_token=self.settings.include_token,
+                                                    lengths=sub.lengths)
+                for layer in prefix_cache.layers:  # the forward may have run under bf16 autocast
+                    layer.keys, layer.values = layer.keys.to(ctx.model_dtype), layer.values.to(ctx.model_dtype)
+            branches = ctx.engine.continue_branches(sub, plan.src, plan.pos, past_key_values=prefix_cache,
+                                                    include_token=self.settings.include_token, score=ctx.score)
+        info.update(trajectories=int(plan.src.numel()), branches=int(plan.src.numel()), branch_batch=branches)
+        ctx.timings["branch"] += time.perf_counter() - tick
+        return branches, info
+
+
+ALGORITHMS = {"grpo": GRPO, "arpo": ARPO, "appo": APPO}
+
+
+def make_algorithm(config: TrainConfig) -> Algorithm:
+    """The algorithm object of ``config.algo.algo``."""
+    return ALGORITHMS[config.algo.algo](config)

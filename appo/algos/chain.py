@@ -1,0 +1,212 @@
+"""The APPO chain, written once: Branching Score -> branch points (with the budget filled) -> dual-group
+advantages -> future-aware scaling (METHOD.md "Branching Score" to "Advantages").
+
+appo's trainer, the TRL integration and the verl integration all call these three functions; only the step
+between them, generating the branch continuations, belongs to each engine:
+
+    plan = plan_branches(settings, tokens=..., mask=..., group_ids=..., logprobs=pi_theta, old_logprobs=pi_old,
+                         entropy=...)                                     # which (row, position) to branch
+    ... the engine decodes one continuation per (plan.src[k], plan.pos[k]) and rewards it ...
+    base = dual_group_base(settings, rewards=..., group_ids=..., parent=..., shared_prefix=..., mask=...)
+    advantages = scale_by_future(settings, base, logprobs=pi_theta, old_logprobs=pi_old, mask=...)
+
+``old_logprobs`` is always pi_old in the trainer's own numerics (a forward of the policy that sampled, same
+micro-batches, dtype and kernels as the loss forward), never the rollout engine's log-probs: with pi_theta ==
+pi_old the future value is exactly 1, the Branching Score falls back to entropy alone (METHOD.md), and Omega
+never measures engine noise. ``scale_by_future`` is meant to be called at every update, with that update's
+pi_theta (A_fut is recomputed from the current policy, detached); the base advantages stay fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from appo.algos.advantages import dual_group_advantages, future_aware_scaling
+from appo.scoring import (FUTURE_VALUE_CLIP, GAMMA, BranchingScore, branching_score, future_value,
+                          select_branch_points)
+
+
+@dataclass(frozen=True)
+class APPOSettings:
+    """Every knob of the APPO chain, with METHOD.md's defaults (the paper's implementation setting).
+
+    branches_per_rollout: B, branch points per initial rollout; a prompt with N rollouts always gets exactly
+        B * N branches (see ``plan_branches`` for the fill rule), so every prompt costs M = (B + 1) * N.
+    bs_gamma, bs_clip: the future value's discount and clip range inside the Branching Score (Eq. 5).
+    candidates: "strict" (z(Omega) > 0 and z(H) > 0) or "all". per: "rollout" (top-B per rollout) or "group"
+        (top B * N pooled per prompt, the authors' code). min_gap: minimum distance between one row's points.
+    include_token: the branch keeps the chosen token (authors' code) instead of re-sampling it.
+    entropy_only: the "BS -> entropy" ablation (rank by z(H) alone).
+    fut_gamma, fut_clip: discount and clip of A_fut = clip(exp(s), lo, hi) in the advantage (Eq. 7).
+    future_scale: b in A = A_base * (1 + b * A_fut); 0 is the "w/o A_fut" ablation.
+    combine: "avg" (appo's reading of the dual-group rule) or "sum" (authors' code); one_group: the
+        "w/o dual-group" ablation. eps: the z-scores' epsilon.
+    """
+
+    branches_per_rollout: int = 3
+    bs_gamma: float = GAMMA
+    bs_clip: tuple[float, float] = FUTURE_VALUE_CLIP
+    candidates: str = "strict"
+    per: str = "rollout"
+    min_gap: int = 0
+    include_token: bool = False
+    entropy_only: bool = False
+    fut_gamma: float = GAMMA
+    fut_clip: tuple[float, float] = FUTURE_VALUE_CLIP
+    future_scale: float = 0.5
+    combine: str = "avg"
+    one_group: bool = False
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        branches = self.branches_per_rollout
+        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 0:
+            raise ValueError(f"branches_per_rollout: expected an int >= 0, got {branches!r}")
+        for name in ("bs_gamma", "fut_gamma"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must lie in (0, 1], got {getattr(self, name)}")
+        for name in ("bs_clip", "fut_clip"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name}: need lo <= hi, got {getattr(self, name)}")
+        choices = {"candidates": ("strict", "all"), "per": ("rollout", "group"), "combine": ("avg", "sum")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.min_gap < 0:
+            raise ValueError(f"min_gap: must be >= 0, got {self.min_gap}")
+        if self.future_scale < 0:
+            raise ValueError(f"future_scale: must be >= 0, got {self.future_scale}")
+
+    @classmethod
+    def authors_code(cls, **overrides) -> "APPOSettings":
+        """The authors' code's choices (METHOD.md): BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64), top
+        B * N per prompt, the chosen token kept, dual-group "sum"."""
+        values = dict(bs_gamma=1.0, bs_clip=(0.8, 1.2), fut_gamma=2.0 ** (-1.0 / 64.0), per="group",
+                      include_token=True, combine="sum")
+        return cls(**{**values, **overrides})
+
+    def shared_prefix(self, pos: torch.Tensor) -> torch.Tensor:
+        """Length of the prefix a branch at ``pos`` shares with its parent: pos (+ 1 with include_token)."""
+        return pos + int(self.include_token)
+
+
+@dataclass
+class BranchPlan:
+    """Where to branch. src, pos: int64 [K], sorted by (row, position), duplicates allowed (two branches
+    from one point are two independent continuations); shared: int64 [K], ``settings.shared_prefix(pos)``;
+    score: the Branching Score of every token; chosen: points the Branching Score chose (per-row top-B);
+    filled: points added by the fill rule (next-best tokens of the prompt); fresh: of those, re-samples of a
+    whole response (the prompt had fewer branchable tokens than its budget)."""
+
+    src: torch.Tensor
+    pos: torch.Tensor
+    shared: torch.Tensor
+    score: BranchingScore
+    chosen: int
+    filled: int
+    fresh: int
+
+    @property
+    def entropy_only_fraction(self) -> float:
+        """Share of rows scored by the entropy-only fallback (Omega constant: pi_theta == pi_old)."""
+        return float(self.score.entropy_only.float().mean())
+
+
+def plan_branches(settings: APPOSettings, *, tokens: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor,
+                  logprobs: torch.Tensor, old_logprobs: torch.Tensor, entropy: torch.Tensor) -> BranchPlan:
+    """Branching Score (Eq. 5) and exactly ``B * n_g`` branch points for each prompt group of n_g rows.
+
+    tokens int [R, T]; mask bool [R, T] (generated tokens); group_ids int64 [R]; logprobs float [R, T], pi_theta
+    of the sampled tokens (detached here); old_logprobs float [R, T], pi_old in the trainer's numerics; entropy
+    float [R, T], pi_theta's full-vocabulary entropy. With pi_theta == pi_old every row falls back to entropy
+    alone, bit for bit.
+
+    Fill rule [appo choice]: the Branching Score picks the top-B candidates of each row (``per="rollout"``) or
+    the top B * n_g of the group (``per="group"``). When a row has fewer candidates, the prompt's budget is
+    filled with its next-best tokens: first the group's remaining candidates by score, then its other generated
+    tokens (never a row's last) by entropy, highest first. When even those run out (very short responses),
+    the rest re-sample whole responses: a branch at a row's first generated token shares no generated token
+    with its parent, i.e. it is a fresh rollout of the prompt (rows taken in turn). Only a group none of whose
+    rows holds a generated token gets fewer than its budget (none).
+    """
+    logprobs = logprobs.detach()
+    reference = logprobs if settings.entropy_only else old_logprobs.detach()
+    score = branching_score(tokens=tokens, old_logprobs=reference, mask=mask, entropy=entropy.detach(),
+                            logprobs=logprobs, gamma=settings.bs_gamma, clip=settings.bs_clip,
+                            candidates=settings.candidates)
+    budget = settings.branches_per_rollout
+    src, pos = select_branch_points(score.score, budget, group_ids=group_ids, per=settings.per,
+                                    min_gap=settings.min_gap, allow_fewer=True)
+    chosen = src.numel()
+    points = list(zip(src.tolist(), pos.tolist()))
+    fresh = 0
+    if budget > 0:
+        extra, fresh = _fill_budget(score, mask.bool(), group_ids, budget, set(points))
+        points += extra
+    points.sort()
+    device = tokens.device
+    index = torch.tensor(points, dtype=torch.long, device=device).view(-1, 2)
+    src, pos = index[:, 0].contiguous(), index[:, 1].contiguous()
+    return BranchPlan(src, pos, settings.shared_prefix(pos), score, chosen, len(points) - chosen, fresh)
+
+
+def _fill_budget(score: BranchingScore, mask: torch.Tensor, group_ids: torch.Tensor, budget: int,
+                 taken: set[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+    """The points each group still needs to reach ``budget`` per row (rule in ``plan_branches``)."""
+    values = score.score.detach().float().cpu().tolist()
+    entropy = score.entropy.detach().float().cpu().tolist()
+    generated = [torch.nonzero(row).flatten().tolist() for row in mask.cpu()]
+    groups: dict[int, list[int]] = {}
+    for r, g in enumerate(group_ids.cpu().tolist()):
+        groups.setdefault(g, []).append(r)
+    extra, fresh = [], 0
+    for rows in groups.values():
+        missing = budget * len(rows) - sum(1 for r, _ in taken if r in rows)
+        if missing <= 0:
+            continue
+        # candidates first (by score), then the other generated tokens by entropy; never a row's last token
+        ranked = sorted((values[r][p] == float("-inf"),
+                         -(entropy[r][p] if values[r][p] == float("-inf") else values[r][p]), r, p)
+                        for r in rows for p in generated[r][:-1] if (r, p) not in taken)
+        extra += [(r, p) for _, _, r, p in ranked[:missing]]
+        starts = [r for r in rows if generated[r]]  # a fully masked row (e.g. TRL's truncated) has no start
+        for k in range(missing - min(missing, len(ranked)) if starts else 0):  # fresh responses
+            r = starts[k % len(starts)]
+            extra.append((r, generated[r][0]))
+            fresh += 1
+    return extra, fresh
+
+
+def dual_group_base(settings: APPOSettings, *, rewards: torch.Tensor, group_ids: torch.Tensor,
+                    parent: torch.Tensor, shared_prefix: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dual-group base advantages (Eqs. 6-7) of the initial rollouts, fp32 [R_init, T].
+
+    rewards float [R], group_ids int64 [R], parent int64 [R] (-1 for an initial rollout, else its row in this
+    bundle) for R = initial rollouts and their branches; shared_prefix int64 [R], a branch's shared prefix
+    length (``BranchPlan.shared``; ignored on initial rows); mask bool [R_init, T], the initial rollouts'
+    generated tokens. ``settings.combine`` / ``one_group`` pick the rule (see ``dual_group_advantages``).
+    """
+    return dual_group_advantages(rewards, group_ids, parent, torch.where(parent < 0, 0, shared_prefix), mask,
+                                 combine=settings.combine, one_group=settings.one_group, eps=settings.eps)
+
+
+def scale_by_future(settings: APPOSettings, base: torch.Tensor, *, logprobs: torch.Tensor,
+                    old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A = A_base * (1 + b * A_fut), A_fut = clip(exp(s), fut_clip) of this update's pi_theta against pi_old
+    (gamma ``fut_gamma``), detached; fp32 [R, T], 0 off the mask. base, logprobs, old_logprobs: [R, T]."""
+    future = future_value(logprobs.detach(), old_logprobs.detach(), mask, gamma=settings.fut_gamma,
+                          clip=settings.fut_clip)
+    return future_aware_scaling(base, torch.where(mask.bool(), future, 0.0), settings.future_scale)
+
+
+def token_advantages(settings: APPOSettings, *, rewards: torch.Tensor, group_ids: torch.Tensor,
+                     parent: torch.Tensor, shared_prefix: torch.Tensor, mask: torch.Tensor,
+                     logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """``scale_by_future(dual_group_base(...))`` in one call: the APPO token advantages, fp32 [R_init, T].
+    logprobs / old_logprobs: [R_init, T], pi_theta and pi_old of the initial rollouts."""
+    base = dual_group_base(settings, rewards=rewards, group_ids=group_ids, parent=parent,
+                           shared_prefix=shared_prefix, mask=mask)
+    return scale_by_future(settings, base, logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
