@@ -136,12 +136,17 @@ class PythonTool(Tool):
             stack.callback(os.close, code_fd)
             seccomp_fd = data_fd(filter_program())
             stack.callback(os.close, seccomp_fd)
-            argv = confinement.command(config={"limits": self._limits()}, code_fd=code_fd, seccomp_fd=seccomp_fd,
+            lifeline, lifeline_end = os.pipe()  # the sandbox lives while this process holds lifeline_end open
+            stack.callback(os.close, lifeline)
+            ends = stack.enter_context(_Closing(lifeline_end))
+            config = {"limits": self._limits(), "lifeline": lifeline}
+            argv = confinement.command(config=config, code_fd=code_fd, seccomp_fd=seccomp_fd,
                                        disk_bytes=self.disk_mb * 1024 * 1024, uid=uid)
             if budget is not None:
                 argv = ["/bin/sh", "-c", _ENTER_CGROUP, "appo-sandbox", *budget.procs_files, "--", *argv]
             output, stop, returncode, errors = self._execute(argv, {"PATH": "/usr/bin:/bin"},
-                                                             pass_fds=(code_fd, seccomp_fd), cwd="/")
+                                                             pass_fds=(code_fd, seccomp_fd, lifeline), cwd="/")
+            ends.close()  # the sandbox's init exits (if it has not), and with it every process it holds
             if stop is not None and budget is None and uid is not None:
                 _wait_until_uid_has_no_process(uid)  # before the uid is leased again
             oom = budget is not None and budget.oom_killed()
@@ -241,6 +246,24 @@ class PythonTool(Tool):
             text = f"{text[:head]}\n...[{len(text) - keep} chars omitted]...\n{text[len(text) - tail:]}"
         parts = [p for p in (text, status) if p]
         return "\n".join(parts) if parts else "(no output)"
+
+
+class _Closing:
+    """A file descriptor closed by ``close()`` or at the end of the ``with`` block, whichever comes first."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

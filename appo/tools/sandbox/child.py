@@ -2,12 +2,15 @@
 
 It imports nothing from appo (inside the sandbox appo is not in view). ``python -I -S -B child.py CONFIG``:
 CONFIG is json with "code_path" (the code to run), "workdir" (the working directory), "limits" (resource
-name -> value, applied to the worker only) and "audit_hook" (true only when the sandbox is unconfined).
+name -> value, applied to the worker only), "audit_hook" (true only when the sandbox is unconfined) and
+"lifeline" (a file descriptor, or null: the read end of a pipe whose write end only the parent holds).
 
 Process layout: this process stays as a small init (PID 1 of the sandbox's PID namespace when confined): it
 forks one worker that applies the limits and runs the code, reaps every orphan reparented to it, and exits
-with the worker's status (128 + signal number for a signalled worker). Its exit tears down the PID namespace,
-so every process the code started dies with it. Exit 121 means the sandbox could not be set up.
+with the worker's status (128 + signal number for a signalled worker). It also exits when the lifeline reads
+end-of-file, i.e. when the parent closed it or died, even by SIGKILL (a parent-death signal would not do: the
+kernel clears it when the uid changes). Its exit tears down the PID namespace, so every process the code
+started dies with it. Exit 121 means the sandbox could not be set up.
 """
 
 import ast
@@ -31,12 +34,16 @@ def main() -> None:
         with open(config["code_path"], encoding="utf-8", errors="surrogateescape") as file:
             code = file.read()
         os.chdir(config["workdir"])
+        lifeline = config.get("lifeline")
+        wakeup = _watch_children() if lifeline is not None else None
         worker = os.fork()
     except Exception as error:  # noqa: BLE001 - any failure here means the code was not run
         os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
         os._exit(SETUP_FAILED_EXIT)
     if worker == 0:
         try:
+            if lifeline is not None:
+                _unwatch_children(lifeline, wakeup)
             _apply_limits(config["limits"])
             if config["audit_hook"]:
                 sys.addaudithook(_make_audit_hook(os.path.realpath(config["workdir"])))
@@ -44,7 +51,7 @@ def main() -> None:
             os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
             os._exit(SETUP_FAILED_EXIT)
         os._exit(_run_user_code(code))
-    os._exit(_reap_until(worker))
+    os._exit(_reap_until(worker) if lifeline is None else _reap_until_or_orphaned(worker, lifeline, wakeup))
 
 
 def _apply_limits(limits: dict) -> None:
@@ -65,6 +72,50 @@ def _reap_until(worker: int) -> int:
             continue
         if pid == worker:
             return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _watch_children() -> int:
+    """SIGCHLD writes to a pipe (returned: its read end) so that one select() waits for children and lifeline."""
+    import signal
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    signal.signal(signal.SIGCHLD, lambda *args: None)
+    return read_end
+
+
+def _unwatch_children(lifeline: int, wakeup: int) -> None:
+    import signal
+    os.close(signal.set_wakeup_fd(-1))
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for fd in (lifeline, wakeup):
+        os.close(fd)
+
+
+def _reap_until_or_orphaned(worker: int, lifeline: int, wakeup: int) -> int:
+    """Like _reap_until, but return 137 (as if SIGKILLed) as soon as the lifeline reads end-of-file."""
+    import select
+    while True:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return SETUP_FAILED_EXIT
+            if pid == 0:
+                break
+            if pid == worker:
+                return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        try:
+            readable, _, _ = select.select([lifeline, wakeup], [], [])
+        except InterruptedError:
+            continue
+        if lifeline in readable:
+            return 137  # the parent is gone or gave up on this call
+        try:
+            os.read(wakeup, 4096)
+        except BlockingIOError:
+            pass
 
 
 def _make_audit_hook(workdir: str):
