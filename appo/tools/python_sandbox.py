@@ -39,6 +39,7 @@ from appo.tools.sandbox.bwrap import CHILD_SCRIPT, data_fd, sandbox_environment
 from appo.tools.sandbox.cgroups import CgroupBudget
 from appo.tools.sandbox.identities import SANDBOX_UIDS, UidLease
 from appo.tools.sandbox.seccomp_filter import filter_program
+from appo.tools.sandbox.view import site_packages
 
 __all__ = ["PythonTool", "SandboxUnavailable", "SANDBOX_UIDS", "ALLOW_UNCONFINED_ENV"]
 
@@ -158,7 +159,8 @@ class PythonTool(Tool):
             code_path = os.path.join(workdir, ".appo_code.py")
             with open(code_path, "w", encoding="utf-8", errors="surrogateescape") as file:
                 file.write(code)
-            config = {"limits": self._limits(), "code_path": code_path, "workdir": workdir, "audit_hook": True}
+            config = {"limits": self._limits(), "code_path": code_path, "workdir": workdir, "audit_hook": True,
+                      "site": list(site_packages())}
             argv = [sys.executable, "-I", "-S", "-B", CHILD_SCRIPT, json.dumps(config)]
             output, stop, returncode, errors = self._execute(argv, sandbox_environment(workdir), cwd=workdir)
         finally:

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from appo.tools.sandbox import seccomp_filter
-from appo.tools.sandbox.view import bwrap_view_args
+from appo.tools.sandbox.view import bwrap_view_args, site_packages
 
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 INNER_DIR = "/.appo"
@@ -72,7 +72,8 @@ class Confinement:
         if self.mode == "root":
             argv += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--"]
-        inner = {**config, "code_path": f"{INNER_DIR}/code.py", "workdir": "/tmp", "audit_hook": False}
+        inner = {**config, "code_path": f"{INNER_DIR}/code.py", "workdir": "/tmp", "audit_hook": False,
+                 "site": list(site_packages())}
         return argv + [sys.executable, "-I", "-S", "-B", f"{INNER_DIR}/child.py", json.dumps(inner)]
 
 

@@ -1,8 +1,9 @@
 """The interpreter side of the Python sandbox: this file runs as a script inside the sandbox.
 
 It imports nothing from appo (inside the sandbox appo is not in view). ``python -I -S -B child.py CONFIG``:
-CONFIG is json with "code_path" (the code to run), "workdir" (the working directory), "limits" (resource
-name -> value, applied to the worker only), "audit_hook" (true only when the sandbox is unconfined) and
+CONFIG is json with "code_path" (the code to run), "workdir" (the working directory), "site" (the parent's
+site-packages folders, put on sys.path: -S skips site.py), "limits" (resource name -> value, applied to the
+worker only), "audit_hook" (true only when the sandbox is unconfined) and
 "lifeline" (a file descriptor, or null: the read end of a pipe whose write end only the parent holds).
 
 Process layout: this process stays as a small init (PID 1 of the sandbox's PID namespace when confined): it
@@ -50,7 +51,7 @@ def main() -> None:
         except Exception as error:  # noqa: BLE001
             os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
             os._exit(SETUP_FAILED_EXIT)
-        os._exit(_run_user_code(code))
+        os._exit(_run_user_code(code, config.get("site", [])))
     os._exit(_reap_until(worker) if lifeline is None else _reap_until_or_orphaned(worker, lifeline, wakeup))
 
 
@@ -162,17 +163,16 @@ class _TrackingStream:
         return getattr(self._stream, name)
 
 
-def _run_user_code(code: str) -> int:
+def _run_user_code(code: str, site_packages: list) -> int:
     """Run ``code`` as __main__; print the last expression's repr if nothing was printed -> exit code."""
     import linecache
-    import site
     import traceback
     sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")
     sys.stderr.reconfigure(line_buffering=True, errors="backslashreplace")
     filename = "<code>"
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     sys.stdout = tracker = _TrackingStream(sys.stdout)
-    sys.path += [p for p in site.getsitepackages() if p not in sys.path]
+    sys.path += [p for p in site_packages if p not in sys.path]
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         tree = ast.parse(code, filename)

@@ -18,6 +18,13 @@ _SYSTEM_PREFIXES = ("/", "/usr", "/usr/local")
 
 
 @functools.lru_cache(maxsize=1)
+def site_packages() -> tuple[str, ...]:
+    """The site-packages folders of the running interpreter (a venv's own, when in one)."""
+    paths = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    return tuple(p for p in dict.fromkeys(paths) if p and os.path.isdir(p))
+
+
+@functools.lru_cache(maxsize=1)
 def interpreter_paths() -> tuple[str, ...]:
     """Host paths to bind read-only for ``sys.executable`` to run with its stdlib and site-packages: the
     prefixes (a venv's and its base interpreter's), or for a system interpreter its own folders; no path
@@ -28,7 +35,7 @@ def interpreter_paths() -> tuple[str, ...]:
             paths.add(os.path.abspath(prefix))
     for name in ("stdlib", "platstdlib", "purelib", "platlib"):
         paths.add(sysconfig.get_path(name))
-    paths.update(site.getsitepackages())
+    paths.update(site_packages())
     paths.add(os.path.realpath(sys.executable))
     paths.add(sys.executable)
     library = sysconfig.get_config_var("LIBDIR")
