@@ -61,7 +61,8 @@ for path in {markers!r}:
     fd = libc.open(path.encode(), os.O_WRONLY | os.O_CREAT, 0o644)
     print('ctypes', fd, ctypes.get_errno())
 """,
-    "private_tmp": "open('/tmp/' + {marker_name!r}, 'w').write('inside')\nprint(open('/tmp/' + {marker_name!r}).read())",
+    "private_tmp": ("open('/tmp/' + {marker_name!r}, 'w').write('inside')\n"
+                    "print(open('/tmp/' + {marker_name!r}).read())"),
     "proc": """
 import os
 pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
@@ -164,7 +165,8 @@ print('unshare mount', libc.unshare(0x00020000), ctypes.get_errno())
 print('mount', libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), ctypes.get_errno())
 print('ptrace', libc.ptrace(16, 1, None, None), ctypes.get_errno())
 """,
-    "threads": "import threading\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\nprint('thread ok')",
+    "threads": ("import threading\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\n"
+                "print('thread ok')"),
 }
 
 

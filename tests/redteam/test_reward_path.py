@@ -104,7 +104,8 @@ def test_a_search_passage_that_closes_its_block_gives_no_credit(then):
 
 
 HOSTILE_TEXTS = {
-    "unary minus, 47 tokens": "<python>print(" + "-" * 47 + "1)</python><result>\n-1\n</result>\n<answer>1</answer>",
+    "unary minus, 47 tokens": ("<python>print(" + "-" * 47 + "1)</python><result>\n-1\n</result>\n"
+                               "<answer>1</answer>"),
     "unary minus, 100k": "<python>" + "-" * 100_000 + "1</python><result>\n1\n</result>\n<answer>1</answer>",
     "nested parentheses": "<python>" + "(" * 100_000 + "</python><result>x</result><answer>1</answer>",
     "unclosed string": "<python>'" + "</python>" * 20_000,

@@ -121,7 +121,8 @@ def reachable_mounts_script(paths) -> str:
             lines.append(f"mount -t tmpfs -o mode=755,size=1m tmpfs '{folder}'")
             for i, name in enumerate(needed):
                 hold = f"/run/appo-redteam-hold-{os.getpid()}-{i}"
-                lines.append(f"mkdir '{folder}/{name}' && mount --move {hold} '{folder}/{name}' && rmdir {hold}")
+                lines.append(f"mkdir '{folder}/{name}' && mount --move {hold} '{folder}/{name}'")
+                lines.append(f"rmdir {hold}")
             break
     return "\n".join(lines)
 
@@ -165,8 +166,8 @@ def probe_params(secret, server, mode: str) -> dict:
     if mode == "root":
         allowed.append(shutil.which("setpriv"))
     # /tmp and /dev/shm are the sandbox's own (its working directory): writes there succeed and stay inside
-    markers = [f"{d}/{marker}".replace("//", "/") for d in ("/tmp", "/dev/shm", "/var/tmp", "/etc", "/usr/lib", "/",
-                                                           str(REPO), view.interpreter_paths()[0])]
+    folders = ("/tmp", "/dev/shm", "/var/tmp", "/etc", "/usr/lib", "/", str(REPO), view.interpreter_paths()[0])
+    markers = [f"{d}/{marker}".replace("//", "/") for d in folders]
     return {"secret": str(secret), "allowed": allowed, "markers": markers, "marker_name": marker,
             "host_pid": os.getpid(), "port": server.getsockname()[1]}
 
@@ -237,7 +238,8 @@ def test_no_capabilities_and_no_root(results):
     uid = int(text.split("uid ")[1].split()[0])
     assert uid != 0
     refusal = result_of(results, "setuid_root").splitlines()[-1]  # EPERM as root-mode uid, EINVAL in a userns
-    assert refusal in ("PermissionError: [Errno 1] Operation not permitted", "OSError: [Errno 22] Invalid argument")
+    assert refusal in ("PermissionError: [Errno 1] Operation not permitted",
+                       "OSError: [Errno 22] Invalid argument")
 
 
 def test_reads_root_only_file_and_nothing_outside_the_view(results, secret):
@@ -276,7 +278,8 @@ def test_memory_budget_covers_every_process_and_memfd(results):
     else:
         assert "MemoryError" in text, text
     if results[0]["_mode"] == "root" and cgroups.layout() is not None:
-        assert bound == TOOL_OPTIONS["memory_mb"] and "MemoryError: the sandbox used up its memory budget" in text
+        assert bound == TOOL_OPTIONS["memory_mb"]
+        assert "MemoryError: the sandbox used up its memory budget" in text
     memfd = result_of(results, "memfd")
     assert "memfd_create PermissionError Operation not permitted" in memfd
     assert "memfd syscall -1 1" in memfd and "shmget -1 1" in memfd

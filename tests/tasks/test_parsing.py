@@ -135,7 +135,8 @@ class TestStringRuleWithoutCompiling:
         assert find_tool_call("<python>x = 1  # </python> ends here</python>") == ("python", "x = 1  # ")
         assert find_tool_call("<python>s = 'it\\'s </python>'\nprint(s)</python>") == \
             ("python", "s = 'it\\'s </python>'\nprint(s)")
-        assert find_tool_call('<python>s = """a\n</python>\n"""</python>') == ("python", 's = """a\n</python>\n"""')
+        assert find_tool_call('<python>s = """a\n</python>\n"""</python>') == \
+            ("python", 's = """a\n</python>\n"""')
 
     def test_a_string_broken_by_a_newline_never_closes_the_call(self):
         assert check_format("<python>s = 'abc\nprint(1)</python><result>1</result><answer>1</answer>") == \

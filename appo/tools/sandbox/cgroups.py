@@ -97,7 +97,7 @@ class CgroupBudget:
 
     @classmethod
     def create(cls, memory_bytes: int, max_tasks: int) -> "CgroupBudget | None":
-        """A new budget of ``memory_bytes`` (no swap) and ``max_tasks`` tasks, or None where none can be made."""
+        """A new budget of ``memory_bytes`` (no swap) and ``max_tasks`` tasks; None where none can be made."""
         found = layout()
         if found is None:
             return None

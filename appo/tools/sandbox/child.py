@@ -76,7 +76,7 @@ def _reap_until(worker: int) -> int:
 
 
 def _watch_children() -> int:
-    """SIGCHLD writes to a pipe (returned: its read end) so that one select() waits for children and lifeline."""
+    """SIGCHLD writes to a pipe (returned: its read end): one select() waits for children and the lifeline."""
     import signal
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
