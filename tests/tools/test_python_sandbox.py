@@ -144,6 +144,20 @@ def test_without_confinement_code_is_refused_unless_the_user_opts_in(no_bubblewr
         PythonTool()
 
 
+def test_a_bubblewrap_without_the_needed_options_is_refused(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'usage: bwrap [OPTIONS...] --bind SRC DEST --tmpfs DEST'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(ALLOW_UNCONFINED_ENV, raising=False)
+    bwrap.detect.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="too old: no --size"):
+            PythonTool()
+    finally:
+        bwrap.detect.cache_clear()
+
+
 def test_a_sandbox_that_cannot_be_built_runs_no_code(tool, monkeypatch, tmp_path):
     marker = tmp_path / "ran"
     # break the view: a missing child script makes bubblewrap fail before anything runs

@@ -31,6 +31,9 @@ from appo.tools.sandbox.view import bwrap_view_args, site_packages
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 INNER_DIR = "/.appo"
 _SEARCH_PATH = "/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin"
+# bubblewrap options the sandbox cannot do without (--size, for the /tmp budget, came in bubblewrap 0.7)
+REQUIRED_OPTIONS = ("--size", "--perms", "--as-pid-1", "--ro-bind-data", "--die-with-parent", "--seccomp",
+                    "--remount-ro", "--cap-drop")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -39,11 +42,13 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Confinement:
-    """mode: "root" or "userns"; bwrap / setpriv: the programs' paths (setpriv only in root mode)."""
+    """mode: "root" or "userns"; bwrap / setpriv: the programs' paths (setpriv only in root mode);
+    disable_userns: bubblewrap can forbid new user namespaces itself (0.8+; the seccomp filter does anyway)."""
 
     mode: str
     bwrap: str
     setpriv: str | None = None
+    disable_userns: bool = False
 
     def command(self, *, config: dict, code_fd: int, seccomp_fd: int, disk_bytes: int,
                 uid: int | None = None) -> list[str]:
@@ -58,7 +63,7 @@ class Confinement:
             argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
                      "--cap-add", "CAP_SETPCAP"]
         else:
-            argv += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
+            argv += ["--unshare-user", *(["--disable-userns"] if self.disable_userns else []), "--cap-drop", "ALL"]
         programs = (self.setpriv,) if self.mode == "root" else ()
         argv += ["--seccomp", str(seccomp_fd), *bwrap_view_args(programs),
                  "--size", str(disk_bytes), "--perms", "1777", "--tmpfs", "/tmp",
@@ -109,7 +114,14 @@ def detect(as_root: bool | None = None) -> Confinement:
     reason = seccomp_filter.available()
     if reason is not None:
         raise SandboxUnavailable(reason)
-    confinement = Confinement("root" if as_root else "userns", bwrap, setpriv)
+    try:
+        usage = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SandboxUnavailable(f"{bwrap} --help failed: {error}") from None
+    missing = [option for option in REQUIRED_OPTIONS if option not in usage]
+    if missing:
+        raise SandboxUnavailable(f"{bwrap} is too old: no {', '.join(missing)} (bubblewrap >= 0.7 needed)")
+    confinement = Confinement("root" if as_root else "userns", bwrap, setpriv, "--disable-userns" in usage)
     _prove(confinement)
     return confinement
 
