@@ -99,7 +99,7 @@ class PythonTool(Tool):
             self.confinement = None
 
     @property
-    def memory_bound_mb(self) -> int:
+    def memory_bound_mb(self) -> int | None:
         """The most memory one call can hold: the cgroup budget, or without one the per-process bound times the
         process limit plus the /tmp size (None: unconfined, no bound)."""
         from appo.tools.sandbox.cgroups import layout
