@@ -11,8 +11,9 @@ forward of each micro-batch, the PPO loss and the optimizer. An algorithm decide
                                                      forward of pi_theta and pi_old;
   after_old_forward(ctx, index, sub, forward)        a hook on the no-grad pi_old forward (APPO's
                                                      ``branch_when="once_per_step"`` branches there);
-  keeps_cache                                        whether the forward must keep the KV cache (APPO's
-                                                     branches decode from it).
+  keeps_cache                                        whether the loss forward must keep the KV cache (APPO's
+                                                     branches decode from it);
+  branches_before_updates                            whether the pi_old forward must keep it too.
 
 Nothing here switches on an algorithm's name: ``make_algorithm`` looks the class up once.
 """
@@ -58,6 +59,7 @@ class Algorithm:
     """The interface (GRPO is its simplest case). ``config`` is the run's TrainConfig."""
 
     keeps_cache = False
+    branches_before_updates = False
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -140,6 +142,7 @@ class APPO(Algorithm):
             fut_gamma=algo.fut_gamma, fut_clip=algo.fut_clip, future_scale=algo.b, combine=algo.combine,
             one_group=algo.one_group)
         self.keeps_cache = True
+        self.branches_before_updates = algo.branch_when == "once_per_step"
         self.early: dict[int, tuple[RolloutBatch, dict]] = {}  # once_per_step: branches made before the updates
 
     def rollouts(self, ctx, prompts, groups):
@@ -149,7 +152,7 @@ class APPO(Algorithm):
         return batch, {"trajectories": batch.num_rollouts}
 
     def after_old_forward(self, ctx, index, sub, forward):
-        if self.algo.branch_when == "once_per_step":  # the authors' code: branch before any update
+        if self.branches_before_updates:  # the authors' code: branch before any update
             self.early[index] = self._branch(ctx, sub, forward, forward.logprobs)
 
     def advantages(self, ctx, index, sub, forward, old_logprobs):

@@ -320,8 +320,8 @@ class Trainer:
         tick = time.perf_counter()
         old_logprobs = {}
         for i in range(config.optim.grad_accumulation, len(micro)):
-            with torch.no_grad():
-                forward = self._forward(micro[i], self._keep_cache)
+            with torch.no_grad():  # (the KV cache changes no number: kept only when branching from it)
+                forward = self._forward(micro[i], self._keep_cache and self.algorithm.branches_before_updates)
             old_logprobs[i] = forward.logprobs
             self.algorithm.after_old_forward(ctx, i, micro[i], forward)
             del forward
