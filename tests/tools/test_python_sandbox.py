@@ -180,3 +180,27 @@ def test_no_file_descriptor_is_left_open_in_the_parent(tool):
     for _ in range(3):
         timed_run(tool, "print(1)")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_without_a_cgroup_the_bounds_are_per_process_and_nothing_outlives_the_call(monkeypatch):
+    from appo.tools.sandbox import cgroups
+    monkeypatch.setattr(cgroups, "layout", lambda: None)
+    tool = PythonTool(timeout_s=LIMIT_S, memory_mb=128, disk_mb=16, max_processes=4)
+    assert tool.memory_bound_mb == 128 * 6 + 16
+    bomb = "import os\nprint(os.getuid(), flush=True)\nwhile True:\n    try:\n        os.fork()\n" \
+           "    except OSError:\n        pass"
+    result = timed_run(tool, bomb)
+    assert result.endswith("TimeoutError: execution exceeded 2 s (killed)")
+    if os.geteuid() != 0:
+        return  # a user-namespace sandbox runs as this user: its processes cannot be told apart by uid here
+    uid = int(result.split()[0])
+    owners = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/status") as status:
+                fields = dict(line.split(":", 1) for line in status.read().splitlines())
+            if fields["State"].split()[0] != "Z":
+                owners.append(int(fields["Uid"].split()[0]))
+        except (OSError, KeyError, ValueError):
+            pass
+    assert uid not in owners  # gone before the call returned (root: its uid may be leased again at once)
