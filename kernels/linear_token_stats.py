@@ -1,35 +1,48 @@
 """Fused LM head + token statistics in Triton: log p(sampled token) and full-vocabulary entropy from hidden
-states [N, H] and the LM-head weight [V, H], never allocating the [N, V] logits. With backward.
+states [N, H] and the LM-head weight [V, H], never allocating the [N, V] logits. With a chunked backward.
 
 Torch reference (the test oracle): ``appo.ops.linear_token_stats.linear_token_stats_torch``. In short:
 
-    z = (hidden @ weight.T + bias) / temperature                # fp32 accumulation
-    lse = logsumexp(z);  logprob = z[a] - lse;  entropy = lse - sum(softmax(z) * z)
-    backward (logprobs only): dz = g * (onehot(a) - softmax(z)) / temperature
+    z = hidden @ weight.T + bias                       (raw logits, fp32 accumulation)
+    p = softmax(z / T);  logprob = log p[a];  entropy = -sum p log p   (over the finite support of z)
+    backward (logprobs only): dz = g * (onehot(a) - p) / T
         grad_hidden = dz @ weight,  grad_weight = dz.T @ hidden,  grad_bias = dz.sum(0)
 
-Forward: a grid of (row blocks of BLOCK_N) x (vocabulary splits). Each program walks its vocabulary range
-tile by tile, builds the [BLOCK_N, BLOCK_V] logits tile with tl.dot over H in BLOCK_H chunks and folds it into
-online statistics (max m, sum-exp s, sum e^(z-m) (z-m) t, and the sampled token's logit) as flash attention
-does. The vocabulary is split across programs only when there are too few row blocks to fill the GPU (small N
-at scoring time); the per-split partial statistics [S, N] are merged by a few elementwise torch ops.
+Forward (``_forward_kernel``): a grid of (vocabulary splits) x (row blocks of BLOCK_N), the split the fastest
+axis, so that the programs in flight work on a few row blocks and share their hidden rows through L2. Each
+program walks its vocabulary range tile by tile: a [BLOCK_N, BLOCK_V] logits tile from a software-pipelined
+K loop of tl.dot (wgmma on sm_90), then the tile folds into online statistics per row (max m, s = sum
+2^((z - m) log2(e) / T), t = sum 2^(...) (z - m), and the sampled token's logit), as in
+``kernels/token_stats.py``. The per-split partial statistics [S, N] merge in a few torch ops on [S, N].
+The split count S is chosen so that the S x (row blocks) programs fill whole waves of the GPU's SMs.
 
-Backward, two kernels, both recomputing logits tile by tile from the saved row max and log-sum-exp (kept
-apart: p = exp((z - max) - log_sumexp) stays exact where p is near 1; the [N, V] gradient never exists
-either). Design choice: each output gets a kernel whose programs OWN disjoint slices of it, so there are
-no atomics, results are deterministic, and the fp32 accumulators are read-modify-written only by their owner:
-  * grad_hidden: one program per row block walks all vocabulary tiles and accumulates dz @ W into its rows of
-    an fp32 [N, H] buffer (a row block's accumulator is BLOCK_N x H, too big for registers at H = 3584, so it
-    lives in global memory/L2, touched once per (vocabulary tile, H chunk)).
-  * grad_weight and grad_bias: one program per vocabulary tile walks all row blocks and accumulates dz.T @ h
-    into its rows of an fp32 [V, H] buffer; V / BLOCK_V programs (1,188 at V = 152,064) fill an H100.
-The price is recomputing the logits twice in backward (2 x 2NVH flops) on top of the 2 x 2NVH of the gradient
-matmuls; the alternative (one kernel, atomics into grad_weight from every row block) issues N / BLOCK_N atomic
-adds per weight element, which is slower at these sizes and non-deterministic.
+Backward (``_grad_logits_kernel`` + cuBLAS), per chunk of C rows: the Triton kernel recomputes the chunk's
+logits tile by tile from the saved row max and log-sum-exp and writes dz in the input dtype into a [C, V]
+buffer; then torch.matmul computes grad_hidden[chunk] = dz @ weight and grad_weight += dz.T @ hidden[chunk]
+with fp32 accumulation (cuBLAS, fp32 output for bf16/fp16 inputs). Memory O(C x V): the dz buffer (C = 4,096
+rows at V = 152,064: 1.25 GB in bf16) plus an fp32 grad_weight accumulator [V, H].
 
-On GPUs, bf16/fp16 tiles feed tl.dot directly (fp32 accumulation) and dz is cast to the input dtype for the
-gradient matmuls, as flash attention does with P; fp32 inputs use exact ("ieee") fp32 dots, not tf32. On the
-Triton CPU interpreter every tl.dot operand is cast to fp32 first (its bf16 dot is wrong).
+FLOP and byte model at the target sizes (N = 32,768 rows, V = 152,064, H = 3,584, bf16; NVH = 1.79e13):
+  * forward: 2 NVH = 35.7 TFLOP. Tiles 128 x 256 x 64 (3-4 stages): 85 FLOP per operand byte from L2.
+    HBM: the weight is read once per wave of programs: with S = 33 splits, 64 waves of 132 programs read
+    64 x 1.09 GB = 70 GB, 1.5 TB/s over the run (35% of 4.3 TB/s, overlapped with the tensor cores);
+    hidden blocks in flight (4 x 0.92 MB) stay in L2. Epilogue per tile (32,768 logits: max, shift, clamp,
+    scale, EX2, two sums, token compare: about 11 instructions per logit over 256 threads) is ~1.4 us next
+    to the 39 us of tensor-core time of a tile at 790 TFLOP/s: predicted 0.96 x (Triton wgmma mainloop
+    efficiency, 0.85-0.90 of cuBLAS) x 790 = 645-680 TFLOP/s (52-55 ms), against the 600 TFLOP/s target.
+  * backward: 6 NVH = 107 TFLOP: the Triton recompute (2 NVH, same mainloop as the forward, writes
+    N V x 2 = 10 GB of dz) and two cuBLAS GEMMs (2 NVH each; read dz twice, 20 GB; grad_weight's fp32
+    accumulator is read and written once per chunk, 8 x 4.4 GB = 35 GB). Predicted 55 + 2 x 50 ms plus
+    ~10 ms of memory not hidden under the GEMMs: about 165 ms.
+  * Liger-Kernel's fused linear cross entropy computes its gradients inside its forward: 6 NVH in all,
+    the same 6 NVH as this backward (1.0x). Forward + backward here is 8 NVH (the forward must produce
+    log-probs and entropy before the loss, and the per-row upstream gradient is only known in backward),
+    1.33x Liger's FLOPs; Liger returns no entropy, and adding one to it costs another 2 NVH pass (8 NVH).
+  * The fully fused alternative (the previous design: two recompute kernels accumulating grad_hidden and
+    grad_weight in fp32 global memory) moves about 3.3 TB at these sizes: predicted 5-7x slower. Not kept.
+
+On the Triton CPU interpreter every tl.dot operand is cast to fp32 first (its bf16 dot is wrong) and the
+GEMMs of the backward run in fp32 torch (CPU has no bf16 GEMM with fp32 output).
 """
 
 from __future__ import annotations
@@ -43,289 +56,331 @@ from torch import Tensor
 
 from appo.ops.linear_token_stats import check_linear_token_stats_inputs
 
+LOG2_E = 1.4426950408889634
+LN_2 = tl.constexpr(0.6931471805599453)
+FLT_MAX = 3.4028234663852886e38
+DZ_BUDGET_ELEMENTS = 2**30  # backward chunk: about this many dz elements (C x V)
+GROUP_N = 8  # backward: row blocks per group in the grouped program order (L2 reuse of weight tiles)
+# GPU tile configs (BLOCK_N, BLOCK_V, BLOCK_K, stages, warps) for bf16/fp16, tried by the small autotune on
+# the first call per shape; each is compiled for sm_90 without spills (bench/sm90_static.py checks it).
+GPU_CONFIGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8))
+GPU_FP32_CONFIG = (64, 64, 32, 2, 8)  # exact fp32 dots on CUDA cores: correctness, not speed
+INTERPRETER_CONFIG = (16, 64, 32, 1, 4)
+
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] @ b [K, N] -> fp32 [M, N]; UPCAST casts both operands to fp32 first (interpreter)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hidden_size,
-                 stride_hidden, stride_weight, inv_temperature,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """z [BLOCK_N, BLOCK_V] fp32 = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temperature, -inf on
-    columns past V (rows past N hold finite garbage that callers mask)."""
+def _logits_tile(hidden_ptr, weight_ptr, rows, cols, hidden_size, stride_hidden, stride_weight,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_V] fp32 = hidden[rows] @ weight[cols].T, rows and cols in bounds (int64 offsets).
+    The K loop is software-pipelined (cp.async into shared memory, wgmma on sm_90)."""
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + ks[None, :]
+    w_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_weight + ks[:, None]  # [BLOCK_K, BLOCK_V]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    row_offsets = rows.to(tl.int64)[:, None] * stride_hidden
-    col_offsets = cols.to(tl.int64)[None, :] * stride_weight
-    for k in range(0, hidden_size, BLOCK_H):
-        ks = k + tl.arange(0, BLOCK_H)
-        k_ok = ks < hidden_size
-        h_tile = tl.load(hidden_ptr + row_offsets + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-        w_tile_t = tl.load(weight_ptr + col_offsets + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                           other=0.0)
-        acc += _dot(h_tile, w_tile_t, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, float("-inf"))
+    for k in tl.range(0, hidden_size, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            h = tl.load(h_ptrs, mask=(k + ks < hidden_size)[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=(k + ks < hidden_size)[:, None], other=0.0)
+        if UPCAST:
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
 
 
 @triton.jit
-def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr,
-                    max_ptr, sumexp_ptr, shifted_ptr, picked_ptr,
-                    num_rows, vocab_size, hidden_size, stride_hidden, stride_weight, inv_temperature,
+def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, partial_ptr,
+                    num_rows, vocab_size, hidden_size, stride_hidden, stride_weight, scale, lowest,
                     tiles_per_split,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Partial statistics of rows [pid_n * BLOCK_N, +BLOCK_N) over vocabulary split pid_s, written to [S, N]
-    fp32 buffers: m = max z, s = sum e^(z-m), t = sum e^(z-m) (z-m), picked = z[a] (0 if a not in split)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Partial statistics of rows [pid_n BLOCK_N, +BLOCK_N) over vocabulary split pid_s, into partial
+    [4, S, N] fp32: m = max z, s = sum 2^((z - m) scale), t = sum 2^((z - m) scale) (z - m), z[a] (0 if the
+    token is outside the split). z is the raw logit (with bias), scale = log2(e) / T."""
+    pid_s = tl.program_id(0)  # fastest: programs in flight share the row block
+    pid_n = tl.program_id(1)
+    num_splits = tl.num_programs(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
-    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # int32 compares
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    safe_rows = tl.minimum(rows, num_rows - 1)  # rows past N recompute row N - 1, never stored
+    tokens = tl.load(tokens_ptr + safe_rows).to(tl.int32)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     picked = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first_col = pid_s * tiles_per_split * BLOCK_V
     last_col = tl.minimum(first_col + tiles_per_split * BLOCK_V, vocab_size)
     for v in range(first_col, last_col, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
-        col_ok = cols < last_col
-        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hidden_size,
-                         stride_hidden, stride_weight, inv_temperature,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        shifted = tl.where(col_ok[None, :], z - new_max[:, None], 0.0)
-        exps = tl.where(col_ok[None, :], tl.exp(shifted), 0.0)
-        rescale = tl.exp(run_max - new_max)
-        # t' = e^(m - m') (t + (m - m') s); on the first tile m = -inf and s = 0, so the shift is zeroed.
-        max_shift = tl.where(run_sumexp > 0.0, run_max - new_max, 0.0)
-        run_shifted = rescale * (run_shifted + max_shift * run_sumexp) + tl.sum(exps * shifted, axis=1)
-        run_sumexp = run_sumexp * rescale + tl.sum(exps, axis=1)
-        run_max = new_max
+        z = _logits_tile(hidden_ptr, weight_ptr, safe_rows, tl.minimum(cols, vocab_size - 1), hidden_size,
+                         stride_hidden, stride_weight, BLOCK_N, BLOCK_V, BLOCK_K, NUM_STAGES, EVEN_K, UPCAST,
+                         PRECISION)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=cols < last_col, other=0.0).to(tl.float32)[None, :]
+        if v + BLOCK_V > last_col:  # the split's last, partial tile: columns past it have probability 0
+            z = tl.where((cols < last_col)[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # 0 while the row holds only -inf
+        shift = tl.maximum(z - ref[:, None], lowest, propagate_nan=tl.PropagateNan.ALL)  # -inf -> lowest
+        e = tl.exp2(shift * scale)
+        alpha = tl.exp2((m - ref) * scale)
+        t = alpha * (t + tl.where(s > 0.0, m - ref, 0.0) * s) + tl.sum(e * shift, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
         picked += tl.sum(tl.where(cols[None, :] == tokens[:, None], z, 0.0), axis=1)
-    out = pid_s * num_rows + rows
-    tl.store(max_ptr + out, run_max, mask=row_ok)
-    tl.store(sumexp_ptr + out, run_sumexp, mask=row_ok)
-    tl.store(shifted_ptr + out, run_shifted, mask=row_ok)
-    tl.store(picked_ptr + out, picked, mask=row_ok)
+    out = partial_ptr + pid_s * num_rows + rows
+    split_stride = num_splits * num_rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + split_stride, s, mask=row_ok)
+    tl.store(out + 2 * split_stride, t, mask=row_ok)
+    tl.store(out + 3 * split_stride, picked, mask=row_ok)
 
 
 @triton.jit
-def _grad_logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_max, log_sumexp, upstream, rows, row_ok,
-                      cols, col_ok,
-                      hidden_size, stride_hidden, stride_weight, inv_temperature,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dz [BLOCK_N, BLOCK_V] fp32 = g * (onehot(a) - p) / temperature, 0 outside [N, V)."""
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, hidden_size,
-                     stride_hidden, stride_weight, inv_temperature,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-    probs = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
-    onehot = (cols[None, :] == tokens[:, None]).to(tl.float32)
-    dz = (onehot - probs) * (upstream * inv_temperature)[:, None]
-    return tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+def _grad_logits_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, max_ptr, log2_sum_ptr, upstream_ptr,
+                        dz_ptr, first_row, chunk_rows, num_rows, vocab_size, hidden_size, stride_hidden,
+                        stride_weight, stride_dz, scale,
+                        HAS_BIAS: tl.constexpr, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                        EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dz[r - first_row, cols] = g_r (onehot(a_r) - p_r) / T for rows [first_row, first_row + chunk_rows),
+    in dz's dtype; p = 2^((z - m) scale - log2 s) with the forward's per-row m and log2 s. Grouped program
+    order: GROUP_N row blocks share each weight tile while it is in L2."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(chunk_rows, BLOCK_N)
+    vocab_tiles = tl.cdiv(vocab_size, BLOCK_V)
+    group = pid // (GROUP_N * vocab_tiles)
+    group_rows = tl.minimum(row_blocks - group * GROUP_N, GROUP_N)
+    pid_n = group * GROUP_N + (pid % (GROUP_N * vocab_tiles)) % group_rows
+    pid_v = (pid % (GROUP_N * vocab_tiles)) // group_rows
 
-
-@triton.jit
-def _grad_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, max_ptr, log_sumexp_ptr, upstream_ptr,
-                        grad_hidden_ptr,
-                        num_rows, vocab_size, hidden_size, stride_hidden, stride_weight, inv_temperature,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """grad_hidden[rows] (fp32 [N, H], zero-initialised, contiguous) += dz @ weight, over all of V."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < num_rows
-    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # int32 compares
-    row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-    log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
-    upstream = tl.load(upstream_ptr + rows, mask=row_ok, other=0.0)
-    out_rows = rows.to(tl.int64)[:, None] * hidden_size
-    for v in range(0, vocab_size, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        col_ok = cols < vocab_size
-        dz = _grad_logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_max, log_sumexp, upstream,
-                               rows, row_ok, cols, col_ok, hidden_size, stride_hidden, stride_weight,
-                               inv_temperature,
-                               HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-        dz = dz.to(weight_ptr.dtype.element_ty)
-        for k in range(0, hidden_size, BLOCK_H):
-            ks = k + tl.arange(0, BLOCK_H)
-            k_ok = ks < hidden_size
-            w_tile = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_weight + ks[None, :],
-                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            out_mask = row_ok[:, None] & k_ok[None, :]
-            acc = tl.load(grad_hidden_ptr + out_rows + ks[None, :], mask=out_mask, other=0.0)
-            acc += _dot(dz, w_tile, UPCAST, PRECISION)
-            tl.store(grad_hidden_ptr + out_rows + ks[None, :], acc, mask=out_mask)
-
-
-@triton.jit
-def _grad_weight_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, max_ptr, log_sumexp_ptr, upstream_ptr,
-                        grad_weight_ptr, grad_bias_ptr,
-                        num_rows, vocab_size, hidden_size, stride_hidden, stride_weight, inv_temperature,
-                        HAS_BIAS: tl.constexpr, WANT_WEIGHT: tl.constexpr, WANT_BIAS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """grad_weight[cols] (fp32 [V, H], zero-initialised, contiguous) += dz.T @ hidden over all N rows;
-    grad_bias[cols] (fp32 [V]) = dz.sum(0)."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = first_row + local
+    row_ok = local < chunk_rows
+    safe_rows = tl.minimum(rows, num_rows - 1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab_size
-    out_cols = cols.to(tl.int64)[:, None] * hidden_size
-    bias_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for n in range(0, num_rows, BLOCK_N):
-        rows = n + tl.arange(0, BLOCK_N)
-        row_ok = rows < num_rows
-        tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)  # int32 compares
-        row_max = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
-        log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
-        upstream = tl.load(upstream_ptr + rows, mask=row_ok, other=0.0)
-        dz = _grad_logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_max, log_sumexp, upstream,
-                               rows, row_ok, cols, col_ok, hidden_size, stride_hidden, stride_weight,
-                               inv_temperature,
-                               HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-        bias_acc += tl.sum(dz, axis=0)
-        if WANT_WEIGHT:
-            dz_t = tl.trans(dz.to(hidden_ptr.dtype.element_ty))
-            for k in range(0, hidden_size, BLOCK_H):
-                ks = k + tl.arange(0, BLOCK_H)
-                k_ok = ks < hidden_size
-                h_tile = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + ks[None, :],
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                out_mask = col_ok[:, None] & k_ok[None, :]
-                acc = tl.load(grad_weight_ptr + out_cols + ks[None, :], mask=out_mask, other=0.0)
-                acc += _dot(dz_t, h_tile, UPCAST, PRECISION)
-                tl.store(grad_weight_ptr + out_cols + ks[None, :], acc, mask=out_mask)
-    if WANT_BIAS:
-        tl.store(grad_bias_ptr + cols, bias_acc, mask=col_ok)
+    z = _logits_tile(hidden_ptr, weight_ptr, safe_rows, tl.minimum(cols, vocab_size - 1), hidden_size,
+                     stride_hidden, stride_weight, BLOCK_N, BLOCK_V, BLOCK_K, NUM_STAGES, EVEN_K, UPCAST,
+                     PRECISION)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    row_max = tl.load(max_ptr + safe_rows)
+    log2_sum = tl.load(log2_sum_ptr + safe_rows)
+    grad_scale = tl.load(upstream_ptr + safe_rows) * (scale * LN_2)  # g / T
+    tokens = tl.load(tokens_ptr + safe_rows).to(tl.int32)
+    # (z - m) first: exact for nearby values, so p is exact where it is near 1; -inf logits give p = 0.
+    probs = tl.exp2((z - row_max[:, None]) * scale - log2_sum[:, None])
+    dz = (tl.where(cols[None, :] == tokens[:, None], 1.0, 0.0) - probs) * grad_scale[:, None]
+    out = dz_ptr + local.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch_config(hidden: Tensor) -> dict:
-    """One fixed config per device/dtype (no autotune: the interpreter needs a single config).
+# ------------------------------------------------------------------------------------------- launching
+def _as_config(entry, hidden_size: int, upcast: bool, precision: str) -> dict:
+    block_n, block_v, block_k, stages, warps = entry
+    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, NUM_STAGES=stages, num_warps=warps,
+                EVEN_K=hidden_size % block_k == 0, UPCAST=upcast, PRECISION=precision)
 
-    The CUDA configs were compiled for sm_90a and checked with ``ptxas -v`` (the grad_weight kernel uses
-    BLOCK_N / 2): bf16/fp16 (BLOCK_N x BLOCK_V x BLOCK_H = 128 x 128 x 32, 8 warps) spills no registers
-    (16 bytes in grad_weight with a bias; BLOCK_H = 64 spills 200-600 bytes); fp32 (exact fp32 dots, no
-    tensor cores) spills at most 16 bytes. Not yet timed on a GPU.
+
+def candidate_configs(device: torch.device, dtype: torch.dtype, hidden_size: int) -> list[dict]:
+    """Launch configs to try, in order: one on the interpreter and for fp32 (exact fp32 dots), the
+    GPU_CONFIGS for bf16/fp16 on CUDA."""
+    if device.type != "cuda":
+        return [_as_config(INTERPRETER_CONFIG, hidden_size, True, "ieee")]
+    if dtype == torch.float32:
+        return [_as_config(GPU_FP32_CONFIG, hidden_size, False, "ieee")]
+    return [_as_config(entry, hidden_size, False, "tf32") for entry in GPU_CONFIGS]
+
+
+def _resident_programs(device: torch.device, config: dict, itemsize: int) -> int:
+    """Programs the GPU runs at once: SMs x programs per SM, the latter bounded by the shared memory of the
+    pipeline stages (228 KiB per SM on sm_90); 8 on the interpreter."""
+    if device.type != "cuda":
+        return 8
+    properties = torch.cuda.get_device_properties(device)
+    stage_bytes = (config["BLOCK_N"] + config["BLOCK_V"]) * config["BLOCK_K"] * itemsize
+    per_sm = max(1, (228 * 1024) // (config["NUM_STAGES"] * stage_bytes + 1024))
+    return properties.multi_processor_count * per_sm
+
+
+def plan_splits(row_blocks: int, vocab_tiles: int, resident: int) -> int:
+    """The vocabulary split count S that finishes the (S x row_blocks) programs soonest.
+
+    Time is modelled as waves x tiles per program = ceil(S R / resident) ceil(tiles / S). Among the best
+    S, the smallest wins (fewer programs in flight per row block: the weight is read from HBM about
+    ceil(S R / resident) times in all). S is at least 8 when there are enough tiles, so that the row blocks
+    in flight at once (resident / S) keep their hidden rows in L2.
     """
-    if hidden.device.type != "cuda":
-        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, UPCAST=True, PRECISION="ieee", num_warps=4)
-    if hidden.dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, UPCAST=False, PRECISION="ieee", num_warps=8)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, UPCAST=False, PRECISION="tf32", num_warps=8)
+    best = None
+    for splits in range(min(8, vocab_tiles), vocab_tiles + 1):
+        cost = math.ceil(splits * row_blocks / resident) * math.ceil(vocab_tiles / splits)
+        if best is None or cost < best[0]:
+            best = (cost, splits)
+    return best[1]
 
 
-def _num_programs_wanted(device: torch.device) -> int:
-    """Enough forward programs for one wave on the GPU (one per SM); a small number on the interpreter."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
-def _launch_forward(hidden, weight, bias, tokens, temperature, config) -> tuple[Tensor, ...]:
-    """-> (logprobs, entropy, row max, log sum e^(z - max)), all fp32 [N]."""
+def _forward(hidden, weight, bias, tokens, temperature, config) -> tuple[Tensor, ...]:
+    """-> (logprobs, entropy, row max of z, log2 of s), all fp32 [N]."""
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    block_n, block_v = config["BLOCK_N"], config["BLOCK_V"]
-    row_blocks = triton.cdiv(num_rows, block_n)
-    vocab_tiles = triton.cdiv(vocab_size, block_v)
-    wanted_splits = max(1, math.ceil(_num_programs_wanted(hidden.device) / max(row_blocks, 1)))
-    tiles_per_split = triton.cdiv(vocab_tiles, min(wanted_splits, vocab_tiles))
-    num_splits = triton.cdiv(vocab_tiles, tiles_per_split)
-    partial = torch.empty(4, num_splits, num_rows, dtype=torch.float32, device=hidden.device)
-    part_max, part_sumexp, part_shifted, part_picked = partial.unbind(0)
-    if num_rows:
-        _forward_kernel[(row_blocks, num_splits)](
-            hidden, weight, bias if bias is not None else hidden, tokens,
-            part_max, part_sumexp, part_shifted, part_picked,
-            num_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            tiles_per_split, HAS_BIAS=bias is not None, **config)
-    # Merge the splits: rescale every split's sums to the global max m.
+    scale = LOG2_E / temperature
+    row_blocks = triton.cdiv(num_rows, config["BLOCK_N"])
+    vocab_tiles = triton.cdiv(vocab_size, config["BLOCK_V"])
+    splits = plan_splits(row_blocks, vocab_tiles, _resident_programs(hidden.device, config,
+                                                                     hidden.element_size()))
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    partial = torch.empty(4, splits, num_rows, dtype=torch.float32, device=hidden.device)
+    _forward_kernel[(splits, row_blocks)](
+        hidden, weight, bias if bias is not None else hidden, tokens, partial,
+        num_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), scale, lowest_shift(scale),
+        tiles_per_split, HAS_BIAS=bias is not None, **config)
+    part_max, part_sum, part_shifted, part_picked = partial.unbind(0)
+    # Merge the splits as the kernel merges tiles: rescale every split's sums to the row max.
     row_max = part_max.max(dim=0).values
-    weights = torch.exp(part_max - row_max)
-    sumexp = (part_sumexp * weights).sum(dim=0)
-    shifted = (weights * (part_shifted + (part_max - row_max) * part_sumexp)).sum(dim=0)
-    log_sumexp = torch.log(sumexp)
-    entropy = log_sumexp - shifted / sumexp
-    logprobs = (part_picked.sum(dim=0) - row_max) - log_sumexp
-    return logprobs, entropy, row_max, log_sumexp
+    ref = torch.where(row_max == -math.inf, 0.0, row_max)
+    alpha = torch.exp2((part_max - ref) * scale)
+    sums = (alpha * part_sum).sum(dim=0)
+    shifted = (alpha * (part_shifted + torch.where(part_sum > 0, part_max - ref, 0.0) * part_sum)).sum(dim=0)
+    log_sum = torch.log(sums)
+    entropy = log_sum - (shifted / sums) / temperature
+    logprobs = (part_picked.sum(dim=0) - row_max) / temperature - log_sum
+    return logprobs, entropy, row_max, log_sum * LOG2_E
+
+
+def lowest_shift(scale: float) -> float:
+    """Clamp of z - max: 2^(lowest * scale) is 0 and lowest * scale stays finite (see token_stats)."""
+    return -0.5 * FLT_MAX / max(1.0, scale)
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _tuned_config(kind: str, key: tuple, candidates: list[dict], run) -> dict:
+    """The fastest of ``candidates`` for ``run(config)`` (timed once per key, on CUDA only)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if (kind, key) not in _TUNED:
+        timings = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
+        _TUNED[(kind, key)] = candidates[timings.index(min(timings))]
+    return _TUNED[(kind, key)]
+
+
+def _mm_accumulate(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out (fp32, or the inputs' dtype) (+)= a @ b with fp32 accumulation: cuBLAS with an fp32 output for
+    bf16/fp16 CUDA inputs, fp32 upcasts on the CPU (the interpreter path)."""
+    if a.is_cuda and a.dtype != torch.float32 and out.dtype == torch.float32:
+        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def backward_chunk_rows(vocab_size: int, block_n: int) -> int:
+    """Rows per backward chunk: the largest power of two of at most DZ_BUDGET_ELEMENTS / V, >= BLOCK_N."""
+    rows = max(block_n, DZ_BUDGET_ELEMENTS // vocab_size)
+    return max(block_n, 1 << (rows.bit_length() - 1))
 
 
 class _LinearTokenStatsTriton(torch.autograd.Function):
-    """Saves hidden, weight, bias, tokens, row max and log-sum-exp [N]; never the logits."""
+    """Saves hidden, weight, bias, tokens, row max and log2-sum-exp [N]; never the logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature):
-        config = _launch_config(hidden)
-        logprobs, entropy, row_max, log_sumexp = _launch_forward(hidden, weight, bias, tokens, temperature,
-                                                                 config)
-        ctx.save_for_backward(hidden, weight, bias, tokens, row_max, log_sumexp)
-        ctx.temperature, ctx.config = temperature, config
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_rows):
+        configs = candidate_configs(hidden.device, hidden.dtype, hidden.shape[1])
+        key = (hidden.device.index, hidden.dtype, hidden.shape[1], weight.shape[0], bias is not None,
+               triton.next_power_of_2(hidden.shape[0]))
+        config = _tuned_config("forward", key, configs,
+                               lambda c: _forward(hidden, weight, bias, tokens, temperature, c))
+        logprobs, entropy, row_max, log2_sum = _forward(hidden, weight, bias, tokens, temperature, config)
+        ctx.save_for_backward(hidden, weight, bias, tokens, row_max, log2_sum)
+        ctx.temperature, ctx.chunk_rows, ctx.key = temperature, chunk_rows, key
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
-        hidden, weight, bias, tokens, row_max, log_sumexp = ctx.saved_tensors
+        hidden, weight, bias, tokens, row_max, log2_sum = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        config = ctx.config
         num_rows, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
         upstream = grad_logprobs.float().contiguous()
-        common = (num_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-                  1.0 / ctx.temperature)
-        bias_arg = bias if bias is not None else hidden
-        grad_hidden = grad_weight = grad_bias = None
-        if need_hidden:
-            grad_hidden32 = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=hidden.device)
-            if num_rows:
-                _grad_hidden_kernel[(triton.cdiv(num_rows, config["BLOCK_N"]),)](
-                    hidden, weight, bias_arg, tokens, row_max, log_sumexp, upstream, grad_hidden32, *common,
-                    HAS_BIAS=bias is not None, **config)
-            grad_hidden = grad_hidden32.to(hidden.dtype)
-        if need_weight or need_bias:
-            grad_weight32 = torch.zeros(weight.shape if need_weight else (1,), dtype=torch.float32,
-                                        device=weight.device)
-            grad_bias32 = torch.zeros(vocab_size if need_bias else 1, dtype=torch.float32,
-                                      device=weight.device)
-            # Half-height row blocks here: with the bias accumulator, 128-row blocks spill registers on sm_90.
-            weight_config = {**config, "BLOCK_N": max(16, config["BLOCK_N"] // 2)}
-            _grad_weight_kernel[(triton.cdiv(vocab_size, config["BLOCK_V"]),)](
-                hidden, weight, bias_arg, tokens, row_max, log_sumexp, upstream, grad_weight32, grad_bias32,
-                *common,
-                HAS_BIAS=bias is not None, WANT_WEIGHT=need_weight, WANT_BIAS=need_bias, **weight_config)
-            grad_weight = grad_weight32.to(weight.dtype) if need_weight else None
-            grad_bias = grad_bias32.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        configs = candidate_configs(hidden.device, hidden.dtype, hidden_size)
+        chunk = ctx.chunk_rows or backward_chunk_rows(vocab_size, max(c["BLOCK_N"] for c in configs))
+        padded_vocab = triton.cdiv(vocab_size, 8) * 8  # 16-byte aligned dz rows for cuBLAS
+        dz_buffer = torch.empty(min(chunk, num_rows), padded_vocab, dtype=hidden.dtype, device=hidden.device)
+        scale = LOG2_E / ctx.temperature
+
+        def launch(config, first_row, rows):
+            grid = (triton.cdiv(rows, config["BLOCK_N"]) * triton.cdiv(vocab_size, config["BLOCK_V"]),)
+            _grad_logits_kernel[grid](
+                hidden, weight, bias if bias is not None else hidden, tokens, row_max, log2_sum, upstream,
+                dz_buffer, first_row, rows, num_rows, vocab_size, hidden_size, hidden.stride(0),
+                weight.stride(0), dz_buffer.stride(0), scale,
+                HAS_BIAS=bias is not None, GROUP_N=GROUP_N, **config)
+
+        config = _tuned_config("backward", ctx.key, configs, lambda c: launch(c, 0, min(chunk, num_rows)))
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_hidden32 = (torch.empty(min(chunk, num_rows), hidden_size, dtype=torch.float32,
+                                     device=hidden.device) if need_hidden and hidden.dtype != torch.float32
+                         else None)
+        grad_weight32 = (torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=weight.device)
+                         if need_weight else None)
+        grad_bias32 = torch.zeros(vocab_size, dtype=torch.float32, device=weight.device) if need_bias else None
+        for start in range(0, num_rows, chunk):
+            rows = min(chunk, num_rows - start)
+            launch(config, start, rows)
+            dz = dz_buffer[:rows, :vocab_size]
+            if need_hidden:
+                if grad_hidden32 is None:
+                    _mm_accumulate(grad_hidden[start:start + rows], dz, weight, accumulate=False)
+                else:
+                    _mm_accumulate(grad_hidden32[:rows], dz, weight, accumulate=False)
+                    grad_hidden[start:start + rows] = grad_hidden32[:rows]
+            if need_weight:
+                _mm_accumulate(grad_weight32, dz.T, hidden[start:start + rows], accumulate=True)
+            if need_bias:
+                grad_bias32 += dz.sum(dim=0, dtype=torch.float32)
+        grad_weight = grad_weight32.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias32.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def linear_token_stats_triton(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None,
-                              temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                              temperature: float = 1.0, *, chunk_rows: int | None = None
+                              ) -> tuple[Tensor, Tensor]:
     """Fused LM head + token statistics (Triton), never allocating [N, V].
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 final hidden states (CUDA, or CPU under TRITON_INTERPRET=1).
         weight: [V, H] LM-head weight, same dtype and device as ``hidden``.
         tokens: [N] int64 sampled token ids in [0, V).
-        bias: [V] same dtype, or None.
+        bias: [V] same dtype, or None; -inf entries mask the vocabulary (probability 0).
         temperature: z = (hidden @ weight.T + bias) / temperature, > 0.
+        chunk_rows: rows per backward chunk (default: about 2^30 / V, a power of two); the backward's extra
+            memory is chunk_rows x V elements of dz plus an fp32 [V, H] grad_weight accumulator.
 
     Returns:
         (logprobs fp32 [N], differentiable w.r.t. hidden/weight/bias, grads in the input dtypes;
-         entropy fp32 [N], detached).
+         entropy fp32 [N], detached, over each row's finite support).
     """
     check_linear_token_stats_inputs(hidden, weight, tokens, bias, temperature)
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows <= 0):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     if hidden.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"hidden is on {hidden.device}: the triton backend needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 set before importing appo.kernels); use impl='torch'")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    return _LinearTokenStatsTriton.apply(hidden, weight, bias, tokens.contiguous(), float(temperature))
+    return _LinearTokenStatsTriton.apply(hidden, weight, bias, tokens.contiguous(), float(temperature),
+                                         chunk_rows)

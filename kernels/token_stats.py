@@ -180,27 +180,3 @@ def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
         num_rows, vocab_size, logits.stride(0), LOG2_E / temperature, lowest_shift(temperature), **config,
     )
     return logprobs, entropy
-
-
-def compile_for_gpu(logits_dtype: str, num_rows: int, vocab_size: int, capability: int = 90):
-    """Ahead-of-time build of the kernel for one launch config (no GPU needed): a triton CompiledKernel.
-
-    ``logits_dtype`` is a Triton type name ("fp32", "bf16", "fp16"); ``capability`` the CUDA compute
-    capability (90: H100/H200). Pointers and sizes divisible by 16 get the specialisation the JIT gives
-    them at run time (16-byte aligned, contiguous tensors). Must run without TRITON_INTERPRET=1 (the
-    interpreter replaces the compiler).
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    config = launch_config(vocab_size, {"fp32": 4, "bf16": 2, "fp16": 2}[logits_dtype])
-    num_warps = config.pop("num_warps")
-    signature = {"logits_ptr": f"*{logits_dtype}", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
-                 "entropy_ptr": "*fp32", "num_rows": "i32", "vocab_size": "i32", "row_stride": "i64",
-                 "scale": "fp32", "lowest": "fp32", **{name: "constexpr" for name in config}}
-    constexprs = config
-    aligned = [0, 1, 2, 3] + [i for i, value in ((4, num_rows), (5, vocab_size), (6, vocab_size))
-                              if value % 16 == 0]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    source = ASTSource(_token_stats_kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})

@@ -336,3 +336,80 @@ def test_cuda_runs_on_the_current_stream_and_matches_a_large_bf16_case():
     want = pc.gather_prefix_kv(cache, src, pos, impl="torch")
     for g, w in zip(layer_tensors(got), layer_tensors(want)):
         assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,dtype", [(128, torch.bfloat16), (64, torch.float32), (9, torch.float16)])
+def test_cuda_strided_time_layout_matches_reference(head_dim, dtype):
+    """Time-major caches take the row-by-row path (16-byte vectors when rows align, bytes when not)."""
+    if not pc.EXTENSION_HAS_CUDA:
+        pytest.fail(f"the CUDA kernel is not built: {pc.EXTENSION_STATUS}")
+    torch.manual_seed(9)
+    cache = [(k.cuda(), v.cuda()) for k, v in random_cache(layers=2, rollouts=4, heads=4, time=700,
+                                                            head_dim=head_dim, dtype=dtype, layout="time_major")]
+    src = torch.tensor([0, 3, 1, 3, 2], device="cuda")
+    pos = torch.tensor([699, 5, 1, 350, 0], device="cuda")
+    got = pc.gather_prefix_kv(cache, src, pos, include_token=True, impl="cuda")
+    want = pc.gather_prefix_kv(cache, src, pos, include_token=True, impl="torch")
+    for g, w in zip(layer_tensors(got), layer_tensors(want)):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
+def test_cuda_more_caches_than_one_launch_takes():
+    """80 layers x (keys, values) = 160 caches: three launches of at most 64 descriptors."""
+    if not pc.EXTENSION_HAS_CUDA:
+        pytest.fail(f"the CUDA kernel is not built: {pc.EXTENSION_STATUS}")
+    torch.manual_seed(10)
+    cache = [(torch.randn(3, 2, 40, 16, device="cuda"), torch.randn(3, 2, 40, 16, device="cuda"))
+             for _ in range(80)]
+    src, pos = torch.tensor([2, 0, 1], device="cuda"), torch.tensor([39, 7, 20], device="cuda")
+    got = pc.gather_prefix_kv(cache, src, pos, impl="cuda")
+    want = pc.gather_prefix_kv(cache, src, pos, impl="torch")
+    for g, w in zip(layer_tensors(got), layer_tensors(want)):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
+def test_cuda_gather_replays_in_a_cuda_graph():
+    """No host-to-device copy per call: the op can be captured and replayed with new src/length values."""
+    if not pc.EXTENSION_HAS_CUDA:
+        pytest.fail(f"the CUDA kernel is not built: {pc.EXTENSION_STATUS}")
+    torch.manual_seed(11)
+    keys = [torch.randn(4, 2, 64, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    values = [torch.randn_like(k) for k in keys]
+    src = torch.tensor([3, 0, 1], device="cuda")
+    length = torch.tensor([10, 63, 0], device="cuda")
+    pc.gather_kv(keys, values, src, length, 63, impl="cuda")  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        key_out, value_out = pc.gather_kv(keys, values, src, length, 63, impl="cuda")
+    src.copy_(torch.tensor([1, 2, 3], device="cuda"))
+    length.copy_(torch.tensor([63, 1, 40], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want_keys, want_values = pc.gather_kv(keys, values, src, length, 63, impl="torch")
+    for g, w in zip(key_out + value_out, want_keys + want_values):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["src", "length"])
+def test_cuda_checks_src_and_length_on_the_device(bad):
+    """An index out of range stops the kernel with a device-side assert (in a subprocess: the assert leaves
+    the CUDA context unusable) instead of reading or writing out of bounds."""
+    if not pc.EXTENSION_HAS_CUDA:
+        pytest.fail(f"the CUDA kernel is not built: {pc.EXTENSION_STATUS}")
+    src, length = ("[0, 4]", "[3, 3]") if bad == "src" else ("[0, 1]", "[3, 9]")
+    script = (
+        "import torch\n"
+        "from appo import prefix_cache as pc\n"
+        "keys = [torch.randn(4, 2, 8, 16, device='cuda')]\n"
+        f"out = pc.gather_kv(keys, keys, torch.tensor({src}, device='cuda'), "
+        f"torch.tensor({length}, device='cuda'), 8, impl='cuda')\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "device-side assert" in result.stderr or "Assertion" in result.stderr, result.stderr[-2000:]

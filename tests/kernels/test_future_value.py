@@ -166,6 +166,17 @@ def test_triton_scan_other_gammas(gamma):
         assert_close_to_fp64(discounted_log_ratio_sum_triton(*inputs, gamma), *inputs, gamma)
 
 
+def test_triton_carry_over_many_chunks(monkeypatch):
+    """The carry into a chunk folds the sums of every chunk to its right, CARRY_BLOCK of them per step:
+    with 2 per step, 9 chunks of 1,024 positions need up to four steps."""
+    from appo.kernels import future_value
+
+    monkeypatch.setattr(future_value, "_CARRY_BLOCK", 2)
+    for gamma in (2 ** (-1 / 32), 1.0, 0.999):
+        inputs = make_inputs(2, 8193, seed=12)
+        assert_close_to_fp64(discounted_log_ratio_sum_triton(*inputs, gamma), *inputs, gamma)
+
+
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="logprobs"):
