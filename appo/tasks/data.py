@@ -24,17 +24,21 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Source:
     """Where one task's rows live: ``file`` inside a data folder, and the hub dataset with the same fields
-    (``repo``, its ``config`` name and ``split``)."""
+    (``repo``, its ``config`` name and ``split``). ``fields``: what every row of a local file must hold (a
+    missing or mistyped one is a ValueError naming the file, the line and the field)."""
 
     file: str
     repo: str
     config: str
     split: str
+    fields: tuple[tuple[str, type], ...]
 
 
 SOURCES = {
-    "gsm8k": Source("gsm8k/train.jsonl", "openai/gsm8k", "main", "train"),
-    "hotpotqa": Source("hotpotqa/dev_distractor_50.jsonl", "hotpotqa/hotpot_qa", "distractor", "validation"),
+    "gsm8k": Source("gsm8k/train.jsonl", "openai/gsm8k", "main", "train",
+                    (("question", str), ("answer", str))),
+    "hotpotqa": Source("hotpotqa/dev_distractor_50.jsonl", "hotpotqa/hotpot_qa", "distractor", "validation",
+                       (("question", str), ("answer", str), ("supporting_facts", dict), ("context", dict))),
 }
 
 
@@ -81,7 +85,7 @@ def load_rows(task: str, path: str | Path | None = None) -> tuple[dict, ...]:
     Raises FileNotFoundError listing every place looked at when no source has the data."""
     local = find_local(task, path)
     if local is not None:
-        return _local_rows(str(local.resolve()))
+        return _local_rows(str(local.resolve()), task)
     return _hub_rows(task)
 
 
@@ -100,8 +104,8 @@ def _source(task: str) -> Source:
 
 
 @lru_cache(maxsize=8)
-def _local_rows(path: str) -> tuple[dict, ...]:
-    return tuple(read_jsonl(path))
+def _local_rows(path: str, task: str) -> tuple[dict, ...]:
+    return tuple(read_jsonl(path, required=dict(_source(task).fields)))
 
 
 @lru_cache(maxsize=4)

@@ -111,6 +111,17 @@ def test_no_source_names_every_place_looked_at(hub, tmp_path):
         GSM8K(path=tmp_path).examples("train")
 
 
+def test_a_malformed_local_file_names_the_file_line_and_field(hub, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(3))
+    path.write_text(path.read_text() + '{"question": "no answer here"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:4: the row has no 'answer' field"):
+        GSM8K(path).examples("train")
+    rows = hotpotqa_rows(2)
+    rows[1]["context"] = "not a mapping"
+    with pytest.raises(ValueError, match=r"h.jsonl:2: field 'context' must be dict"):
+        HotpotQA(write_jsonl(tmp_path / "h.jsonl", rows)).examples("dev")
+
+
 def test_hub_without_datasets_installed_says_so(hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     with pytest.raises(FileNotFoundError, match="datasets` is not installed"):
