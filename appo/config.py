@@ -35,7 +35,10 @@ class DataConfig:
     task's file, for the tasks that read data (gsm8k, hotpotqa); None looks in $APPO_DATA_DIR, then on the
     Hugging Face hub (``appo.tasks.data``); the arithmetic task is generated and takes none. train_size /
     eval_size: the first items of the task's "train" / "dev" splits; few_shot: demonstrations in the prompt
-    (``appo.tasks.render_prompt``); tool: the tool tag."""
+    (``appo.tasks.render_prompt``); tool: the tool tag. task_options: keyword options of the task's
+    constructor (``appo.tasks.get_task``), e.g. the arithmetic task's difficulty {max_operands: 4,
+    max_operand: 200} and split sizes {num_dev: 256}; checked against the task's signature and RANGES;
+    an override ``data.task_options.max_operand=50`` changes that one option and keeps the others."""
 
     task: Literal["gsm8k", "arithmetic", "hotpotqa"] = "arithmetic"
     path: str | None = None
@@ -43,6 +46,7 @@ class DataConfig:
     train_size: int = 256
     eval_size: int = 16
     few_shot: int = 2
+    task_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +214,10 @@ _POSITIVE, _AT_LEAST_0, _AT_LEAST_1 = Range(0, open_lo=True), Range(0), Range(1)
 # The range of every numeric field (each element of a pair); ``validate`` checks them all.
 RANGES: dict[str, Range] = {
     "data.train_size": _AT_LEAST_1, "data.eval_size": _AT_LEAST_0, "data.few_shot": _AT_LEAST_0,
+    "data.task_options.num_train": _AT_LEAST_0, "data.task_options.num_dev": _AT_LEAST_0,
+    "data.task_options.dev_size": _AT_LEAST_0, "data.task_options.min_operands": _AT_LEAST_1,
+    "data.task_options.max_operands": _AT_LEAST_1, "data.task_options.max_operand": _AT_LEAST_1,
+    "data.task_options.seed": Range(0, 2**32 - 1),
     "rollout.temperature": _POSITIVE, "rollout.top_p": Range(0, 1, open_lo=True),
     "rollout.max_prompt_tokens": _AT_LEAST_1, "rollout.max_new_tokens_per_turn": _AT_LEAST_1,
     "rollout.max_total_tokens": Range(2), "rollout.max_tool_calls": _AT_LEAST_0,
@@ -318,6 +326,8 @@ def _apply(target, updates: dict, prefix: str = "") -> None:
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             _apply(current, value, f"{key}.")
+        elif name == "task_options" and isinstance(current, dict) and isinstance(value, dict):
+            setattr(target, name, _coerce({**current, **value}, hints[name], key))  # one option at a time
         else:
             setattr(target, name, _coerce(value, hints[name], key))
 
@@ -400,12 +410,55 @@ def _check_rules(config: TrainConfig) -> None:
         raise ConfigError("prompts_per_step", f"{config.prompts_per_step} prompts must split evenly into "
                           f"optim.minibatches_per_step={optim.minibatches_per_step} x "
                           f"optim.grad_accumulation={optim.grad_accumulation} micro-batches")
+    _check_task_options(config)
     from appo.tasks.prompts import demonstrations
 
     available = len(demonstrations((config.data.tool,), config.data.few_shot))
     if config.data.few_shot > available:
         raise ConfigError("data.few_shot", f"there are {available} demonstrations for the "
                           f"{config.data.tool} tool, got {config.data.few_shot}")
+
+
+def _check_task_options(config: TrainConfig) -> None:
+    """data.task_options: each key a keyword of the task's constructor (not path, which is data.path), each
+    value of its default's type and within RANGES, and the task built with them (its rules between options,
+    e.g. min_operands <= max_operands); the arithmetic task must hold data.train_size / data.eval_size
+    questions in its splits (num_train / num_dev)."""
+    import inspect
+
+    from appo.tasks import TASKS
+
+    data = config.data
+    task = TASKS[data.task]
+    known = {name: p.default for name, p in inspect.signature(task.__init__).parameters.items()
+             if name not in ("self", "path", "reward_config") and p.default is not inspect.Parameter.empty}
+    for name, value in data.task_options.items():
+        key = f"data.task_options.{name}"
+        if name == "path":
+            raise ConfigError(key, "the data file is data.path, not a task option")
+        if name not in known:
+            raise ConfigError(key, f"the {data.task} task has no option {name!r} "
+                              f"({'known: ' + ', '.join(known) if known else 'it takes none'})")
+        kind = type(known[name])
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(key, f"expected {kind.__name__}, got {value!r}")
+        allowed = RANGES.get(key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+    try:
+        built = task(**data.task_options)
+    except ValueError as err:  # the task's messages start with the option names: "min_operands: ..."
+        names, _, message = str(err).partition(":")
+        name = names.split(",")[0].strip()
+        if name not in known:
+            raise ConfigError("data.task_options", str(err)) from None
+        raise ConfigError(f"data.task_options.{name}", message.strip()) from None
+    sizes = getattr(built, "sizes", {})
+    for name, split, option in (("train_size", "train", "num_train"), ("eval_size", "dev", "num_dev")):
+        wanted = getattr(data, name)
+        if split in sizes and wanted > sizes[split]:
+            raise ConfigError(f"data.{name}", f"{wanted} exceeds the {data.task} task's {split} split of "
+                              f"{sizes[split]} questions (set data.task_options.{option})")
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -534,7 +587,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _located(err: ConfigError, origins: dict[str, str]) -> ConfigError:
     """``err`` with the file and line its key was set on in front, when it was set in a file."""
-    where = origins.get(err.key.split("[")[0])
+    key = err.key.split("[")[0]
+    if key.startswith("data.task_options."):  # a key inside the mapping: the mapping's line
+        key = "data.task_options"
+    where = origins.get(key)
     return ConfigError(err.key, str(err)[len(err.key) + 2:], where) if where else err
 
 
@@ -543,7 +599,7 @@ def flat_dict(config) -> dict:
     nested = to_dict(config) if dataclasses.is_dataclass(config) else config
     flat = {}
     for key, value in nested.items():
-        if isinstance(value, dict) and key != "vllm":
+        if isinstance(value, dict) and key not in ("vllm", "task_options"):
             flat.update({f"{key}.{k}": v for k, v in flat_dict(value).items()})
         else:
             flat[key] = [*value] if isinstance(value, tuple) else value

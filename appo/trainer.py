@@ -93,10 +93,11 @@ class TaskData:
 def load_task_data(config: TrainConfig, tokenizer, split: str, size: int, examples=None) -> TaskData:
     """The first ``size`` examples of ``split`` (or the given examples) whose prompt fits
     max_prompt_tokens. The task reads its data from ``data.path``, $APPO_DATA_DIR or the hub
-    (``appo.tasks.data``); a split the task lacks falls back to its first split (HotpotQA has only "dev")."""
+    (``appo.tasks.data``), built with ``data.task_options``; a split the task lacks falls back to its first
+    split (HotpotQA has only "dev")."""
     from appo.tasks import get_task, render_prompt
 
-    task = get_task(config.data.task, path=config.data.path)
+    task = get_task(config.data.task, path=config.data.path, **config.data.task_options)
     if examples is None:
         split = split if split in task.splits else task.splits[0]
         examples = task.examples(split)

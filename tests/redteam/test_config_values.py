@@ -38,6 +38,7 @@ BAD = {
     "data.train_size": ["0", "-3", "2.5"],
     "data.eval_size": ["-1"],
     "data.few_shot": ["-1", "99", "true"],
+    "data.task_options": ["[1]", "7"],           # each option's checks: tests/test_task_options.py
     "rollout.temperature": ["0", "-0.5", ".nan", ".inf"],
     "rollout.top_p": ["0", "1.5", "-1"],
     "rollout.max_prompt_tokens": ["0", "480"],   # 480: not below max_total_tokens
