@@ -272,14 +272,14 @@ def future_value_records(workdir: Path) -> list[dict]:
 
 
 def gather_records(workdir: Path) -> list[dict]:
-    """The CUDA gather (csrc/prefix_cache_kernel.cuh, compiled alone with nvcc): its three copy loops, each
+    """The CUDA gather (csrc/prefix_cache_kernel.h, compiled alone with nvcc): its three copy loops, each
     with four 16-byte loads per thread and iteration (the element: one 16-byte vector). By length: the
     contiguous copy, the row-strided copy for power-of-two rows (a shift finds the row), and for other
     row widths (a division)."""
     if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
         return [{"kernel": "gather_prefix_kv", "skipped": "nvcc not found: the CUDA gather was not compiled"}]
     wrapper = workdir / "gather.cu"
-    wrapper.write_text(f'#include "{REPO / "csrc" / "prefix_cache_kernel.cuh"}"\n')
+    wrapper.write_text(f'#include "{REPO / "csrc" / "prefix_cache_kernel.h"}"\n')
     cubin = compile_cuda(wrapper, workdir)
     sass, _ = disassemble(cubin, workdir)
     copy_loops = sorted((loop for loop in loops(sass)

@@ -1,5 +1,5 @@
 // CUDA launcher of appo::gather_prefix_kv (schema and CPU kernel in prefix_cache.cpp; the kernel itself in
-// prefix_cache_kernel.cuh, see there). Safe under CUDA-graph capture: the descriptors are a kernel
+// prefix_cache_kernel.h, see there). Safe under CUDA-graph capture: the descriptors are a kernel
 // parameter, src and length stay on the device (checked there), and the launches run on torch's current
 // stream. More caches than one launch takes (kMaxCachesPerLaunch) are gathered in several launches.
 
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "prefix_cache.h"
-#include "prefix_cache_kernel.cuh"
+#include "prefix_cache_kernel.h"
 
 namespace appo {
 namespace {

@@ -1,5 +1,7 @@
-// Device code of appo::gather_prefix_kv on CUDA (the op and its CPU kernel: prefix_cache.cpp; the launcher:
-// prefix_cache_cuda.cu). Free of torch headers, so that bench/sm90_static.py compiles it for sm_90 alone.
+// CUDA device code of appo::gather_prefix_kv (the op and its CPU kernel: prefix_cache.cpp; the launcher:
+// prefix_cache_cuda.cu, the only file that includes this one). Free of torch headers, so that
+// bench/sm90_static.py compiles it for sm_90 alone; a .h so that packaging and appo/_extension.py's
+// on-first-use build pick it up with the other headers.
 //
 // Fit for CUDA graphs: the per-cache descriptors travel by value as a __grid_constant__ kernel parameter
 // (no host-to-device copy per call); src and length are read on the device and checked there.
