@@ -6,7 +6,8 @@
   ``appo.prefix_cache`` compiles it into the cache and the C++ gather runs, both from the sdist install and
   from ``pip install -e .`` with pip's default build isolation.
 
-Slow: venvs, pip and two compiles take a few minutes.
+The venv tests are slow (pip and two compiles: a few minutes); one fast test checks in this environment that
+the scoring API imports nothing of the training stack.
 """
 
 import shutil
@@ -19,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("csrc/prefix_cache.cpp", "csrc/prefix_cache.h", "csrc/prefix_cache_cuda.cu")
 TRAINING_STACK = ("yaml", "tqdm", "matplotlib", "safetensors", "transformers", "bm25s", "triton")
 
 CORE_SCRIPT = """
 import sys, importlib.util
-import torch, appo
+import torch
+loaded_by_torch = set(sys.modules)  # torch.hub itself imports tqdm when it is installed
+import appo
 torch.manual_seed(0)
 B, T, V = 3, 40, 500
 logits = torch.randn(B, T, V)
@@ -38,7 +39,7 @@ bs = appo.branching_score(tokens=tokens, old_logprobs=stats.logprobs + 0.1 * tor
                           logits=logits)
 rows, positions = appo.select_branch_points(bs.score, k=2)
 assert bs.score.shape == (B, T) and torch.isfinite(bs.score[bs.candidates]).all() and len(rows) == 2 * B
-print("imported:", sorted(m for m in %r if m in sys.modules))
+print("imported:", sorted(m for m in %r if m in set(sys.modules) - loaded_by_torch))
 print("installed:", sorted(m for m in %r if importlib.util.find_spec(m) is not None))
 """ % (TRAINING_STACK, TRAINING_STACK)
 
@@ -101,6 +102,14 @@ def dist(tmp_path_factory):
     return next((root / "out").glob("appo-*.tar.gz")), next((root / "out").glob("appo-*.whl")), source
 
 
+def test_scoring_api_imports_no_training_stack():
+    """`import appo` and appo.branching_score() load none of yaml, tqdm, matplotlib, safetensors,
+    transformers (here they are installed, so importing them would show; torch's own imports aside)."""
+    result = run(sys.executable, "-c", CORE_SCRIPT, cwd=REPO / "tests")
+    assert "imported: []" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
 def test_sdist_and_wheel_carry_the_extension_sources(dist):
     sdist, wheel, _ = dist
     with tarfile.open(sdist) as archive:
@@ -112,6 +121,7 @@ def test_sdist_and_wheel_carry_the_extension_sources(dist):
     assert not any(n.endswith(".so") for n in names)  # built without torch: a pure-Python wheel
 
 
+@pytest.mark.slow
 def test_sdist_in_a_core_only_venv(dist, venv, tmp_path):
     sdist, _, _ = dist
     run(venv, "-m", "pip", "install", "--quiet", sdist)
@@ -124,6 +134,7 @@ def test_sdist_in_a_core_only_venv(dist, venv, tmp_path):
     assert "compiling" not in again.stderr and "gather ok" in again.stdout  # loaded from the cache
 
 
+@pytest.mark.slow
 def test_editable_install_with_build_isolation_gets_the_extension(dist, venv, tmp_path):
     _, _, source = dist
     run(venv, "-m", "pip", "install", "--quiet", "-e", source)  # pip's default: build isolation
