@@ -2,38 +2,46 @@
 
 A TRL GRPO script becomes an APPO script by swapping ``GRPOTrainer`` -> ``APPOTrainer`` and
 ``GRPOConfig`` -> ``APPOConfig`` (whose ``appo_*`` fields are the APPO config block). Everything else
-(datasets, reward functions, accelerate launch, logging) stays TRL's.
+(datasets, reward functions, ``accelerate launch`` / ``torchrun``, logging) stays TRL's.
 
-The method rides on one override, ``_generate_and_score_completions``. After TRL has generated the N
-completions per prompt, scored them with its reward functions and built its batch, APPOTrainer
+When the method runs. TRL generates one batch of N completions per prompt and feeds it to
+``steps_per_generation`` micro-steps (times ``num_iterations``). APPO branches at CONSUMPTION time, once per
+micro-step, with the policy of that moment (METHOD.md: "inside the PPO loop"):
 
-1. runs ONE no-grad forward of the current policy over prompt + completion (``use_cache=True``): its
-   logits give ``appo.branching_score`` (token entropy, log-probs, future value against the sampling
-   log-probs) and its KV cache serves every branch;
-2. picks ``appo_branches_per_rollout`` branch points per completion with ``appo.select_branch_points``;
-3. generates the branch continuations with ``model.generate`` from caches gathered by
-   ``appo.prefix_cache.gather_prefix_kv`` (no prefill over the prefix: one token per branch is fed);
-   with TRL ``tools=``, a continuation that ends in a tool call then goes through TRL's own tool loop
-   (``_tool_call_loop``: tool execution, tool-result tokens, next turns) until the branch is a finished
-   multi-turn rollout, under the same ``max_tool_calling_iterations`` (the prefix's tool rounds count);
-4. scores the branches with TRL's own reward functions (``_calculate_rewards``);
-5. replaces TRL's [B] sequence advantages by APPO's [B, T] token advantages:
-   ``dual_group_advantages(...) * (1 + b * A_fut)`` (``appo.algos.advantages``).
+1. at generation (``_generate_and_score_completions`` + ``_prepare_inputs``): TRL's rollouts and rewards; the
+   batch is split into contiguous slices of whole prompt groups (TRL shuffles rows; APPO keeps groups whole),
+   and when the batch spans an optimizer step, pi_old of every slice is recorded by appo's own no-grad
+   forward (the same forward as in step 2, so with no update in between pi_theta == pi_old bit for bit);
+2. at each micro-step, for its slice: one no-grad forward of the CURRENT policy over prompt + completion
+   (``use_cache=True``) gives pi_theta, the full-vocabulary entropy and the KV cache;
+3. ``appo.algos.chain.plan_branches``: Branching Score (pi_theta against pi_old) and exactly B * N branch
+   points per prompt;
+4. the continuations are decoded with ``model.generate`` from caches gathered by
+   ``appo.prefix_cache.gather_prefix_kv`` (no prefill over the prefix); with TRL ``tools=``, a continuation
+   that calls a tool goes through TRL's own tool loop (``_tool_call_loop``) under the same
+   ``max_tool_calling_iterations`` (the prefix's tool rounds count);
+5. TRL's reward functions score the branches (``_calculate_rewards``; padded to the same count on every rank
+   for TRL's gather, then sliced back to this rank's branches);
+6. ``dual_group_base`` and ``scale_by_future`` (A_fut from this micro-step's pi_theta against pi_old) give
+   the [B, T] token advantages TRL's loss uses as they are; only the N initial completions are optimised.
 
-Two small hooks keep A_fut current: ``_calculate_rewards`` remembers the reward inputs for the branches, and
-inside ``_compute_loss`` the policy forward (``_get_per_token_logps_and_entropies``) recomputes A_fut from the
-current log-probs whenever the batch carries old ones (``num_iterations > 1``, or vLLM sampling).
+Omega is therefore a real policy shift: the slices consumed after an optimizer step (``steps_per_generation >
+gradient_accumulation_steps``, or ``num_iterations > 1``) compare the updated policy with the one that sampled,
+in the trainer's own numerics, never the sampling engine's log-probs. Slices consumed before any update have
+pi_theta == pi_old exactly and use the documented entropy-only fallback (``appo/entropy_only_fraction``).
+``APPOConfig`` defaults ``steps_per_generation`` to 2 x ``gradient_accumulation_steps`` (appo's two
+mini-batches per step) so that half of the updates see a moved policy.
 
-TRL's loss accepts [B, T] advantages as they are and optimises only the N initial completions; branches
-only supply rewards. What maps to what, and what differs from appo's own trainer, is in docs/integrations.md.
-In short, TRL branches once per generation step (the authors'-code variant): the policy that branches is the
-one that sampled, so Omega measures only sampling/training mismatch (e.g. vLLM vs the training engine) and,
-with transformers generation, every row falls back to entropy-only scoring (``appo/entropy_only_fraction``).
+More than one process (DDP, e.g. ``torchrun --nproc_per_node 2`` or ``accelerate launch``): every micro-batch
+holds whole prompt groups (``per_device_train_batch_size`` a multiple of ``num_generations``, checked), so each
+group, its branches and its statistics live on one rank; scoring and branching are local to that rank.
+What maps to what, and what differs from appo's own trainer, is in docs/integrations.md.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -41,216 +49,266 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.chat_template_utils import parse_response
 from trl.data_utils import is_conversational
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import split_tensor_dict
 
-from appo.algos.advantages import dual_group_advantages, future_aware_scaling
+from appo.algos.chain import APPOSettings, BranchPlan, dual_group_base, plan_branches, scale_by_future
 from appo.prefix_cache import build_branch_batch, gather_prefix_kv
-from appo.scoring import (FUTURE_VALUE_CLIP, GAMMA, branching_score, future_value, select_branch_points,
-                          token_stats)
+from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, TokenStats, token_stats
+
+logger = logging.getLogger(__name__)
+
+# APPOConfig field -> APPOSettings field (the chain's names; the clips are split into low/high fields here).
+_SETTING_FIELDS = {"appo_branches_per_rollout": "branches_per_rollout", "appo_bs_gamma": "bs_gamma",
+                   "appo_candidates": "candidates", "appo_select_per": "per", "appo_min_gap": "min_gap",
+                   "appo_include_token": "include_token", "appo_entropy_only": "entropy_only",
+                   "appo_fut_gamma": "fut_gamma", "appo_future_scale": "future_scale", "appo_combine": "combine",
+                   "appo_one_group": "one_group"}
 
 
 @dataclass
 class APPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus APPO's config block (every ``appo_*`` field; defaults are METHOD.md's)."""
+    """``GRPOConfig`` plus APPO's config block (every ``appo_*`` field; defaults are METHOD.md's).
+
+    ``steps_per_generation`` defaults to 2 x ``gradient_accumulation_steps`` here (TRL's default is 1 x): one
+    generation feeds two optimizer steps, so the second branches against a moved policy. Set it (or
+    ``generation_batch_size``) yourself to choose; with 1 x and ``num_iterations=1`` the Branching Score is
+    entropy-only by construction (pi_theta == pi_old at every branching), which APPOTrainer reports.
+    """
 
     appo_branches_per_rollout: int = field(default=3, metadata={"help": "B: branch points per completion."})
-    appo_future_scale: float = field(default=0.5, metadata={"help": "b in A_base * (1 + b * A_fut)."})
-    appo_combine: str = field(default="avg", metadata={"help": "'avg' (appo) or 'sum' (authors' code)."})
-    appo_one_group: bool = field(default=False, metadata={"help": "The w/o dual-group ablation."})
+    appo_bs_gamma: float = field(default=GAMMA, metadata={"help": "Branching Score: future-value discount."})
+    appo_bs_clip_low: float = field(default=FUTURE_VALUE_CLIP[0], metadata={"help": "BS: Omega clip low."})
+    appo_bs_clip_high: float = field(default=FUTURE_VALUE_CLIP[1], metadata={"help": "BS: Omega clip high."})
     appo_candidates: str = field(default="strict", metadata={"help": "'strict' or 'all' (Branching Score)."})
     appo_select_per: str = field(default="rollout", metadata={"help": "'rollout' or 'group' (top B*N)."})
     appo_min_gap: int = field(default=0, metadata={"help": "Minimum gap between a row's branch points."})
     appo_include_token: bool = field(default=False, metadata={"help": "Keep the branch token (authors')."})
-    appo_gamma: float = field(default=GAMMA, metadata={"help": "Future-value discount per position."})
-    appo_future_clip_low: float = field(default=FUTURE_VALUE_CLIP[0], metadata={"help": "Omega clip low."})
-    appo_future_clip_high: float = field(default=FUTURE_VALUE_CLIP[1], metadata={"help": "Omega clip high."})
+    appo_entropy_only: bool = field(default=False, metadata={"help": "The 'BS -> entropy' ablation."})
+    appo_fut_gamma: float = field(default=GAMMA, metadata={"help": "A_fut: future-value discount."})
+    appo_fut_clip_low: float = field(default=FUTURE_VALUE_CLIP[0], metadata={"help": "A_fut clip low."})
+    appo_fut_clip_high: float = field(default=FUTURE_VALUE_CLIP[1], metadata={"help": "A_fut clip high."})
+    appo_future_scale: float = field(default=0.5, metadata={"help": "b in A_base * (1 + b * A_fut)."})
+    appo_combine: str = field(default="avg", metadata={"help": "'avg' (appo) or 'sum' (authors' code)."})
+    appo_one_group: bool = field(default=False, metadata={"help": "The w/o dual-group ablation."})
 
     def __post_init__(self):
-        branches = self.appo_branches_per_rollout
-        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 0:
-            raise ValueError(f"appo_branches_per_rollout: expected an int >= 0, got {branches!r}")
-        if self.appo_future_scale < 0:
-            raise ValueError(f"appo_future_scale: must be >= 0, got {self.appo_future_scale}")
-        if self.appo_combine not in ("avg", "sum"):
-            raise ValueError(f"appo_combine: expected 'avg' or 'sum', got {self.appo_combine!r}")
-        if self.appo_candidates not in ("strict", "all"):
-            raise ValueError(f"appo_candidates: expected 'strict' or 'all', got {self.appo_candidates!r}")
-        if self.appo_select_per not in ("rollout", "group"):
-            raise ValueError(f"appo_select_per: expected 'rollout' or 'group', got {self.appo_select_per!r}")
-        if self.appo_min_gap < 0:
-            raise ValueError(f"appo_min_gap: must be >= 0, got {self.appo_min_gap}")
-        if not 0.0 < self.appo_gamma <= 1.0:
-            raise ValueError(f"appo_gamma: must lie in (0, 1], got {self.appo_gamma}")
-        if not self.appo_future_clip_low <= self.appo_future_clip_high:
-            raise ValueError("appo_future_clip_low: must not exceed appo_future_clip_high")
+        self.appo_settings()  # bad APPO fields fail before TRL's own checks
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = 2 * self.gradient_accumulation_steps
         super().__post_init__()
+
+    def appo_settings(self) -> APPOSettings:
+        """The chain's settings (``appo.algos.chain.APPOSettings``); a bad value is a ValueError naming the
+        ``appo_*`` field."""
+        values = {name: getattr(self, key) for key, name in _SETTING_FIELDS.items()}
+        values["bs_clip"] = (self.appo_bs_clip_low, self.appo_bs_clip_high)
+        values["fut_clip"] = (self.appo_fut_clip_low, self.appo_fut_clip_high)
+        try:
+            return APPOSettings(**values)
+        except ValueError as error:       # "bs_clip: ..." -> "appo_bs_clip_low/high: ..."
+            name, _, reason = str(error).partition(":")
+            fields_named = [key for key, value in _SETTING_FIELDS.items() if value == name]
+            fields_named = fields_named or [f"appo_{name}_low/high"]
+            raise ValueError(f"{fields_named[0]}:{reason}") from None
 
 
 class APPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer with APPO's token branching, dual-group advantages and future-aware scaling.
 
-    Same constructor as ``GRPOTrainer``; ``args`` must be an :class:`APPOConfig`. Runs on one process (the
-    branch group of a prompt must be complete where its advantages are computed). TRL's ``tools=`` work:
-    branches whose continuation calls a tool run TRL's tool loop before they are scored. Not supported (a
-    ValueError at construction): more than one process, and ``environment_factory`` (a branch would share and
-    mutate the stateful environment instance of the rollout it branches from).
+    Same constructor as ``GRPOTrainer``; ``args`` must be an :class:`APPOConfig`. Runs on any number of DDP
+    processes. Refused at construction, each with its reason: ``per_device_train_batch_size`` not a multiple
+    of ``num_generations`` (a prompt group would be split across micro-batches or ranks), FSDP or DeepSpeed
+    ZeRO-3 (sharded parameters; branch decoding runs a different number of forwards on each rank),
+    ``environment_factory`` (a branch would share and mutate its parent's stateful environment), and
+    ``tools=`` with vLLM on more than one process (the branch tool loop runs a rank-dependent number of
+    vLLM generations, each a collective).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, APPOConfig):
             raise ValueError(f"args: APPOTrainer needs an APPOConfig, got {type(self.args).__name__}")
-        if self.accelerator.num_processes != 1:
-            raise ValueError(f"args: APPOTrainer runs on one process for now, got "
-                             f"{self.accelerator.num_processes}")
+        self._appo_check_setup()
+        self.appo_settings = self.args.appo_settings()
+        self._appo_context = None      # the buffered generation batch's reward inputs, for the branches
+        if self.args.appo_branches_per_rollout and not self._appo_policy_moves():
+            logger.warning("APPOTrainer: every slice of a generation batch is consumed before an optimizer "
+                           "step (gradient_accumulation_steps %% (steps_per_generation * num_iterations) == 0), "
+                           "so pi_theta == pi_old at every branching and the Branching Score is entropy-only "
+                           "(appo/entropy_only_fraction = 1). Raise steps_per_generation or num_iterations for "
+                           "a real future value.")
+
+    def _appo_check_setup(self) -> None:
+        args, processes = self.args, self.accelerator.num_processes
+        if args.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size: must be a multiple of num_generations ({self.num_generations}) "
+                f"for APPO, got {args.per_device_train_batch_size}: each micro-batch must hold whole prompt "
+                "groups, so that a group's branches and its dual-group statistics stay on one rank and one "
+                "update (raise per_device_train_batch_size or lower num_generations)")
         if getattr(self, "environment_factories", None) is not None:
             raise ValueError("environment_factory: not supported by APPOTrainer yet (a branch would share "
                              "the stateful environment of the rollout it branches from); pass tools= instead")
-        self._appo_reward_context = None
-        self._appo_loss_inputs = None
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3):
+            raise ValueError("args: APPOTrainer runs on DDP (or DeepSpeed ZeRO-1/2), not on FSDP or ZeRO-3: "
+                             "branch continuations end at different lengths on each rank, so their decoding "
+                             "runs a different number of forwards per rank, which sharded parameters cannot "
+                             "serve")
+        if self.tools and self.use_vllm and processes > 1:
+            raise ValueError("tools: with vLLM on more than one process, APPOTrainer's branch tool loop would "
+                             "call vLLM's gathered generation a different number of times on each rank; use "
+                             "one process or transformers generation")
+
+    def _appo_policy_moves(self) -> bool:
+        """Whether some slice of a generation batch is consumed after an optimizer step (TRL's own rule for
+        when pi_old differs from pi_theta)."""
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0
 
     # -------------------------------------------------------------------------------- TRL override points
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's reward computation; remembers the initial completions' reward inputs (and their completions,
-        whose earlier turns a tool-using branch keeps) for the branches."""
+        """TRL's reward computation; remembers the initial completions' reward inputs for the branches."""
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self._appo_reward_context is None:
-            self._appo_reward_context = (inputs, prompts, rewards_per_func, completions)
+        if self._appo_context is None:
+            self._appo_context = {"inputs": inputs, "prompts": prompts, "completions": completions,
+                                  "completion_ids": completion_ids_list, "rewards_per_func": rewards_per_func}
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's generation and scoring, then APPO's branches and [B, T] token advantages (training only)."""
-        self._appo_reward_context = None
+        """TRL's generation and scoring; in training, the batch also carries ``appo_rewards`` float32 [B] (this
+        rank's rows of TRL's gathered rewards) and ``appo_row`` int64 [B] (row in this generation batch)."""
+        self._appo_context = None
         output = super()._generate_and_score_completions(inputs)
-        if not self.model.training or self.args.appo_branches_per_rollout == 0:
+        if not self.model.training:
             return output
-        output["advantages"], output["appo_base_advantages"] = self._appo_advantages(output)
+        rows = output["completion_ids"].shape[0]
+        rank = self.accelerator.process_index
+        total = self._appo_total_rewards(self._appo_context["rewards_per_func"])[rank * rows:(rank + 1) * rows]
+        output["appo_rewards"] = total.to(output["completion_ids"].device)
+        output["appo_row"] = torch.arange(rows, device=output["completion_ids"].device)
         return output
 
-    def _compute_loss(self, model, inputs):
-        """TRL's loss; the hook below rescales the advantages by A_fut from THIS update's log-probs first."""
-        self._appo_loss_inputs = inputs if "appo_base_advantages" in inputs else None
-        try:
-            return super()._compute_loss(model, inputs)
-        finally:
-            self._appo_loss_inputs = None
-
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        """TRL's log-prob forward. Inside ``_compute_loss`` (its first call there is the policy forward,
-        before TRL reads ``inputs["advantages"]``) it sets A = A_base * (1 + b * A_fut), A_fut = clip(exp(s))
-        of the current log-probs against the sampling ones (METHOD.md: recomputed at each update, detached).
-        Without old log-probs (TRL skips them when pi_theta == pi_old) the generation-time values stand."""
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        inputs, self._appo_loss_inputs = self._appo_loss_inputs, None
-        old = None
-        if inputs is not None:
-            old = inputs.get("sampling_per_token_logps", inputs.get("old_per_token_logps"))
-        if old is not None:
-            mask = inputs["completion_mask"].bool()
-            if "tool_mask" in inputs:
-                mask &= inputs["tool_mask"].bool()
-            old = torch.where(torch.isnan(old), logps.detach(), old)
-            future = future_value(logps.detach(), old, mask, gamma=self.args.appo_gamma,
-                                  clip=(self.args.appo_future_clip_low, self.args.appo_future_clip_high))
-            future = torch.where(mask, future, 0.0)
-            inputs["advantages"] = future_aware_scaling(inputs["appo_base_advantages"], future,
-                                                        self.args.appo_future_scale)
-        return logps, entropies, aux
+    def _prepare_inputs(self, generation_batch):
+        """TRL's buffering of one generation batch over ``steps_per_generation`` micro-steps, with slices of
+        whole prompt groups (in TRL's order, not shuffled), pi_old recorded for each when the policy will move
+        before it is consumed, and APPO's branching and advantages done at consumption."""
+        if not self.model.training or self.args.appo_branches_per_rollout == 0:
+            return super()._prepare_inputs(generation_batch)
+        steps = self.args.steps_per_generation
+        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            if "pixel_values" in batch:
+                raise ValueError("generation_batch: APPOTrainer does not support image inputs yet")
+            slices = split_tensor_dict(batch, steps)
+            if self._appo_policy_moves():
+                for part in slices:
+                    part["appo_old_logprobs"] = self._appo_forward(part, keep_cache=False)[0].logprobs
+            self._buffered_inputs = slices
+        return self._appo_consume(self._buffered_inputs[self._step % steps])
 
     # ------------------------------------------------------------------------------------- APPO pieces
-    def _appo_advantages(self, output: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """APPO token advantages float32 [B, C] for the B initial completions of ``output`` (TRL's batch), and
-        the dual-group base advantages [B, C] they scale (kept for the per-update rescaling)."""
-        args = self.args
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
-        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        loss_mask = completion_mask.bool()
-        if "tool_mask" in output:
-            loss_mask &= output["tool_mask"].bool()
-        prompt_width = prompt_ids.shape[1]
+    def _appo_consume(self, inputs: dict) -> dict:
+        """One micro-step's slice with APPO's [B, C] token advantages (a new dict; the buffer is unchanged).
+
+        Every rank calls this once per micro-step and makes the same collective calls (branch-count gather,
+        reward gather, metrics gather) whatever its rows hold."""
+        settings = self.appo_settings
+        completion_ids = inputs["completion_ids"]
+        loss_mask = self._appo_loss_mask(inputs)
+        num_rows, device = completion_ids.shape[0], completion_ids.device
+        group_ids = torch.arange(num_rows, device=device) // self.num_generations
+        plan, stats, old, branch_ids, completions = None, None, None, [], None
+        if loss_mask.any():
+            stats, cache = self._appo_forward(inputs, keep_cache=True)
+            old = inputs.get("appo_old_logprobs", stats.logprobs)
+            plan = plan_branches(settings, tokens=completion_ids, mask=loss_mask, group_ids=group_ids,
+                                 logprobs=stats.logprobs, old_logprobs=old, entropy=stats.entropy)
+            if plan.src.numel():
+                branch_ids = self._appo_decode_branches(inputs, cache, plan)
+                del cache
+                if self.tools:
+                    branch_ids, completions = self._appo_branch_tool_loop(inputs, plan.src, plan.pos, branch_ids)
+        src = plan.src if plan is not None else torch.zeros(0, dtype=torch.long, device=device)
+        branch_rewards = self._appo_score_branches(inputs["appo_row"][src].tolist(), branch_ids, completions)
+
+        advantages = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
+        base = advantages.clone()
+        if plan is not None:
+            scorable = ~torch.isnan(branch_rewards)
+            rewards = inputs["appo_rewards"]
+            parent = torch.cat([torch.full((num_rows,), -1, device=device), src[scorable]])
+            shared = torch.cat([torch.zeros(num_rows, dtype=torch.long, device=device),
+                                plan.shared[scorable]])
+            base = dual_group_base(settings, rewards=torch.cat([torch.nan_to_num(rewards, nan=0.0),
+                                                                branch_rewards[scorable]]),
+                                   group_ids=torch.cat([group_ids, group_ids[src[scorable]]]), parent=parent,
+                                   shared_prefix=shared, mask=loss_mask)
+            base = base.masked_fill(torch.isnan(rewards)[:, None], 0.0)   # unscorable rows: no signal (TRL)
+            advantages = scale_by_future(settings, base, logprobs=stats.logprobs, old_logprobs=old,
+                                         mask=loss_mask)
+        self._appo_log(plan, loss_mask, branch_rewards)
+        return {**inputs, "advantages": advantages, "appo_base_advantages": base}
+
+    @staticmethod
+    def _appo_loss_mask(inputs: dict) -> torch.Tensor:
+        """bool [B, C]: the model's own completion tokens (TRL's completion mask and tool mask)."""
+        mask = inputs["completion_mask"].bool()
+        return mask & inputs["tool_mask"].bool() if "tool_mask" in inputs else mask
+
+    def _appo_forward(self, inputs: dict, *, keep_cache: bool) -> tuple[TokenStats, object]:
+        """No-grad forward of the current policy over a slice's prompt + completion: token stats fp32 [B, C]
+        (log-prob of each completion token, full-vocabulary entropy) and, with ``keep_cache``, the KV cache
+        [B, H, P + C, D] per layer. Eval mode (no dropout) and TRL's autocast; position ids count real tokens
+        (as ``generate`` does), so the cache lines up with the branch decoding. pi_old and pi_theta both come
+        from here, so with no update in between they are equal bit for bit."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         full_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        full_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        num_rows, num_generations = completion_ids.shape[0], self.num_generations
-        group_ids = torch.arange(num_rows, device=full_ids.device) // num_generations
-
-        if not loss_mask.any():  # every completion masked out (e.g. all truncated): nothing to optimise
-            zeros = torch.zeros(loss_mask.shape, dtype=torch.float32, device=loss_mask.device)
-            return zeros, zeros.clone()
-
-        logits, cache = self._appo_policy_forward(full_ids, full_mask, completion_ids.shape[1])
-        stats = token_stats(logits, completion_ids, temperature=self.temperature)   # one pass over the vocab
-        old = output.get("sampling_per_token_logps", output.get("old_per_token_logps"))
-        old = stats.logprobs if old is None else torch.where(torch.isnan(old), stats.logprobs, old)
-        del logits
-        score = branching_score(tokens=completion_ids, old_logprobs=old, mask=loss_mask,
-                                entropy=stats.entropy, logprobs=stats.logprobs, gamma=args.appo_gamma,
-                                clip=(args.appo_future_clip_low, args.appo_future_clip_high),
-                                candidates=args.appo_candidates)
-        rows, positions = select_branch_points(score.score, args.appo_branches_per_rollout,
-                                               group_ids=group_ids, per=args.appo_select_per,
-                                               min_gap=args.appo_min_gap, allow_fewer=True)
-        rewards = self._appo_total_rewards(self._appo_reward_context[2])
-        if rows.numel():
-            branch_ids = self._appo_generate_branches(full_ids, full_mask, cache, rows,
-                                                      positions + prompt_width, prompt_width)
-            if self.tools:   # finish tool-calling branches with TRL's tool loop, score their message lists
-                del cache    # the loop's later turns prefill afresh (TRL's generation)
-                branch_ids, completions = self._appo_branch_tool_loop(output, rows, positions, branch_ids)
-                branch_rewards = self._appo_score_branches(rows, branch_ids, completions)
-            else:
-                branch_rewards = self._appo_score_branches(rows, branch_ids)
-        else:
-            branch_rewards = rewards.new_zeros(0)
-        scorable = ~torch.isnan(branch_rewards)
-        rows, positions, branch_rewards = rows[scorable], positions[scorable], branch_rewards[scorable]
-        unscorable_initial = torch.isnan(rewards)
-
-        device = completion_ids.device
-        all_rewards = torch.cat([torch.nan_to_num(rewards, nan=0.0), branch_rewards]).to(device)
-        parent = torch.cat([torch.full((num_rows,), -1, device=device), rows])
-        branch_pos = torch.cat([torch.zeros(num_rows, dtype=torch.long, device=device),
-                                positions + int(args.appo_include_token)])
-        base = dual_group_advantages(all_rewards, torch.cat([group_ids, group_ids[rows]]), parent, branch_pos,
-                                     loss_mask, combine=args.appo_combine, one_group=args.appo_one_group)
-        base = base.masked_fill(unscorable_initial.to(device)[:, None], 0.0)
-        future = score.future_value.clamp(args.appo_future_clip_low, args.appo_future_clip_high)
-        advantages = future_aware_scaling(base, torch.where(loss_mask, future, 0.0), args.appo_future_scale)
-        self._appo_log(score, rows, positions, branch_rewards, future, loss_mask)
-        return advantages, base
-
-    def _appo_policy_forward(self, full_ids, full_mask, completion_width):
-        """No-grad forward over prompt + completion: logits [B, C, V] predicting each completion token, and
-        the KV cache [B, H, P + C, D] per layer. Position ids count real tokens (as ``generate`` does), so the
-        cache lines up with the branch decoding that continues from it."""
+        full_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         model = self.accelerator.unwrap_model(self.model)
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
-        # Under TRL's autocast, as its own log-prob forwards, so Omega compares like with like.
-        no_checkpointing = disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs)
-        with torch.no_grad(), no_checkpointing, self.accelerator.autocast():
-            out = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids,
-                        use_cache=True, logits_to_keep=completion_width + 1)
-        return out.logits[:, :-1], out.past_key_values
+        training = model.training
+        model.eval()
+        try:
+            with (torch.no_grad(), disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
+                  self.accelerator.autocast()):
+                out = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids,
+                            use_cache=keep_cache, logits_to_keep=completion_ids.shape[1] + 1)
+        finally:
+            model.train(training)
+        stats = token_stats(out.logits[:, :-1], completion_ids, temperature=self.temperature)
+        return stats, (out.past_key_values if keep_cache else None)
 
-    def _appo_generate_branches(self, full_ids, full_mask, cache, rows, positions, prompt_width):
-        """Continue the K prefixes ``full_ids[rows[k], :positions[k] (+1)]`` from the gathered KV caches.
-
-        Returns K lists of completion token ids (the prefix's completion part + the new tokens, cut after EOS
-        and at ``max_completion_length``)."""
-        include = self.args.appo_include_token
+    def _appo_decode_branches(self, inputs: dict, cache, plan: BranchPlan) -> list[list[int]]:
+        """Continue the K prefixes (row ``plan.src[k]``'s prompt + completion[:plan.shared[k]]) from the
+        gathered KV caches with TRL's generation config. Returns K lists of completion token ids (the kept
+        completion prefix + the new tokens, cut after EOS and at ``max_completion_length``)."""
+        include = self.appo_settings.include_token
+        prompt_width = inputs["prompt_ids"].shape[1]
+        full_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        full_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        rows, positions = plan.src, plan.pos + prompt_width
         lengths = torch.full(full_ids.shape[:1], full_ids.shape[1], dtype=torch.long, device=full_ids.device)
         prefix = build_branch_batch(full_ids, lengths, rows, positions, pad_id=self._tokenizer.pad_token_id,
                                     include_token=include)
         # The original attention mask, gathered the same way, keeps the prompts' left padding masked out.
         attention = build_branch_batch(full_mask.long(), lengths, rows, positions, pad_id=0,
                                        include_token=include).input_ids
-        branch_cache = gather_prefix_kv(cache, rows, positions, include_token=include, lengths=lengths)
-        kept = prefix.prefix_lengths - prompt_width                       # completion tokens kept per branch
-        budget = self.max_completion_length - int(kept.min())
         model = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad(), disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
-            generation_config = copy.deepcopy(self.generation_config)
-            generation_config.max_new_tokens = max(budget, 1)
-            generated = model.generate(input_ids=prefix.input_ids, attention_mask=attention,
-                                       past_key_values=branch_cache, generation_config=generation_config)
+        branch_cache = gather_prefix_kv(cache, rows, positions, include_token=include, lengths=lengths)
+        dtype = next(model.parameters()).dtype
+        for layer in branch_cache.layers:   # the forward may have run under autocast
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+        kept = prefix.prefix_lengths - prompt_width                       # completion tokens kept per branch
+        generation_config = copy.deepcopy(self.generation_config)
+        generation_config.max_new_tokens = max(self.max_completion_length - int(kept.min()), 1)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
+                generated = model.generate(input_ids=prefix.input_ids, attention_mask=attention,
+                                           past_key_values=branch_cache, generation_config=generation_config)
+        finally:
+            model.train(training)
         new_tokens = generated[:, prefix.input_ids.shape[1]:].tolist()
         eos = set(self.eos_token_ids)
         branches = []
@@ -264,12 +322,12 @@ class APPOTrainer(GRPOTrainer):
             branches.append(head + tail)
         return branches
 
-    def _appo_branch_tool_loop(self, output: dict, rows: torch.Tensor, positions: torch.Tensor,
+    def _appo_branch_tool_loop(self, inputs: dict, rows: torch.Tensor, positions: torch.Tensor,
                                branch_ids: list[list[int]]) -> tuple[list[list[int]], list[list[dict]]]:
         """Finish the K tool-using branches with TRL's own tool loop (``GRPOTrainer._tool_call_loop``).
 
-        A branch at completion position ``positions[k]`` of row ``rows[k]`` keeps the parent's earlier turns
-        (assistant turns, tool calls and tool results, token for token) and regenerated the rest of the
+        A branch at completion position ``positions[k]`` of slice row ``rows[k]`` keeps the parent's earlier
+        turns (assistant turns, tool calls and tool results, token for token) and regenerated the rest of the
         current assistant turn. That turn is parsed with TRL's ``parse_response``; if it calls tools, TRL's
         loop executes them with the parent row's tool dicts, appends the tool-result tokens
         (``_get_tool_suffix_ids``) and generates the next turns (``_generate_single_turn``, a full prefill),
@@ -277,13 +335,14 @@ class APPOTrainer(GRPOTrainer):
         reached, counting the tool rounds already in the prefix. Returns the K completed token-id lists
         (tool-result tokens included, as TRL passes them to reward functions) and the K completions as TRL's
         message lists (earlier turns + the loop's turns)."""
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
-        tool_mask = output.get("tool_mask")
-        _, prompts, _, parent_completions = self._appo_reward_context
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        tool_mask = inputs.get("tool_mask")
+        generation_rows = inputs["appo_row"][rows].tolist()
+        prompts, parent_completions = self._appo_context["prompts"], self._appo_context["completions"]
         limit = self.max_tool_calling_iterations
         # Per branch: where its current assistant turn starts, and how many tool rounds came before it.
         prompt_lists, starts, rounds_before, earlier = [], [], [], []
-        for row, position in zip(rows.tolist(), positions.tolist()):
+        for row, gen_row, position in zip(rows.tolist(), generation_rows, positions.tolist()):
             prompt_lists.append(prompt_ids[row][prompt_mask[row].bool()].tolist())
             marks = tool_mask[row, :position].tolist() if tool_mask is not None else [1] * position
             start = position
@@ -292,7 +351,7 @@ class APPOTrainer(GRPOTrainer):
             rounds = sum(1 for i in range(start) if marks[i] == 0 and (i == 0 or marks[i - 1] == 1))
             # The parent's messages before its `rounds`-th assistant turn: earlier turns and tool results.
             messages, seen = [], 0
-            for message in parent_completions[row]:
+            for message in parent_completions[gen_row]:
                 if message.get("role") == "assistant":
                     if seen == rounds:
                         break
@@ -316,7 +375,7 @@ class APPOTrainer(GRPOTrainer):
                            if r == rounds and turns[k].get("tool_calls")]
                 if not members or rounds >= limit:
                     continue  # no call, or no round left: the call stays unexecuted, as in TRL at the limit
-                member_rows = [int(rows[k]) for k in members]
+                member_rows = [generation_rows[k] for k in members]
                 self._sync_tool_dicts = [sync_dicts[row] for row in member_rows]
                 self._async_tool_dicts = [async_dicts[row] for row in member_rows]
                 self.max_tool_calling_iterations = limit - rounds
@@ -336,20 +395,45 @@ class APPOTrainer(GRPOTrainer):
         completions = [earlier[k] + finished_turns[k] for k in range(len(branch_ids))]
         return finished_ids, completions
 
-    def _appo_score_branches(self, rows: torch.Tensor, branch_ids: list[list[int]],
+    def _appo_score_branches(self, generation_rows: list[int], branch_ids: list[list[int]],
                              branch_completions: list | None = None) -> torch.Tensor:
-        """Rewards float32 [K] of the branches from TRL's reward functions (NaN where all gave None).
-        ``branch_completions`` (TRL message lists, from the tool loop) is used as given; without it the branch
-        ids are decoded as plain text (one assistant message for conversational prompts)."""
-        inputs, prompts = self._appo_reward_context[:2]
-        branch_inputs = [dict(inputs[row]) for row in rows.tolist()]
-        branch_prompts = [prompts[row] for row in rows.tolist()]
+        """Rewards float32 [K] of this rank's K branches from TRL's reward functions (NaN where all gave None).
+
+        ``generation_rows``: each branch's parent row in the generation batch (its reward inputs);
+        ``branch_completions`` (TRL message lists, from the tool loop) is used as given, else the ids are
+        decoded as plain text (one assistant message for conversational prompts). TRL gathers rewards over all
+        ranks, which needs the same row count everywhere: the ranks agree on the largest K, pad with copies of
+        a row (scored, then dropped) and keep their own slice. Reward-function logs of branches are dropped."""
+        device = self.accelerator.device
+        count = len(generation_rows)
+        width = count
+        if self.accelerator.num_processes > 1:
+            width = int(self.accelerator.gather(torch.tensor([count], device=device)).max())
+        if width == 0:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        context = self._appo_context
         if branch_completions is None:
             branch_completions = self.processing_class.batch_decode(branch_ids, skip_special_tokens=True)
-            if is_conversational({"prompt": branch_prompts[0]}):
+            if count and is_conversational({"prompt": context["prompts"][generation_rows[0]]}):
                 branch_completions = [[{"role": "assistant", "content": text}] for text in branch_completions]
-        per_func = super()._calculate_rewards(branch_inputs, branch_prompts, branch_completions, branch_ids)
-        return self._appo_total_rewards(per_func)
+        rows, ids, completions = list(generation_rows), list(branch_ids), list(branch_completions)
+        if not rows:                                   # nothing of our own: pad with the first initial row
+            rows, ids, completions = [0], [context["completion_ids"][0]], [context["completions"][0]]
+        filler = width - len(rows)
+        rows, ids, completions = rows + rows[-1:] * filler, ids + ids[-1:] * filler, \
+            completions + completions[-1:] * filler
+        saved_logs = {key: list(value) for key, value in self._pending_extra_logs.items()}
+        saved_metrics = {key: list(value) for key, value in self._pending_metrics.items()}
+        try:
+            per_func = super()._calculate_rewards([dict(context["inputs"][r]) for r in rows],
+                                                  [context["prompts"][r] for r in rows], completions, ids)
+        finally:
+            self._pending_extra_logs.clear()
+            self._pending_extra_logs.update(saved_logs)
+            self._pending_metrics.clear()
+            self._pending_metrics.update(saved_metrics)
+        rank = self.accelerator.process_index
+        return self._appo_total_rewards(per_func[rank * width:rank * width + count])
 
     def _appo_total_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """Weighted sum over reward functions, float32 [R]; NaN where every function returned None."""
@@ -357,17 +441,33 @@ class APPOTrainer(GRPOTrainer):
         total = (rewards_per_func * weights[None, :]).nansum(dim=1)
         return total.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
 
-    def _appo_log(self, score, rows, positions, branch_rewards, future, loss_mask) -> None:
+    def _appo_log(self, plan: BranchPlan | None, loss_mask: torch.Tensor, branch_rewards: torch.Tensor) -> None:
+        """Metrics of this micro-step over all ranks (one gather, made by every rank)."""
+        device = self.accelerator.device
+        local = torch.zeros(11, dtype=torch.float64, device=device)
+        local[1] = loss_mask.shape[0]
+        if plan is not None:
+            mask = loss_mask.bool()
+            omega = plan.score.future_value[mask].double()
+            finite = branch_rewards[~torch.isnan(branch_rewards)].double()
+            local[0] = plan.src.numel()
+            local[2] = plan.score.entropy_only.sum()
+            local[3] = omega.numel()
+            local[4] = omega.sum()
+            local[5] = (omega - 1).abs().max() if omega.numel() else 0.0
+            local[6], local[7] = plan.filled, plan.fresh
+            local[8], local[9] = finite.sum(), finite.numel()
+            local[10] = plan.pos.double().sum()
+        totals = self.accelerator.gather(local[None]).view(-1, local.numel())
+        summed = totals.sum(dim=0).tolist()
         metrics = self._metrics["train"]
-        chosen = score.score[rows, positions]
-
-        def mean_or_zero(values: torch.Tensor) -> float:
-            return float(values.float().mean()) if values.numel() else 0.0
-
-        metrics["appo/branches"].append(float(rows.numel()))
-        metrics["appo/branches_per_rollout"].append(rows.numel() / max(loss_mask.shape[0], 1))
-        metrics["appo/mean_branching_score"].append(mean_or_zero(chosen))
-        metrics["appo/entropy_only_fraction"].append(float(score.entropy_only.float().mean()))
-        metrics["appo/branch_reward_mean"].append(mean_or_zero(branch_rewards))
-        metrics["appo/future_value_mean"].append(float(future[loss_mask].mean()))
-        metrics["appo/mean_branch_position"].append(mean_or_zero(positions))
+        rows = max(summed[1], 1.0)
+        metrics["appo/branches"].append(summed[0])
+        metrics["appo/branches_per_rollout"].append(summed[0] / rows)
+        metrics["appo/branches_filled"].append(summed[6])
+        metrics["appo/branches_fresh"].append(summed[7])
+        metrics["appo/entropy_only_fraction"].append(summed[2] / rows)
+        metrics["appo/omega_mean"].append(summed[4] / summed[3] if summed[3] else 1.0)
+        metrics["appo/omega_max_shift"].append(float(totals[:, 5].max()))
+        metrics["appo/branch_reward_mean"].append(summed[8] / summed[9] if summed[9] else 0.0)
+        metrics["appo/mean_branch_position"].append(summed[10] / summed[0] if summed[0] else 0.0)

@@ -1,10 +1,21 @@
-"""APPOTrainer inside TRL 1.16: a real two-step training run on a tiny random model on CPU.
+"""APPOTrainer inside TRL 1.16: real training runs of a tiny model on CPU, in one process and in two.
 
-The tiny model shares SmolLM2's tokenizer (vocab 49152) so TRL tokenises and decodes real text; the reward
-is a deterministic function of the completion text with spread inside each group.
+The tiny model (tests/integrations/_trl_ranks.py) shares SmolLM2's tokenizer (vocab 49152) so TRL tokenises and
+decodes real text; the reward is a deterministic function of the completion text with spread inside each group.
+One generation of 2 prompts x 4 completions per micro-batch feeds two optimizer steps: the first branches
+before any update (pi_theta == pi_old: the entropy-only fallback, bit for bit), the second after one (a real
+policy shift).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,76 +25,44 @@ pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'appo[t
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from appo.algos.chain import BranchPlan  # noqa: E402
 from appo.integrations.trl import APPOConfig, APPOTrainer  # noqa: E402
 from appo.models import smollm2_path, tiny_model  # noqa: E402
 
-NUM_GENERATIONS = 4
-BRANCHES = 2
-MAX_COMPLETION = 10
+HELPER = Path(__file__).with_name("_trl_ranks.py")
+_spec = importlib.util.spec_from_file_location("_trl_ranks", HELPER)
+ranks_helper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ranks_helper)
 
-
-def text_length_reward(completions, **kwargs):
-    """A reward with spread inside each group: the completion's character count modulo 7."""
-    return [float(len(text) % 7) for text in completions]
-
-
-class RecordingAPPOTrainer(APPOTrainer):
-    """Records what each generation step produced, for the assertions below."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []
-
-    def _appo_generate_branches(self, full_ids, full_mask, cache, rows, positions, prompt_width):
-        branches = super()._appo_generate_branches(full_ids, full_mask, cache, rows, positions, prompt_width)
-        self.records.append({"full_ids": full_ids.clone(), "prompt_width": prompt_width, "rows": rows.clone(),
-                             "positions": positions.clone() - prompt_width, "branches": branches})
-        return branches
-
-    def _appo_score_branches(self, rows, branch_ids):
-        rewards = super()._appo_score_branches(rows, branch_ids)
-        self.records[-1]["branch_rewards"] = rewards.clone()
-        self.records[-1]["initial_rewards"] = self._appo_total_rewards(self._appo_reward_context[2]).clone()
-        return rewards
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        self.records[-1]["output"] = {k: v.clone() for k, v in output.items() if isinstance(v, torch.Tensor)}
-        return output
+NUM_GENERATIONS = ranks_helper.NUM_GENERATIONS
+BRANCHES = ranks_helper.BRANCHES
+MAX_COMPLETION = ranks_helper.MAX_COMPLETION
+GAMMA = 2 ** (-1 / 32)
+text_length_reward = ranks_helper.text_length_reward
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    tok.padding_side = "left"
-    return tok
+    return ranks_helper.tokenizer()
+
+
+def _train(tmp_path_factory, tokenizer, per_device=2 * NUM_GENERATIONS, **overrides):
+    """Two optimizer steps of the recording trainer; returns (trainer, parameters before)."""
+    model = ranks_helper.model(tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = ranks_helper.config(str(tmp_path_factory.mktemp("appo_trl")), per_device)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    trainer = ranks_helper.RecordingTrainer(model=model, reward_funcs=text_length_reward, args=config,
+                                            train_dataset=ranks_helper.dataset([0, 1, 2, 3]),
+                                            processing_class=tokenizer)
+    trainer.train()
+    return trainer, before
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer):
-    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=4, kv_heads=2,
-                       seed=3)
-    # Sharper attention and logits than the random init, so positions and greedy choices matter.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-        model.lm_head.weight.mul_(20.0)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    # Prompt lengths differ a lot, so TRL's left padding is wide inside every batch.
-    dataset = Dataset.from_dict({"prompt": [
-        "Add 13 and 29.", "Hi",
-        "Name a prime number above ten, then explain in one short sentence why it is prime:",
-        "Spell the word cat backwards, letter by letter:"]})
-    config = APPOConfig(output_dir=str(tmp_path_factory.mktemp("appo_trl")), per_device_train_batch_size=8,
-                        num_generations=NUM_GENERATIONS, max_completion_length=MAX_COMPLETION, max_steps=2,
-                        learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no",
-                        use_cpu=True, bf16=False, seed=0,
-                        appo_branches_per_rollout=BRANCHES, appo_candidates="all")
-    trainer = RecordingAPPOTrainer(model=model, reward_funcs=text_length_reward, args=config,
-                                   train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-    return trainer, before
+    return _train(tmp_path_factory, tokenizer)
 
 
 def test_training_step_updates_parameters(trained):
@@ -93,34 +72,67 @@ def test_training_step_updates_parameters(trained):
     assert len(changed) == len(before)
 
 
-def test_appo_metrics_are_logged(trained):
+def test_every_prompt_gets_exactly_its_branch_budget(trained):
     trainer, _ = trained
-    logs = [entry for entry in trainer.state.log_history if "appo/branches" in entry]
-    assert len(logs) == 2
-    for entry in logs:
-        assert entry["appo/branches"] > 0
-        assert torch.isfinite(torch.tensor(entry["appo/mean_branching_score"]))
-        # TRL branches with the policy that sampled: pi_theta == pi_old, the documented entropy-only fallback.
-        assert entry["appo/entropy_only_fraction"] == 1.0
-
-
-def test_branches_continue_their_parent_prefix(trained):
-    trainer, _ = trained
+    assert len(trainer.records) == 2                       # two micro-steps, each branched
     for record in trainer.records:
-        assert record["rows"].numel() > 0
-        full, width = record["full_ids"], record["prompt_width"]
-        points = zip(record["rows"].tolist(), record["positions"].tolist(), record["branches"])
-        for row, pos, branch in points:
-            assert branch[:pos] == full[row, width:width + pos].tolist()
-            assert pos < len(branch) <= MAX_COMPLETION
+        groups = record["src"] // NUM_GENERATIONS
+        assert torch.bincount(groups, minlength=2).tolist() == [BRANCHES * NUM_GENERATIONS] * 2
+    logs = [entry for entry in trainer.state.log_history if "appo/branches" in entry]
+    assert [entry["appo/branches"] for entry in logs] == [2 * BRANCHES * NUM_GENERATIONS] * 2
 
 
-def _reference_advantages(record, mask):
-    """fp64 loop form of METHOD.md's dual-group advantages times (1 + 0.5 * A_fut), with A_fut = 1
-    (pi_theta == pi_old when TRL branches)."""
-    rewards = record["initial_rewards"].double()
+def test_branching_before_any_update_is_entropy_only_bit_for_bit(trained):
+    """The first slice is consumed before the optimizer step: appo's pi_old (recorded at generation) and
+    pi_theta (at consumption) come from the same forward of the same weights, so Omega is exactly 1, every row
+    uses the entropy-only fallback and A_fut is exactly 1 (A = A_base * (1 + b))."""
+    trainer, _ = trained
+    record = trainer.records[0]
+    assert record["old"] is not None and torch.equal(record["old"], record["theta"])
+    mask = record["completion_mask"].bool()
+    assert bool((record["omega"][mask] == 1.0).all())
+    assert bool(record["entropy_only"].all())
+    assert torch.equal(record["advantages"], record["appo_base_advantages"] * 1.5)
+    log = [entry for entry in trainer.state.log_history if "appo/branches" in entry][0]
+    assert log["appo/entropy_only_fraction"] == 1.0 and log["appo/omega_max_shift"] == 0.0
+
+
+def _reference_future_value(logprobs, old, mask, gamma=GAMMA, lo=None, hi=None):
+    """fp64 exp(sum_{k >= i} gamma^(k - i) (l_k - l_old_k) m_k), clamped to [-20, 20] before exp, one position
+    at a time (clipped to [lo, hi] when given)."""
+    delta = (logprobs.double() - old.double()) * mask
+    running = torch.zeros(delta.shape[0], dtype=torch.float64)
+    out = torch.zeros_like(delta)
+    for i in reversed(range(delta.shape[1])):
+        running = delta[:, i] + gamma * running
+        out[:, i] = running.clamp(-20, 20).exp()
+    return out.clamp(lo, hi) if lo is not None else out
+
+
+def test_branching_after_an_update_measures_the_policy_shift(trained):
+    """The second slice is consumed after one optimizer step: Omega is pi_theta (the updated policy) against
+    pi_old (the policy that sampled), both in appo's forward, so it moves away from 1 and some rows get a real
+    Branching Score."""
+    trainer, _ = trained
+    record = trainer.records[1]
+    mask = record["completion_mask"].bool()
+    assert not torch.equal(record["old"], record["theta"])
+    expected = _reference_future_value(record["theta"], record["old"], mask)
+    torch.testing.assert_close(record["omega"].double()[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    assert (record["omega"][mask] - 1).abs().max() > 1e-2
+    assert not bool(record["entropy_only"].all())
+    log = [entry for entry in trainer.state.log_history if "appo/branches" in entry][1]
+    assert log["appo/entropy_only_fraction"] < 1.0 and log["appo/omega_max_shift"] > 1e-2
+
+
+def _reference_advantages(record, b=0.5):
+    """fp64 loop form of METHOD.md's dual-group advantages times (1 + b * A_fut), A_fut = clip(Omega, 1, 1.2)
+    of this micro-step's pi_theta against pi_old."""
+    mask = record["completion_mask"].bool()
+    rewards = record["appo_rewards"].double()
     branch_rewards = record["branch_rewards"].double()
-    rows, positions = record["rows"].tolist(), record["positions"].tolist()
+    rows, positions = record["src"].tolist(), record["pos"].tolist()
+    future = _reference_future_value(record["theta"], record["old"], mask, lo=1.0, hi=1.2)
     num_rows, width = mask.shape
     out = torch.zeros(num_rows, width, dtype=torch.float64)
 
@@ -131,27 +143,42 @@ def _reference_advantages(record, mask):
         members = list(range(group_start, group_start + NUM_GENERATIONS))
         a_init = zscore(rewards[members])
         branch_ids = [k for k, r in enumerate(rows) if r in members]
-        a_br = zscore(branch_rewards[branch_ids]) if branch_ids else None
+        a_br = zscore(branch_rewards[branch_ids])
         for j, n in enumerate(members):
             for i in range(width):
                 if not mask[n, i]:
                     continue
                 shared = [a_br[m] for m, k in enumerate(branch_ids) if rows[k] == n and positions[k] > i]
                 base = a_init[j] if not shared else 0.5 * (a_init[j] + sum(shared) / len(shared))
-                out[n, i] = base * 1.5
+                out[n, i] = base * (1 + b * future[n, i])
     return out
 
 
 def test_advantages_match_dual_group_reference(trained):
     trainer, _ = trained
     for record in trainer.records:
-        output = record["output"]
-        mask = output["completion_mask"].bool()
-        expected = _reference_advantages(record, mask)
-        assert output["advantages"].shape == mask.shape
-        torch.testing.assert_close(output["advantages"].double(), expected, atol=1e-5, rtol=1e-5)
-        # at least one token got credit from a branch (different from the broadcast initial advantage)
-        assert (expected != expected.gather(1, torch.zeros_like(mask, dtype=torch.long)[:, :1])).any()
+        expected = _reference_advantages(record)
+        assert record["advantages"].shape == record["completion_mask"].shape
+        torch.testing.assert_close(record["advantages"].double(), expected, atol=1e-5, rtol=1e-5)
+        # some token got credit from a branch (differs from its row's broadcast initial advantage)
+        base = record["appo_base_advantages"]
+        assert (base != base[:, :1]).any()
+
+
+def test_initial_rewards_are_this_batch_rows(trained, tokenizer):
+    trainer, _ = trained
+    for record in trainer.records:
+        texts = tokenizer.batch_decode(record["completion_ids"], skip_special_tokens=True)
+        assert record["appo_rewards"].tolist() == text_length_reward(texts)
+
+
+def test_branches_continue_their_parent_prefix(trained):
+    trainer, _ = trained
+    for record in trainer.records:
+        points = zip(record["src"].tolist(), record["pos"].tolist(), record["branches"])
+        for row, pos, branch in points:
+            assert branch[:pos] == record["completion_ids"][row, :pos].tolist()
+            assert pos < len(branch) <= MAX_COMPLETION
 
 
 def test_cached_branch_decoding_matches_full_prefill(trained):
@@ -159,63 +186,61 @@ def test_cached_branch_decoding_matches_full_prefill(trained):
     the same prefix: each new token's logit is the maximum (up to float noise) of the prefill logits."""
     trainer, _ = trained
     record = trainer.records[-1]
-    full, width = record["full_ids"], record["prompt_width"]
-    output = record["output"]
-    full_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-    rows = torch.tensor([0, 3, 5, 6])
-    positions = torch.tensor([2, 1, 4, 3]) + width
+    inputs = {key: record[key] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    rows, positions = torch.tensor([0, 3, 5, 6]), torch.tensor([2, 1, 4, 3])
+    plan = BranchPlan(rows, positions, positions, None, 4, 0, 0)
     model = trainer.accelerator.unwrap_model(trainer.model)
     trainer.generation_config.do_sample = False
     try:
-        _, cache = trainer._appo_policy_forward(full, full_mask, full.shape[1] - width)
-        branches = APPOTrainer._appo_generate_branches(trainer, full, full_mask, cache, rows, positions,
-                                                       width)
+        _, cache = trainer._appo_forward(inputs, keep_cache=True)
+        branches = APPOTrainer._appo_decode_branches(trainer, inputs, cache, plan)
     finally:
         trainer.generation_config.do_sample = True
     checked = 0
     for k, (row, pos) in enumerate(zip(rows.tolist(), positions.tolist())):
-        kept = pos - width
-        assert branches[k][:kept] == full[row, width:pos].tolist()
-        prompt = full[row, :width][full_mask[row, :width].bool()].tolist()
+        assert branches[k][:pos] == record["completion_ids"][row, :pos].tolist()
+        prompt = record["prompt_ids"][row][record["prompt_mask"][row].bool()].tolist()
         sequence = torch.tensor([prompt + branches[k]])
         with torch.no_grad():
             logits = model(input_ids=sequence).logits[0].double()
         spread = logits.std(dim=-1).mean()
-        for j in range(kept, len(branches[k])):
+        for j in range(pos, len(branches[k])):
             step = logits[len(prompt) + j - 1]
             assert step[branches[k][j]] >= step.max() - 1e-3 * spread
             checked += 1
     assert checked >= len(rows)
 
 
-def _reference_future_value(logprobs, old, mask, gamma=2 ** (-1 / 32), lo=1.0, hi=1.2):
-    """fp64 clip(exp(sum_{k >= i} gamma^(k - i) (l_k - l_old_k) m_k), lo, hi), one position at a time."""
-    delta = (logprobs.double() - old.double()) * mask
-    running = torch.zeros(delta.shape[0], dtype=torch.float64)
-    out = torch.zeros_like(delta)
-    for i in reversed(range(delta.shape[1])):
-        running = delta[:, i] + gamma * running
-        out[:, i] = running.clamp(-20, 20).exp().clamp(lo, hi)
-    return out
+def test_num_iterations_branch_again_against_the_moved_policy(tmp_path_factory, tokenizer):
+    """num_iterations=2 reuses one generation for two optimizer steps: the second pass branches anew, against
+    the updated policy."""
+    trainer, _ = _train(tmp_path_factory, tokenizer, steps_per_generation=1, generation_batch_size=8,
+                        num_iterations=2)
+    first, second = trainer.records
+    assert torch.equal(first["old"], first["theta"]) and bool(first["entropy_only"].all())
+    assert torch.equal(first["completion_ids"], second["completion_ids"])     # the same generation
+    mask = second["completion_mask"].bool()
+    assert (second["omega"][mask] - 1).abs().max() > 1e-2
+    torch.testing.assert_close(second["advantages"].double(), _reference_advantages(second), atol=1e-5,
+                               rtol=1e-5)
 
 
-def test_each_update_rescales_advantages_by_the_current_future_value(trained):
-    """With old log-probs present (pi_theta has moved), the loss uses A_base * (1 + 0.5 * A_fut(pi_theta))."""
-    trainer, _ = trained
-    inputs = {k: v.clone() for k, v in trainer.records[-1]["output"].items()}
-    mask = inputs["completion_mask"].bool()
-    full_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    full_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    with torch.no_grad():
-        current, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, full_ids, full_mask,
-                                                                   mask.shape[1])
-        old = current - 0.05 * torch.randn(current.shape, generator=torch.Generator().manual_seed(1))
-        inputs["old_per_token_logps"] = old
-        trainer._compute_loss(trainer.model, inputs)
-    future = _reference_future_value(current, old, mask)
-    assert future[mask].max() - future[mask].min() > 0.01
-    expected = inputs["appo_base_advantages"].double() * (1 + 0.5 * future) * mask
-    torch.testing.assert_close(inputs["advantages"].double() * mask, expected, atol=1e-5, rtol=1e-5)
+def test_entropy_only_by_construction_is_warned(tmp_path, tokenizer, caplog):
+    """With one update per generation (TRL's default layout) pi_theta == pi_old at every branching: the
+    trainer says so."""
+    config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                        steps_per_generation=1, report_to="none", use_cpu=True, bf16=False)
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=16, layers=1, heads=2, kv_heads=1)
+    with caplog.at_level(logging.WARNING, logger="appo.integrations.trl"):
+        APPOTrainer(model=model, reward_funcs=text_length_reward, args=config,
+                    train_dataset=Dataset.from_dict({"prompt": ["Hi"]}), processing_class=tokenizer)
+    assert "entropy-only" in caplog.text
+
+
+def test_config_defaults_to_two_updates_per_generation(tmp_path):
+    config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                        gradient_accumulation_steps=3, report_to="none", use_cpu=True)
+    assert config.steps_per_generation == 6
 
 
 def test_trainer_needs_an_appo_config(tmp_path, tokenizer):
@@ -229,11 +254,112 @@ def test_trainer_needs_an_appo_config(tmp_path, tokenizer):
                     train_dataset=Dataset.from_dict({"prompt": ["Hi"]}), processing_class=tokenizer)
 
 
-def test_config_rejects_bad_appo_fields(tmp_path):
-    with pytest.raises(ValueError, match="appo_combine"):
-        APPOConfig(output_dir=str(tmp_path), appo_combine="mean", report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="appo_branches_per_rollout"):
-        APPOConfig(output_dir=str(tmp_path), appo_branches_per_rollout=-1, report_to="none", use_cpu=True)
+def test_micro_batches_must_hold_whole_groups(tmp_path, tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=16, layers=1, heads=2, kv_heads=1)
+    config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=4,
+                        report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="per_device_train_batch_size: must be a multiple of num_generations"):
+        APPOTrainer(model=model, reward_funcs=text_length_reward, args=config,
+                    train_dataset=Dataset.from_dict({"prompt": ["Hi"]}), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("field, value", [("appo_combine", "mean"), ("appo_branches_per_rollout", -1),
+                                          ("appo_bs_gamma", 0.0), ("appo_fut_gamma", 1.5),
+                                          ("appo_candidates", "some"), ("appo_select_per", "prompt")])
+def test_config_rejects_bad_appo_fields(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
+
+
+def test_config_rejects_a_bad_clip_naming_its_fields(tmp_path):
+    with pytest.raises(ValueError, match="^appo_bs_clip_low/high:"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_clip_low=1.3)
+    with pytest.raises(ValueError, match="^appo_fut_clip_low/high:"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_fut_clip_high=0.5)
+
+
+def test_bs_and_future_settings_are_separate(tmp_path):
+    config = APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_gamma=1.0,
+                        appo_bs_clip_low=0.8, appo_fut_gamma=2 ** (-1 / 64))
+    settings = config.appo_settings()
+    assert (settings.bs_gamma, settings.bs_clip) == (1.0, (0.8, 1.2))
+    assert (settings.fut_gamma, settings.fut_clip) == (2 ** (-1 / 64), (1.0, 1.2))
+
+
+# ------------------------------------------------------------------------------------ two processes (DDP)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Two APPO steps under ``torchrun --nproc_per_node 2`` (gloo on CPU, MULTI_CPU), then the same prompts,
+    completions, branch continuations and rewards replayed in one process with twice the micro-batch."""
+    out = tmp_path_factory.mktemp("appo_trl_ranks")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HELPER.parents[2]),
+                                                                           os.environ.get("PYTHONPATH", "")]))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HELPER), str(out)], capture_output=True, text=True, timeout=300, env=env)
+    seconds = time.perf_counter() - started
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    generations, branch_log = {}, {}
+    for rank in ranks:
+        generations.update(rank["generations"])
+        for key, value in rank["branch_log"].items():
+            branch_log.setdefault(key, []).extend(value)
+    tok = ranks_helper.tokenizer()
+    # One process, micro-batch 8: its slices hold rank 0's and rank 1's groups of the same step side by side.
+    replay = ranks_helper.ReplayTrainer(
+        model=ranks_helper.model(tok), reward_funcs=text_length_reward,
+        args=ranks_helper.config(str(out / "replay"), 2 * NUM_GENERATIONS),
+        train_dataset=ranks_helper.dataset([0, 2, 1, 3]), processing_class=tok, generations=generations,
+        branch_log=branch_log)
+    replay.train()
+    print(f"two-process run: {seconds:.1f} s")
+    return ranks, replay
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_parameters(two_ranks):
+    ranks, _ = two_ranks
+    assert [rank["world"] for rank in ranks] == [2, 2]
+    assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+@pytest.mark.slow
+def test_both_ranks_branch_their_own_groups(two_ranks, tokenizer):
+    ranks, _ = two_ranks
+    for rank in ranks:
+        assert len(rank["records"]) == 2
+        for record in rank["records"]:
+            assert record["src"].tolist() == sorted(list(range(NUM_GENERATIONS)) * BRANCHES)
+            texts = tokenizer.batch_decode(record["completion_ids"], skip_special_tokens=True)
+            assert record["appo_rewards"].tolist() == text_length_reward(texts)   # this rank's rows
+            assert record["branch_rewards"].tolist() == text_length_reward(
+                tokenizer.batch_decode(record["branches"], skip_special_tokens=True))
+    assert bool(ranks[0]["records"][0]["entropy_only"].all()) and bool(ranks[1]["records"][0]["entropy_only"].all())
+    shifts = [(r["records"][1]["omega"] - 1).abs().max() for r in ranks]
+    assert min(shifts) > 1e-2                               # step 2: a real policy shift on both ranks
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_same_data(two_ranks):
+    """Rank r's rows of step s are rows [4r, 4r + 4) of the one-process slice of step s: same rewards, same
+    branch points (a different one would miss the replayed continuations), advantages equal to 1e-6."""
+    ranks, replay = two_ranks
+    assert len(replay.records) == 2
+    for step, record in enumerate(replay.records):
+        for r, rank in enumerate(ranks):
+            mine = rank["records"][step]
+            rows = slice(r * NUM_GENERATIONS, (r + 1) * NUM_GENERATIONS)
+            width = mine["completion_ids"].shape[1]
+            assert torch.equal(record["completion_ids"][rows, :width], mine["completion_ids"])
+            assert torch.equal(record["appo_rewards"][rows], mine["appo_rewards"])
+            torch.testing.assert_close(record["advantages"][rows, :width], mine["advantages"], atol=1e-6, rtol=0)
+            assert not record["advantages"][rows, width:].any()
+    params = dict(replay.model.named_parameters())
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(params[name].detach(), value, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ TRL tools
@@ -348,18 +474,18 @@ class RecordingToolTrainer(APPOTrainer):
         super().__init__(*args, **kwargs)
         self.records = []
 
-    def _appo_branch_tool_loop(self, output, rows, positions, branch_ids):
+    def _appo_branch_tool_loop(self, inputs, rows, positions, branch_ids):
         calls_before = len(TOOL_CALLS)
-        finished, completions = super()._appo_branch_tool_loop(output, rows, positions, branch_ids)
+        finished, completions = super()._appo_branch_tool_loop(inputs, rows, positions, branch_ids)
         self.records.append({
             "rows": rows.tolist(), "positions": positions.tolist(),
             "before": [list(ids) for ids in branch_ids], "after": finished, "completions": completions,
             "calls": TOOL_CALLS[calls_before:],
-            "parent_ids": output["completion_ids"].clone(), "tool_mask": output["tool_mask"].clone()})
+            "parent_ids": inputs["completion_ids"].clone(), "tool_mask": inputs["tool_mask"].clone()})
         return finished, completions
 
-    def _appo_score_branches(self, rows, branch_ids, branch_completions=None):
-        rewards = super()._appo_score_branches(rows, branch_ids, branch_completions)
+    def _appo_score_branches(self, generation_rows, branch_ids, branch_completions=None):
+        rewards = super()._appo_score_branches(generation_rows, branch_ids, branch_completions)
         if self.records:
             self.records[-1]["branch_rewards"] = rewards.clone()
         return rewards
@@ -390,8 +516,8 @@ def test_tools_training_step_updates_parameters_and_logs_branches(tool_trained):
     logs = [entry for entry in trainer.state.log_history if "appo/branches" in entry]
     assert len(logs) == 2
     for entry in logs:
-        assert entry["appo/branches"] > 0
-        assert entry["tools/call_frequency"] > 0                    # TRL's own rollouts called the tool
+        assert entry["appo/branches"] == BRANCHES * 8               # every micro-batch: 2 prompts x 4 rows
+    assert logs[0]["tools/call_frequency"] > 0                      # TRL's own rollouts called the tool
     assert sum(entry["appo/branch_tool_calls"] for entry in logs) > 0
 
 
@@ -440,11 +566,12 @@ def test_branch_tool_rounds_count_toward_max_tool_calling_iterations(tool_traine
     tool_mask = ([1] * (len(first) - len(prompt)) + [0] * (len(with_result) - len(first))
                  + [1] * len(second_call))
     output = {"prompt_ids": torch.tensor([prompt]), "tool_mask": torch.tensor([tool_mask]),
-              "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long)}
+              "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long), "appo_row": torch.tensor([0])}
     parent_messages = [_tool_call(1, 2), {"role": "tool", "name": "add", "content": "3"}, _tool_call(3, 4)]
     position = len(completion) - len(second_call) + 5                    # inside the second call
-    saved = (trainer._appo_reward_context, trainer.max_tool_calling_iterations, trainer.max_completion_length)
-    trainer._appo_reward_context = ([{"prompt": messages}], [messages], None, [parent_messages])
+    saved = (trainer._appo_context, trainer.max_tool_calling_iterations, trainer.max_completion_length)
+    trainer._appo_context = {"inputs": [{"prompt": messages}], "prompts": [messages],
+                             "completions": [parent_messages]}
     trainer.max_completion_length = 4 * TOOL_MAX_COMPLETION           # room for a second tool round
     try:
         for limit, runs in ((1, False), (2, True)):
@@ -462,7 +589,7 @@ def test_branch_tool_rounds_count_toward_max_tool_calling_iterations(tool_traine
             else:
                 assert TOOL_CALLS == [] and ids[0] == completion and len(completions[0]) == 3
     finally:
-        (trainer._appo_reward_context, trainer.max_tool_calling_iterations,
+        (trainer._appo_context, trainer.max_tool_calling_iterations,
          trainer.max_completion_length) = saved
 
 
