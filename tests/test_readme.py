@@ -43,7 +43,7 @@ def test_every_appo_command_parses_to_a_valid_config(tmp_path):
     from appo.config import load_config
 
     commands = [c for c in shell_commands(README.read_text()) if c.startswith("appo ")]
-    assert {"appo train", "appo eval --model runs/appo-demo --limit 64 --samples 4"} <= set(commands)
+    assert {"appo train", "appo eval --model runs/appo-demo --limit 32 --samples 4"} <= set(commands)
     parser = build_parser()
     (tmp_path / "my.yaml").write_text("steps: 3\n")  # the README's example config file
     for command in commands:
