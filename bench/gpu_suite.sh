@@ -1,48 +1,141 @@
 #!/usr/bin/env bash
-# The whole GPU pass in one script (issue 7): build the extension with CUDA, run the GPU tests, run
-# compute-sanitizer on the extension's CUDA op and one launch of each Triton kernel, then every benchmark at
-# full size (T = 32,768, V = 152,064, H = 3,584, bf16; Qwen2.5-7B-shaped KV gather). Results land in
-# bench/results/*.json with device, date and commit. Meant for the lent GPU machine (no internet there:
-# nothing is downloaded; liger_kernel is benchmarked only if already importable).
-#   usage: bash bench/gpu_suite.sh [quick]      # "quick": tests + sanitizer only
+# The whole GPU pass in one call on a fresh H200 (issue 13), in at most 8 minutes of wall time:
+#   1. tools: python, torch (CUDA), triton, nvcc, pytest, pytest-benchmark, ninja; compute-sanitizer and
+#      liger_kernel when present (a liger_kernel*.whl in $APPO_WHEELS, default .benchmarks/wheels, is
+#      installed offline first);
+#   2. appo._C with CUDA, built in the background while step 3 runs (appo/_extension.py's on-first-use
+#      build); the suite fails loudly when the CUDA op is missing;
+#   3. the device's own ceilings (device-to-device copy, bf16 matmul) and full-size correctness checks:
+#      token stats at T = 32,768 x V = 152,064 bf16 against fp64 on sampled rows (the last rows among them),
+#      the fused LM-head forward and backward against the chunked torch path, the future-value scan;
+#   4. the gather (Qwen2.5-7B-shaped caches) against its reference, once the build is done;
+#   5. the GPU tests (pytest -m gpu);
+#   6. the benchmarks at full size against eager torch, torch.compile and (when installed) Liger-Kernel;
+#   7. compute-sanitizer (memcheck) on small launches of every op, last;
+#   8. the summary: at most 40 lines of ratios, written to $OUT/summary.txt and printed last.
+# Every json goes to $OUT (the only folder that comes back from the GPU machine; a temporary folder when
+# unset). Steps that would overrun the budget are skipped and say so in the summary.
+#
+#   usage: bash bench/gpu_suite.sh [--dry-run]
+#   --dry-run: the same steps at tiny sizes on the CPU (Triton under TRITON_INTERPRET=1; the build step
+#   only loads the CPU extension; the GPU tests are collected, not run; no sanitizer). tests/test_gpu_suite.py
+#   runs it, so that the script cannot rot.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" || exit 1
 
-echo "== build appo._C with CUDA"
-pip install --no-build-isolation --no-deps -q -e . || exit 1
-python -c "import appo.prefix_cache as pc; print(pc.EXTENSION_STATUS); assert pc.EXTENSION_HAS_CUDA"
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "usage: bash bench/gpu_suite.sh [--dry-run]" >&2; exit 2 ;;
+  esac
+done
 
-echo "== GPU tests"
-pytest -q -m gpu tests/kernels tests/test_prefix_cache.py tests/test_scoring.py tests/test_attention.py
-status=$?
-
-echo "== compute-sanitizer (memcheck) on one launch of each op"
-if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 python - <<'PY' || status=9
-import torch, appo
-from appo import prefix_cache as pc
-g = torch.Generator(device="cuda").manual_seed(0)
-logits = torch.randn(37, 5003, device="cuda", dtype=torch.bfloat16, generator=g)
-tokens = torch.randint(0, 5003, (37,), device="cuda", generator=g)
-appo.token_stats(logits, tokens, impl="triton")
-h = torch.randn(37, 257, device="cuda", dtype=torch.bfloat16, requires_grad=True, generator=g)
-w = torch.randn(5003, 257, device="cuda", dtype=torch.bfloat16, requires_grad=True, generator=g)
-appo.token_stats(hidden=h, weight=w, tokens=tokens, impl="triton").logprobs.sum().backward()
-lp = torch.randn(3, 1001, device="cuda", generator=g)
-appo.future_value(lp, lp + 0.1, torch.ones_like(lp, dtype=torch.bool), impl="triton")
-keys = [torch.randn(4, 2, 301, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
-pc.gather_kv(keys, [k.clone() for k in keys], torch.tensor([0, 1, 3], device="cuda"),
-             torch.tensor([5, 300, 1], device="cuda"), 300, impl="cuda")
-torch.cuda.synchronize()
-print("sanitizer run finished")
-PY
+OUT="${OUT:-$(mktemp -d -t appo-gpu-suite.XXXXXX)}"
+mkdir -p "$OUT"
+BUDGET_S="${APPO_SUITE_BUDGET_S:-480}"
+START=$SECONDS
+export PYTHONUNBUFFERED=1 APPO_BENCH_RESULTS="$OUT"
+if [ "$DRY_RUN" = 1 ]; then
+  export TRITON_INTERPRET=1 APPO_BENCH_TINY=1 CUDA_VISIBLE_DEVICES=""
+  DRY=(--dry-run)
 else
-  echo "compute-sanitizer not found: skipped"
+  export TRITON_INTERPRET=0
+  DRY=()
 fi
-[ "${1:-}" = "quick" ] && exit $status
+echo "appo GPU suite: results in $OUT (budget ${BUDGET_S}s)"
 
-echo "== benchmarks at full size"
-pytest bench/ --benchmark-only -s -q -k "not end_to_end" || status=1
-exit $status
+STEPS="$OUT/steps.tsv"
+: > "$STEPS"
+FAILED=0
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND with a timeout (never past the budget, keeping RESERVE_S
+# for the steps after it), logs to $OUT/NAME.log, records the status. A skipped or failed step fails the run.
+RESERVE_S=40
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - START) - RESERVE_S))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "== $name: skipped (budget spent)"
+    printf '%s\tskipped\t0\n' "$name" >> "$STEPS"
+    FAILED=1
+    return
+  fi
+  echo "== $name (limit ${limit}s)"
+  local started=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status=timeout
+  [ "$rc" -ne 0 ] && [ "$status" = ok ] && status="failed($rc)"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - started))" >> "$STEPS"
+  tail -n 5 "$OUT/$name.log"
+  [ "$status" = ok ] || FAILED=1
+}
+
+# 1. tools (a Liger wheel that travelled with the call is installed first, offline)
+WHEELS="${APPO_WHEELS:-.benchmarks/wheels}"
+if [ "$DRY_RUN" = 0 ] && compgen -G "$WHEELS/liger_kernel*.whl" > /dev/null; then
+  python -m pip install --no-deps --no-index -q "$WHEELS"/liger_kernel*.whl > "$OUT/liger-install.log" 2>&1 \
+    || echo "installing the Liger wheel failed (see liger-install.log)"
+fi
+step tools 60 python bench/gpu_suite.py tools --out "$OUT" "${DRY[@]}"
+
+# 2. the extension, built in the background (CPU only) while the Triton checks use the GPU
+BUILD_CHECK='import appo.prefix_cache as pc, sys; print(pc.EXTENSION_STATUS)
+ok = pc.EXTENSION_LOADED if "--dry-run" in sys.argv else pc.EXTENSION_HAS_CUDA
+sys.exit(0 if ok else "the CUDA gather op is missing: " + pc.EXTENSION_STATUS)'
+BUILD_STARTED=$SECONDS
+( MAX_JOBS="${MAX_JOBS:-16}" timeout 300 python -c "$BUILD_CHECK" "${DRY[@]}" > "$OUT/build.log" 2>&1;
+  echo $? > "$OUT/build.rc" ) &
+BUILD_PID=$!
+
+# 3. ceilings and full-size correctness of the Triton kernels
+step checks_triton 150 python bench/gpu_suite.py checks --part triton --out "$OUT" "${DRY[@]}"
+
+# 4. the build's verdict, then the gather against its reference
+wait "$BUILD_PID"
+BUILD_RC=$(cat "$OUT/build.rc" 2>/dev/null || echo 1)
+if [ "$BUILD_RC" = 0 ]; then BUILD_STATUS=ok; else BUILD_STATUS="failed($BUILD_RC)"; FAILED=1; fi
+printf 'build\t%s\t%s\n' "$BUILD_STATUS" "$((SECONDS - BUILD_STARTED))" >> "$STEPS"
+echo "== build: $BUILD_STATUS"; tail -n 3 "$OUT/build.log"
+step checks_gather 60 python bench/gpu_suite.py checks --part gather --out "$OUT" "${DRY[@]}"
+
+# 5. the GPU tests
+GPU_TESTS=(tests/kernels tests/test_prefix_cache.py tests/test_scoring.py)
+if [ "$DRY_RUN" = 1 ]; then
+  step gpu_tests 60 python -m pytest -q -m gpu --collect-only -p no:cacheprovider "${GPU_TESTS[@]}"
+else
+  step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
+    "${GPU_TESTS[@]}"
+fi
+
+# 6. the benchmarks (their json: $OUT/benchmarks.json and the per-bench files bench/_record.py writes)
+step benchmarks 200 python -m pytest -q -s -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/benchmarks.json" bench/bench_token_stats.py bench/bench_linear_token_stats.py \
+  bench/bench_future_value.py bench/bench_prefix_cache.py
+
+# 7. compute-sanitizer, last, on small launches of every op
+SANITIZER=$(python -c "import sys; sys.path.insert(0, 'bench'); import gpu_suite; print(gpu_suite.find_sanitizer() or '')" 2>/dev/null)
+if [ "$DRY_RUN" = 1 ]; then
+  step sanitizer 60 python bench/gpu_suite.py sanitize --dry-run
+elif [ -n "$SANITIZER" ]; then
+  RESERVE_S=15 step sanitizer 120 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    python bench/gpu_suite.py sanitize
+else
+  echo "== sanitizer: compute-sanitizer not found"
+  printf 'sanitizer\tmissing\t0\n' >> "$STEPS"
+  FAILED=1
+fi
+
+# 8. the summary, printed last
+python - "$STEPS" "$OUT/steps.json" "$((SECONDS - START))" <<'PY'
+import json, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+steps = [{"name": n, "status": s, "seconds": int(t)} for n, s, t in rows]
+json.dump({"steps": steps, "total_seconds": int(sys.argv[3])}, open(sys.argv[2], "w"), indent=2)
+PY
+echo "== summary after $((SECONDS - START)) s"
+python bench/gpu_suite.py summary --out "$OUT"
+exit "$FAILED"
