@@ -37,7 +37,7 @@ from appo.tools.base import Tool
 from appo.tools.sandbox import SandboxUnavailable, detect
 from appo.tools.sandbox.bwrap import CHILD_SCRIPT, data_fd, sandbox_environment
 from appo.tools.sandbox.cgroups import CgroupBudget
-from appo.tools.sandbox.identities import SANDBOX_UIDS, UidLease
+from appo.tools.sandbox.identities import SANDBOX_UIDS, UidLease, uids_with_processes
 from appo.tools.sandbox.seccomp_filter import filter_program
 from appo.tools.sandbox.view import site_packages
 
@@ -146,7 +146,8 @@ class PythonTool(Tool):
             if budget is not None:
                 argv = ["/bin/sh", "-c", _ENTER_CGROUP, "appo-sandbox", *budget.procs_files, "--", *argv]
             output, stop, returncode, errors = self._execute(argv, {"PATH": "/usr/bin:/bin"},
-                                                             pass_fds=(code_fd, seccomp_fd, lifeline), cwd="/")
+                                                             pass_fds=(code_fd, seccomp_fd, lifeline), cwd="/",
+                                                             end_sandbox=ends.close)
             ends.close()  # the sandbox's init exits (if it has not), and with it every process it holds
             if stop is not None and budget is None and uid is not None:
                 _wait_until_uid_has_no_process(uid)  # before the uid is leased again
@@ -167,8 +168,10 @@ class PythonTool(Tool):
             shutil.rmtree(workdir, ignore_errors=True)
         return output, stop or self._exit_status(returncode, errors, False)
 
-    def _execute(self, argv: list[str], env: dict, pass_fds=(), cwd: str = "/"):
-        """Start ``argv`` in its own session; collect capped stdout until exit or the deadline; kill the group.
+    def _execute(self, argv: list[str], env: dict, pass_fds=(), cwd: str = "/", end_sandbox=None):
+        """Start ``argv`` in its own session; collect capped stdout until exit or the deadline, then end it:
+        ``end_sandbox()`` first when given (the sandbox's init exits and bubblewrap reaps it: no zombie is left
+        to the host's init), SIGKILL to the process group if it is still there a second later (or at once).
 
         Returns (stdout bytes, stop reason or None, exit code, the sandbox's own stderr text)."""
         start = time.monotonic()
@@ -177,6 +180,12 @@ class PythonTool(Tool):
         try:
             output, stop = self._collect(proc, start + self.timeout_s)
         finally:
+            if proc.poll() is None and end_sandbox is not None:
+                end_sandbox()
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
             if proc.poll() is None:
                 _kill_group(proc)
             proc.wait()
@@ -279,14 +288,5 @@ def _wait_until_uid_has_no_process(uid: int, timeout_s: float = 2.0) -> None:
     """Wait (bounded) until no process of ``uid`` is left: the PID namespace empties asynchronously after its
     first process is killed."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        owners = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    owners.append(os.stat(f"/proc/{name}").st_uid)
-                except OSError:
-                    pass
-        if uid not in owners:
-            return
+    while time.monotonic() < deadline and uid in uids_with_processes():
         time.sleep(0.01)

@@ -190,7 +190,7 @@ def test_without_a_cgroup_the_bounds_are_per_process_and_nothing_outlives_the_ca
     bomb = "import os\nprint(os.getuid(), flush=True)\nwhile True:\n    try:\n        os.fork()\n" \
            "    except OSError:\n        pass"
     result = timed_run(tool, bomb)
-    assert result.endswith("TimeoutError: execution exceeded 2 s (killed)")
+    assert result.endswith("TimeoutError: execution exceeded 2 s (killed)"), result
     if os.geteuid() != 0:
         return  # a user-namespace sandbox runs as this user: its processes cannot be told apart by uid here
     uid = int(result.split()[0])
@@ -203,4 +203,4 @@ def test_without_a_cgroup_the_bounds_are_per_process_and_nothing_outlives_the_ca
                 owners.append(int(fields["Uid"].split()[0]))
         except (OSError, KeyError, ValueError):
             pass
-    assert uid not in owners  # gone before the call returned (root: its uid may be leased again at once)
+    assert uid not in owners, result  # gone before the call returned (root: its uid may be leased again at once)

@@ -4,7 +4,9 @@ A root parent runs each sandbox under its own unprivileged uid from ``SANDBOX_UI
 needed), so that the kernel's per-user process limit counts that sandbox's processes only. A uid is leased by
 an exclusive ``flock`` on ``<lock_dir>/<uid>.lock``: the lock belongs to the open file, so two threads, or two
 appo processes, never hold the same uid at once, and a process that dies (even by SIGKILL) releases its
-leases with its file descriptors. A non-root parent needs none: its sandboxes get their own user namespace.
+leases with its file descriptors. A uid that still owns a process (a zombie included: the kernel counts it until it is reaped, e.g. the init of
+a sandbox whose appo process was SIGKILLed) is skipped. A non-root parent needs none of this: its sandboxes
+get their own user namespace.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class UidLease:
     def __enter__(self) -> int:
         directory = _private_directory(self.lock_dir)
         start = random.randrange(len(self.uids))  # spread concurrent callers over the range
+        busy = None
         for i in range(len(self.uids)):
             uid = self.uids[(start + i) % len(self.uids)]
             fd = os.open(os.path.join(directory, f"{uid}.lock"),
@@ -36,6 +39,10 @@ class UidLease:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
+                continue
+            busy = uids_with_processes(include_zombies=True) if busy is None else busy
+            if uid in busy:
                 os.close(fd)
                 continue
             self.uid, self._fd = uid, fd
@@ -46,6 +53,23 @@ class UidLease:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
         self.uid, self._fd = None, None
+
+
+def uids_with_processes(include_zombies: bool = False) -> set[int]:
+    """The uids that own a process on this host (zombies left out unless asked for)."""
+    owners = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if not include_zombies:
+                with open(f"/proc/{name}/stat", "rb") as file:
+                    if file.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                        continue
+            owners.add(os.stat(f"/proc/{name}").st_uid)
+        except (OSError, IndexError):
+            pass
+    return owners
 
 
 def _private_directory(path: str) -> str:
