@@ -21,6 +21,7 @@ H = 256 fp32; APPO_BENCH_TINY=1 (the GPU suite's dry run) N = 64 x V = 300 x H =
 APPO_BENCH_ROWS / APPO_BENCH_VOCAB / APPO_BENCH_HIDDEN.
 """
 
+import gc
 import os
 import sys
 import time
@@ -162,12 +163,17 @@ def timed_warm_up(run):
 def measure(benchmark, capsys, impl, mode, run, useful_flops, executed_flops):
     base = {"bench": "linear_token_stats", "impl": impl, "mode": mode, "rows": NUM_ROWS, "vocab": VOCAB,
             "hidden": HIDDEN, "dtype": str(DTYPE)}
+    warmed = None
     try:
-        warm_up_s, peak = timed_warm_up(run)
+        warmed = timed_warm_up(run)
     except torch.OutOfMemoryError:
+        pass
+    if warmed is None:  # freed outside the except block, where the error's frames no longer pin the tensors
+        gc.collect()
         torch.cuda.empty_cache()
         RESULTS.append({**base, "oom": True})
         pytest.skip(f"{impl} {mode}: out of memory at N={NUM_ROWS}, V={VOCAB}, H={HIDDEN}")
+    warm_up_s, peak = warmed
     # Cases slower than SLOW_S per call (the fp32-matmul torch reference at the CUDA size) run fewer rounds.
     benchmark.pedantic(run, rounds=ROUNDS if warm_up_s < SLOW_S else min(ROUNDS, 2), warmup_rounds=0)
     median_s = benchmark.stats.stats.median

@@ -12,6 +12,7 @@ APPO_BENCH_TINY=1 (the GPU suite's dry run) N = 64 x V = 1,031, one round. Overr
 APPO_BENCH_VOCAB.
 """
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -99,11 +100,21 @@ def synchronized(fn, *args):
     return run
 
 
-def measure(benchmark, capsys, impl, run, bytes_moved):
+def fits_in_memory(run) -> bool:
+    """Runs ``run`` once; False (and the memory it held freed, outside the except block, where the error's
+    frames no longer pin its tensors) when it runs out of memory."""
     try:
-        run()  # warm-up (compiles torch.compile / Triton) and fails early on OOM
+        run()
+        return True
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+    return False
+
+
+def measure(benchmark, capsys, impl, run, bytes_moved):
+    if not fits_in_memory(run):  # warm-up (compiles torch.compile / Triton) and fails early on OOM
         RESULTS.append({"bench": "token_stats", "impl": impl, "rows": NUM_ROWS, "vocab": VOCAB,
                         "dtype": str(DTYPE), "oom": True})
         pytest.skip(f"{impl}: out of memory at N={NUM_ROWS}, V={VOCAB}")

@@ -363,13 +363,12 @@ def sanitize(dry_run: bool) -> int:
 
 # ------------------------------------------------------------------------------------------- summary
 def _benchmarks(out: Path) -> list[dict]:
-    path = out / "benchmarks.json"
-    if not path.exists():
-        return []
+    """Every benchmark of the run (benchmarks-<module>.json), as its extra_info row."""
     rows = []
-    for bench in json.loads(path.read_text()).get("benchmarks", []):
-        rows.append({**bench.get("extra_info", {}), "name": bench["name"],
-                     "median_s": bench.get("extra_info", {}).get("median_s", bench["stats"]["median"])})
+    for path in sorted(out.glob("benchmarks-*.json")):
+        for bench in json.loads(path.read_text()).get("benchmarks", []):
+            rows.append({**bench.get("extra_info", {}), "name": bench["name"],
+                         "median_s": bench.get("extra_info", {}).get("median_s", bench["stats"]["median"])})
     return rows
 
 

@@ -9,8 +9,8 @@
 #      token stats at T = 32,768 x V = 152,064 bf16 against fp64 on sampled rows (the last rows among them),
 #      the fused LM-head forward and backward against the chunked torch path, the future-value scan;
 #   4. the gather (Qwen2.5-7B-shaped caches) against its reference, once the build is done;
-#   5. the GPU tests (pytest -m gpu);
-#   6. the benchmarks at full size against eager torch, torch.compile and (when installed) Liger-Kernel;
+#   5. the benchmarks at full size against eager torch, torch.compile and (when installed) Liger-Kernel;
+#   6. the GPU tests (pytest -m gpu);
 #   7. compute-sanitizer (memcheck) on small launches of every op, last;
 #   8. the summary: at most 40 lines of ratios, written to $OUT/summary.txt and printed last.
 # Every json goes to $OUT (the only folder that comes back from the GPU machine; a temporary folder when
@@ -49,8 +49,9 @@ STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 FAILED=0
 # step NAME MAX_SECONDS COMMAND...: runs COMMAND with a timeout (never past the budget, keeping RESERVE_S
-# for the steps after it), logs to $OUT/NAME.log, records the status. A skipped or failed step fails the run.
-RESERVE_S=40
+# for the steps after it: the sanitizer and the summary), logs to $OUT/NAME.log, records the status. A
+# skipped or failed step fails the run.
+RESERVE_S=80
 step() {
   local name=$1 limit=$2
   shift 2
@@ -102,7 +103,22 @@ printf 'build\t%s\t%s\n' "$BUILD_STATUS" "$((SECONDS - BUILD_STARTED))" >> "$STE
 echo "== build: $BUILD_STATUS"; tail -n 3 "$OUT/build.log"
 step checks_gather 60 python bench/gpu_suite.py checks --part gather --out "$OUT" "${DRY[@]}"
 
-# 5. the GPU tests
+# 5. the benchmarks, one pytest per module (a module that overruns its limit loses only its own figures):
+#    $OUT/benchmarks-<module>.json (pytest-benchmark) and the <bench>-<time>.json files bench/_record.py writes
+#    (the dry run, whose cost is mostly start-up, runs the four modules in one pytest)
+if [ "$DRY_RUN" = 1 ]; then
+  step bench_all 120 python -m pytest -q -s -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT/benchmarks-all.json" bench/bench_token_stats.py bench/bench_linear_token_stats.py \
+    bench/bench_future_value.py bench/bench_prefix_cache.py
+else
+  for module in token_stats:90 linear_token_stats:100 future_value:40 prefix_cache:40; do
+    name=${module%%:*}
+    step "bench_$name" "${module##*:}" python -m pytest -q -s -p no:cacheprovider --benchmark-only \
+      --benchmark-json="$OUT/benchmarks-$name.json" "bench/bench_$name.py"
+  done
+fi
+
+# 6. the GPU tests
 GPU_TESTS=(tests/kernels tests/test_prefix_cache.py tests/test_scoring.py)
 if [ "$DRY_RUN" = 1 ]; then
   step gpu_tests 60 python -m pytest -q -m gpu --collect-only -p no:cacheprovider "${GPU_TESTS[@]}"
@@ -111,17 +127,12 @@ else
     "${GPU_TESTS[@]}"
 fi
 
-# 6. the benchmarks (their json: $OUT/benchmarks.json and the per-bench files bench/_record.py writes)
-step benchmarks 200 python -m pytest -q -s -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/benchmarks.json" bench/bench_token_stats.py bench/bench_linear_token_stats.py \
-  bench/bench_future_value.py bench/bench_prefix_cache.py
-
 # 7. compute-sanitizer, last, on small launches of every op
 SANITIZER=$(python -c "import sys; sys.path.insert(0, 'bench'); import gpu_suite; print(gpu_suite.find_sanitizer() or '')" 2>/dev/null)
 if [ "$DRY_RUN" = 1 ]; then
   step sanitizer 60 python bench/gpu_suite.py sanitize --dry-run
 elif [ -n "$SANITIZER" ]; then
-  RESERVE_S=15 step sanitizer 120 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+  RESERVE_S=10 step sanitizer 120 "$SANITIZER" --tool memcheck --error-exitcode 9 \
     python bench/gpu_suite.py sanitize
 else
   echo "== sanitizer: compute-sanitizer not found"
