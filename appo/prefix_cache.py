@@ -186,8 +186,11 @@ def gather_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], src:
     """Left-padded gather of all layers in one call; same contract as :func:`gather_kv_reference`.
 
     keys/values: per layer [R, H, T, D] (one dtype and device); src, length int64 [K] on that device, already
-    validated (see :func:`gather_prefix_kv` for the checked entry point). impl: "auto" (the extension when
-    loaded for the device, else torch), "cpp", "cuda" or "torch".
+    validated (see :func:`gather_prefix_kv` for the checked entry point; the C++ op checks them again, the
+    CUDA op on the device, where a bad index is a device-side assert, never an out-of-bounds access).
+    impl: "auto" (the extension when loaded for the device, else torch), "cpp", "cuda" or "torch". The CUDA
+    op copies no host data per call (its descriptors are a kernel parameter), so it can be captured in a
+    CUDA graph (``torch.compile(mode="reduce-overhead")``) and replayed with new src/length values.
     """
     chosen = _choose_impl(impl, keys[0].device)
     if chosen == "torch":

@@ -22,23 +22,32 @@ buffer; then torch.matmul computes grad_hidden[chunk] = dz @ weight and grad_wei
 with fp32 accumulation (cuBLAS, fp32 output for bf16/fp16 inputs). Memory O(C x V): the dz buffer (C = 4,096
 rows at V = 152,064: 1.25 GB in bf16) plus an fp32 grad_weight accumulator [V, H].
 
-FLOP and byte model at the target sizes (N = 32,768 rows, V = 152,064, H = 3,584, bf16; NVH = 1.79e13):
-  * forward: 2 NVH = 35.7 TFLOP. Tiles 128 x 256 x 64 (3-4 stages): 85 FLOP per operand byte from L2.
-    HBM: the weight is read once per wave of programs: with S = 33 splits, 64 waves of 132 programs read
-    64 x 1.09 GB = 70 GB, 1.5 TB/s over the run (35% of 4.3 TB/s, overlapped with the tensor cores);
-    hidden blocks in flight (4 x 0.92 MB) stay in L2. Epilogue per tile (32,768 logits: max, shift, clamp,
-    scale, EX2, two sums, token compare: about 11 instructions per logit over 256 threads) is ~1.4 us next
-    to the 39 us of tensor-core time of a tile at 790 TFLOP/s: predicted 0.96 x (Triton wgmma mainloop
-    efficiency, 0.85-0.90 of cuBLAS) x 790 = 645-680 TFLOP/s (52-55 ms), against the 600 TFLOP/s target.
-  * backward: 6 NVH = 107 TFLOP: the Triton recompute (2 NVH, same mainloop as the forward, writes
-    N V x 2 = 10 GB of dz) and two cuBLAS GEMMs (2 NVH each; read dz twice, 20 GB; grad_weight's fp32
-    accumulator is read and written once per chunk, 8 x 4.4 GB = 35 GB). Predicted 55 + 2 x 50 ms plus
-    ~10 ms of memory not hidden under the GEMMs: about 165 ms.
-  * Liger-Kernel's fused linear cross entropy computes its gradients inside its forward: 6 NVH in all,
-    the same 6 NVH as this backward (1.0x). Forward + backward here is 8 NVH (the forward must produce
-    log-probs and entropy before the loss, and the per-row upstream gradient is only known in backward),
-    1.33x Liger's FLOPs; Liger returns no entropy, and adding one to it costs another 2 NVH pass (8 NVH).
-  * The fully fused alternative (the previous design: two recompute kernels accumulating grad_hidden and
+FLOP and byte model at the target sizes (N = 32,768 rows, V = 152,064, H = 3,584, bf16; NVH = 1.79e13; the
+H200's measured floors: about 790 TFLOP/s bf16 matmul, 4.3 TB/s copy):
+  * forward: 2 NVH = 35.7 TFLOP, floor 45 ms. Tiles 128 x 256 x 64, 3-4 stages: sm_90 SASS (recorded by
+    bench/sm90_static.py) has 4 HGMMA.64x256x16 per K step with one wgmma group kept in flight while the
+    next stage's 12 cp.async loads issue (105 instructions per K step: issue is ~15% of the tensor-core
+    time), 254 registers, no spills, 144-192 KiB of shared memory (one program per SM).
+    Operands come from L2 at 85 FLOP per byte. HBM: with S = 33 splits (8,448 programs, exactly 64 waves
+    of 132) the weight is read once per wave, 64 x 1.09 GB = 70 GB, 1.5 TB/s over the run (35% of 4.3 TB/s,
+    under the tensor cores); the 4 row blocks in flight (3.7 MB of hidden rows) stay in L2.
+    Epilogue per tile: 15 SASS instructions per logit (max, shift, clamp, scale, EX2, two sums, token
+    compare) over 256 threads, ~1.9 us against the 39 us of tensor-core time of a tile at 790 TFLOP/s: 4.7%.
+    Predicted: 0.953 x (Triton's pipelined-wgmma mainloop at 0.85-0.90 of cuBLAS) x 790 = 640-680 TFLOP/s
+    (53-56 ms), against the 600 TFLOP/s target (met while the mainloop reaches >= 0.80 of cuBLAS).
+  * backward: 6 NVH = 107 TFLOP: the Triton recompute (2 NVH, the forward's mainloop, 15 instructions per
+    logit of epilogue, writes N V 2 = 10 GB of dz: 55 ms) and two cuBLAS GEMMs (2 NVH each, ~720 TFLOP/s:
+    50 ms each; they read dz twice, 20 GB, and grad_weight's fp32 accumulator is read and written once per
+    chunk, 8 x 4.4 GB = 35 GB, partly under the GEMMs): about 160-170 ms, memory 1.25 GB of dz + 2.2 GB of
+    fp32 grad_weight.
+  * against Liger-Kernel's fused linear cross entropy, which computes its gradients inside its forward:
+    6 NVH in all, the same 6 NVH as this backward (1.0x). Forward + backward here is 8 NVH (1.33x), because
+    the forward must deliver log-probs and entropy before the loss exists and the per-row upstream gradient
+    is only known in backward; Liger returns no entropy, and adding one to it costs another 2 NVH pass
+    (8 NVH too). Predicted forward + backward: ~215-225 ms against Liger's ~155-165 ms (6 NVH at ~720
+    TFLOP/s plus its elementwise passes): about 1.35x Liger's time, so "no longer than Liger" is expected to
+    be missed by that FLOP ratio unless Liger's bf16 chunks run well below cuBLAS's rate.
+  * the fully fused alternative (the previous design: two recompute kernels accumulating grad_hidden and
     grad_weight in fp32 global memory) moves about 3.3 TB at these sizes: predicted 5-7x slower. Not kept.
 
 On the Triton CPU interpreter every tl.dot operand is cast to fp32 first (its bf16 dot is wrong) and the
@@ -62,7 +71,8 @@ FLT_MAX = 3.4028234663852886e38
 DZ_BUDGET_ELEMENTS = 2**30  # backward chunk: about this many dz elements (C x V)
 GROUP_N = 8  # backward: row blocks per group in the grouped program order (L2 reuse of weight tiles)
 # GPU tile configs (BLOCK_N, BLOCK_V, BLOCK_K, stages, warps) for bf16/fp16, tried by the small autotune on
-# the first call per shape; each is compiled for sm_90 without spills (bench/sm90_static.py checks it).
+# the first call per shape (forward and backward apart); each compiles for sm_90 without spills
+# (bench/sm90_static.py, tests/kernels/test_sm90_static.py).
 GPU_CONFIGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8))
 GPU_FP32_CONFIG = (64, 64, 32, 2, 8)  # exact fp32 dots on CUDA cores: correctness, not speed
 INTERPRETER_CONFIG = (16, 64, 32, 1, 4)
@@ -276,13 +286,24 @@ def _tuned_config(kind: str, key: tuple, candidates: list[dict], run) -> dict:
 
 def _mm_accumulate(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
     """out (fp32, or the inputs' dtype) (+)= a @ b with fp32 accumulation: cuBLAS with an fp32 output for
-    bf16/fp16 CUDA inputs, fp32 upcasts on the CPU (the interpreter path)."""
+    bf16/fp16 CUDA inputs (``addmm(..., out_dtype=torch.float32)``; a torch without it computes a @ b in the
+    inputs' dtype and adds it in fp32), fp32 upcasts on the CPU (the interpreter path)."""
     if a.is_cuda and a.dtype != torch.float32 and out.dtype == torch.float32:
-        torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+        if _HAS_OUT_DTYPE_ADDMM and accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        elif _HAS_OUT_DTYPE_ADDMM:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        elif accumulate:
+            out += a @ b
+        else:
+            out.copy_(a @ b)
     elif accumulate:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
     else:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+_HAS_OUT_DTYPE_ADDMM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
 
 
 def backward_chunk_rows(vocab_size: int, block_n: int) -> int:

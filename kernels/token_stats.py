@@ -1,32 +1,39 @@
 """Token statistics from logits in one pass: log-prob of the sampled token and full-vocabulary entropy.
 
-Each logit is read exactly once. Per row, the kernel walks the vocabulary in tiles and keeps three running
-values over the base-2 logits x = z * log2(e) / temperature seen so far (one multiply folds the temperature
-and the change of base):
-    m = max x,   s = sum 2^(x - m),   t = sum 2^(x - m) (x - m)
-and at the end (natural units again)
-    logprob = ln 2 * ((x_a - m) - log2 s),   entropy = ln 2 * (log2 s - t / s).
+Each logit is read exactly once. Per row, every thread keeps its own running values over the logits z it has
+seen (no shuffles or barriers in the loop), in base 2 with one scale that folds the temperature and the
+change of base, scale = log2(e) / temperature:
+    m = max z,   s = sum 2^((z - m) scale),   t = sum 2^((z - m) scale) (z - m)
+and after the loop the threads' values merge into the row's, giving (natural units again)
+    logprob = (z_a - m) / T - ln s,   entropy = ln s - (t / s) / T.
+(z - m) is taken before the scale: exact for nearby values, so nothing rounds at the logits' magnitude.
 The torch reference (the test oracle) is ``appo.ops.token_stats.token_stats_torch``.
 
-Finite support: a logit of -inf (a masked vocabulary entry) has probability 0 and adds nothing to s or t; its
-(x - m) is clamped to -FLT_MAX before the product so that 0 * (-inf) never makes a NaN. A row whose logits
-are all -inf so far keeps m = -inf, s = 0; the shift reference is 0 then, so nothing becomes NaN until a
-finite logit arrives. A row with no finite logit at all gives s = 0 and a NaN entropy; a sampled token whose
-logit is -inf gives logprob = -inf. NaN or +inf logits give NaN (the clamp propagates NaN). The dispatcher
-(``appo.scoring``) turns each of these into a ValueError.
+Finite support: a logit of -inf (a masked vocabulary entry) has probability 0 and adds nothing to s or t: its
+(z - m) is clamped to a finite ``lowest`` (whose 2^(lowest scale) is 0 too) before the product, so that
+0 * (-inf) never makes a NaN. A row whose logits are all -inf so far keeps m = -inf, s = 0, with a shift
+reference of 0, so nothing becomes NaN before a finite logit arrives. A row with no finite logit at all gives
+s = 0 and a NaN entropy; a sampled token whose logit is -inf gives logprob = -inf. NaN or +inf logits give
+NaN (the clamp propagates NaN). The dispatcher (``appo.scoring``) turns each of these into a ValueError.
 
-Loop layout: full tiles of BLOCK_V columns run without masks (vectorised 16-byte loads) in a software-
-pipelined ``tl.range``; one masked tile handles the tail. Row offsets are int64 (T x V passes 2^31).
+Loop layout: full tiles of K x THREADS x VEC logits (thread i holds K runs of VEC contiguous logits, one
+16-byte load each; neighbouring threads neighbouring runs) run without masks in a software-pipelined
+``tl.range`` (cp.async into shared memory, 3 stages); one masked tile handles the tail. Row offsets are
+int64 (T x V passes 2^31).
 
-Byte and instruction model at the target size (T = 32,768 rows, V = 152,064, bf16 logits on an H200):
-  * bytes: T * V * 2 = 9.97 GB read once, 8 T + 8 T written (negligible); floor 9.97 GB / 4.3 TB/s = 2.32 ms.
-  * instructions per logit in the steady-state loop (SASS, sm_90, read by ``bench/sm90_static.py``): about
-    7 (convert, max, FFMA shift, clamp, EX2, add, FFMA), plus 1/8 of a 16-byte load. The H200 issues
-    132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.3e13 thread-instructions/s, i.e. 15.6 per logit at
-    4.3 TB/s of bf16; 7-8 per logit uses about half of the issue slots and EX2 (16/clk/SM) at 51%, so the
-    loop is bound by memory, not by issue: predicted 90-95% of the measured copy bandwidth (2.45-2.6 ms),
-    against the 85% target. One program per row (BLOCK_V = 8,192, 8 warps): 32,768 programs, 248 waves of
-    132 SMs x 1 resident program's worth of loads, so the tail wave costs < 0.5%.
+Byte and instruction model at the target size (T = 32,768 rows, V = 152,064, bf16 logits, H200):
+  * bytes: T V 2 = 9.97 GB read once (8 T + 8 T more), floor 9.97 GB / 4.3 TB/s = 2.32 ms.
+  * SASS of the steady-state loop (sm_90, bench/sm90_static.py, recorded in bench/results/sm90-static-*):
+    328 instructions for 32 logits per thread = 10.25 per logit (bf16; fp16 9.75, fp32 9.22): convert,
+    max, subtract, clamp, scale, EX2, add, FFMA, plus the cp.async bookkeeping and 4 LDGSTS.128; 48
+    registers, no spills, 32 KiB of shared memory per program.
+  * issue: an H200 issues 132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.3e13 thread-instructions/s,
+    15.6 per bf16 logit at 4.3 TB/s; 10.25 per logit is 66% of that at the full copy rate, and EX2
+    (16/clk/SM) runs at 51%: the loop is bound by memory, not by issue.
+  * bytes in flight: 5 programs per SM (registers: 48 x 256 threads), each with 2 tiles (32 KiB) of loads
+    ahead, up to 160 KiB per SM against the ~23 KiB that 4.3 TB/s x ~700 ns of latency needs per SM.
+  * predicted: 90-95% of the measured copy bandwidth (2.45-2.6 ms), against the 85% target; 32,768
+    programs in 50 waves of 660, so the last, partial wave costs about 1%.
 """
 
 import torch
@@ -39,7 +46,7 @@ from appo.ops.token_stats import check_token_stats_args
 LOG2_E = 1.4426950408889634
 LN_2 = tl.constexpr(0.6931471805599453)
 # One config (no autotune, so the interpreter runs it). A tile of 8192 values over 8 warps is 32 values per
-# thread (four 16-byte loads of bf16). For small V several rows share a program, at most one row per warp.
+# thread (four 16-byte loads of bf16). For small V several rows share a program (see launch_config).
 TILE_ELEMENTS = 8192
 NUM_WARPS = 8
 NUM_STAGES = 3
@@ -128,8 +135,8 @@ def _token_stats_kernel(logits_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
 
 
 def lowest_shift(temperature: float) -> float:
-    """The clamp of z - max: -FLT_MAX / 2 in units of 2^((z - max) log2(e) / temperature), so that the
-    scaled value stays finite (numpy's interpreter warns on overflow) and 2^(scaled) is exactly 0."""
+    """The clamp of z - max, in logit units: lowest * log2(e) / temperature >= -FLT_MAX / 2, so that the
+    scaled value stays finite (numpy's interpreter warns on overflow) while 2^(scaled) is exactly 0."""
     return -0.5 * FLT_MAX / max(1.0, LOG2_E / temperature)
 
 
