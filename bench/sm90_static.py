@@ -174,8 +174,10 @@ def token_stats_records(workdir: Path) -> list[dict]:
     from appo.kernels import token_stats as ts
 
     records = []
+    # the target vocabulary in each dtype, and small vocabularies (one masked tile; several rows per program)
     for dtype, itemsize, vocab in (("bf16", 2, TARGET_VOCAB), ("fp16", 2, TARGET_VOCAB),
-                                   ("fp32", 4, TARGET_VOCAB), ("bf16", 2, 1_000)):
+                                   ("fp32", 4, TARGET_VOCAB), ("bf16", 2, 1_000), ("bf16", 2, 300),
+                                   ("fp32", 4, 33)):
         config = ts.launch_config(vocab, itemsize)
         num_warps = config.pop("num_warps")
         arguments = {"logits_ptr": f"*{dtype}", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
