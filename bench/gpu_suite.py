@@ -32,7 +32,7 @@ FULL = {"tokens": 32_768, "vocab": 152_064, "hidden": 3_584, "scan_rows": 64, "s
         "gather": (28, 4, 8_192, 4, 128), "sampled_rows": 256, "last_rows": 64}
 TINY = {"tokens": 64, "vocab": 1_031, "hidden": 64, "scan_rows": 4, "scan_length": 3_000,
         "gather": (3, 4, 40, 2, 16), "sampled_rows": 16, "last_rows": 8}
-REQUIRED = ("torch", "triton", "pytest", "pytest_benchmark", "ninja")
+REQUIRED = ("torch", "triton", "pytest", "pytest_benchmark")
 TARGETS = {"token_stats_copy_fraction": 0.85, "token_stats_over_eager": 3.0, "forward_tflops": 600.0,
            "fwd_bwd_over_liger": 1.0, "scan_over_dense": 100.0, "gather_copy_fraction": 0.80}
 
@@ -78,7 +78,7 @@ def _version(module: str) -> str | None:
 def tools(out: Path, dry_run: bool) -> int:
     """Versions of everything the suite uses; exit 1 when a required one is missing."""
     report = {"python": platform.python_version(), "dry_run": dry_run, "missing": []}
-    for name in REQUIRED + ("liger_kernel", "transformers"):
+    for name in REQUIRED + ("ninja", "liger_kernel", "transformers"):
         report[name] = _version(name)  # found without importing (importing transformers alone takes seconds)
         if report[name] is None and name in REQUIRED:
             report["missing"].append(name)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU pass in one call on a fresh H200 (issue 13), in at most 8 minutes of wall time:
-#   1. tools: python, torch (CUDA), triton, nvcc, pytest, pytest-benchmark, ninja; compute-sanitizer and
-#      liger_kernel when present (a liger_kernel*.whl in $APPO_WHEELS, default .benchmarks/wheels, is
-#      installed offline first);
-#   2. appo._C with CUDA, built in the background while step 3 runs (appo/_extension.py's on-first-use
-#      build); the suite fails loudly when the CUDA op is missing;
+#   1. tools: python, torch (CUDA), triton, nvcc, pytest, pytest-benchmark; ninja, compute-sanitizer and
+#      liger_kernel when present (the wheels in $APPO_WHEELS, default .benchmarks/wheels, e.g. Liger-Kernel's
+#      and ninja's, are installed offline first: carry that folder with the call);
+#   2. appo._C with CUDA, built in the background while step 3 runs (python setup.py build_ext --inplace,
+#      with ninja when there is one); the suite fails loudly when the CUDA op is missing;
 #   3. the device's own ceilings (device-to-device copy, bf16 matmul) and full-size correctness checks:
 #      token stats at T = 32,768 x V = 152,064 bf16 against fp64 on sampled rows (the last rows among them),
 #      the fused LM-head forward and backward against the chunked torch path, the future-value scan;
@@ -75,21 +75,29 @@ step() {
   [ "$status" = ok ] || FAILED=1
 }
 
-# 1. tools (a Liger wheel that travelled with the call is installed first, offline)
+# 1. tools (wheels that travelled with the call, Liger-Kernel's and ninja's, are installed first, offline)
 WHEELS="${APPO_WHEELS:-.benchmarks/wheels}"
-if [ "$DRY_RUN" = 0 ] && compgen -G "$WHEELS/liger_kernel*.whl" > /dev/null; then
-  python -m pip install --no-deps --no-index -q "$WHEELS"/liger_kernel*.whl > "$OUT/liger-install.log" 2>&1 \
-    || echo "installing the Liger wheel failed (see liger-install.log)"
+if [ "$DRY_RUN" = 0 ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+  python -m pip install --no-deps --no-index -q "$WHEELS"/*.whl > "$OUT/wheels-install.log" 2>&1 \
+    || echo "installing the wheels in $WHEELS failed (see wheels-install.log)"
 fi
 step tools 60 python bench/gpu_suite.py tools --out "$OUT" "${DRY[@]}"
 
-# 2. the extension, built in the background (CPU only) while the Triton checks use the GPU
+# 2. the extension, built in the background (CPU only) while the Triton checks use the GPU. setup.py builds
+#    appo/_C in place (ninja when installed, else one source at a time; the dry run only loads what is there),
+#    then a fresh process checks that the CUDA op is registered.
 BUILD_CHECK='import appo.prefix_cache as pc, sys; print(pc.EXTENSION_STATUS)
 ok = pc.EXTENSION_LOADED if "--dry-run" in sys.argv else pc.EXTENSION_HAS_CUDA
 sys.exit(0 if ok else "the CUDA gather op is missing: " + pc.EXTENSION_STATUS)'
 BUILD_STARTED=$SECONDS
-( MAX_JOBS="${MAX_JOBS:-16}" timeout 300 python -c "$BUILD_CHECK" "${DRY[@]}" > "$OUT/build.log" 2>&1;
-  echo $? > "$OUT/build.rc" ) &
+(
+  if [ "$DRY_RUN" = 0 ]; then
+    MAX_JOBS="${MAX_JOBS:-16}" timeout 300 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+      || echo "setup.py build_ext failed" >> "$OUT/build.log"
+  fi
+  timeout 300 python -c "$BUILD_CHECK" "${DRY[@]}" >> "$OUT/build.log" 2>&1
+  echo $? > "$OUT/build.rc"
+) &
 BUILD_PID=$!
 
 # 3. ceilings and full-size correctness of the Triton kernels
