@@ -296,7 +296,7 @@ def checks(out: Path, dry_run: bool, part: str) -> int:
 
     device = "cpu" if dry_run else "cuda"
     sizes = TINY if dry_run else FULL
-    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
+    report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
               "sizes": sizes, "dry_run": dry_run}
     steps = {"triton": [("ceilings", lambda: ceilings(device, dry_run)),
                         ("token_stats", lambda: check_token_stats(device, sizes)),
