@@ -102,7 +102,8 @@ def _check_tokens(tokens: torch.Tensor, expected_shape: torch.Size, vocab: int, 
     if check_range and tokens.numel() > 0:  # min/max: a device sync, so done once per call
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"tokens: ids must lie in [0, {vocab}) (the vocabulary size), got range [{lo}, {hi}]")
+            raise ValueError(f"tokens: ids must lie in [0, {vocab}) (the vocabulary size), "
+                             f"got range [{lo}, {hi}]")
     return tokens.long()
 
 
@@ -174,7 +175,8 @@ def token_stats(logits: torch.Tensor | None = None, tokens: torch.Tensor | None 
 def _token_stats_from_logits(logits, tokens, temperature, impl) -> TokenStats:
     _check_float("logits", logits)
     if logits.dim() < 2:
-        raise ValueError(f"logits: expected shape [..., T, V] with at least 2 dims, got {tuple(logits.shape)}")
+        raise ValueError(f"logits: expected shape [..., T, V] with at least 2 dims, "
+                         f"got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError("logits: the vocabulary dimension is empty")
     if tokens is None:
@@ -203,7 +205,8 @@ def _token_stats_from_hidden(hidden, weight, bias, tokens, temperature, impl) ->
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if hidden.dim() < 2:
-        raise ValueError(f"hidden: expected shape [..., T, H] with at least 2 dims, got {tuple(hidden.shape)}")
+        raise ValueError(f"hidden: expected shape [..., T, H] with at least 2 dims, "
+                         f"got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: expected shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
@@ -415,9 +418,9 @@ def select_branch_points(score: torch.Tensor, k: int, *, group_ids: torch.Tensor
     """Choose branch points from a [B, T] score (-inf = not a candidate), deterministically.
 
     per="rollout": the top-``k`` positions of each row. per="group": the top ``k * n_g`` positions pooled over
-    the n_g rows of each group (``group_ids`` int [B] required), as the authors' code does. ``min_gap``: chosen
-    positions of one row are at least this far apart (greedy by score). Ties break toward the earlier row and
-    position. Returns (rollout_idx int64 [K], position int64 [K]) sorted by row then position.
+    the n_g rows of each group (``group_ids`` int [B] required), as the authors' code does. ``min_gap``:
+    chosen positions of one row are at least this far apart (greedy by score). Ties break toward the earlier
+    row and position. Returns (rollout_idx int64 [K], position int64 [K]) sorted by row then position.
     When a row (or group) has fewer than the asked-for candidates: ValueError naming ``k``, unless
     ``allow_fewer`` (a training loop's choice), which returns what there is.
     """
@@ -435,7 +438,8 @@ def select_branch_points(score: torch.Tensor, k: int, *, group_ids: torch.Tensor
     if per == "group":
         if group_ids is None or group_ids.shape != (num_rows,):
             raise ValueError(f"group_ids: per='group' needs an int tensor of shape [{num_rows}]")
-        groups = [torch.nonzero(group_ids.cpu() == g).flatten().tolist() for g in torch.unique(group_ids.cpu())]
+        ids = group_ids.cpu()
+        groups = [torch.nonzero(ids == g).flatten().tolist() for g in torch.unique(ids)]
     else:
         groups = [[r] for r in range(num_rows)]
 

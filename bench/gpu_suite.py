@@ -54,7 +54,8 @@ def find_sanitizer() -> str | None:
     roots = [Path(nvcc).resolve().parents[1]] if nvcc else []
     roots += [Path("/usr/local/cuda")]
     for root in roots:
-        for candidate in (root / "bin" / "compute-sanitizer", root / "compute-sanitizer" / "compute-sanitizer"):
+        for candidate in (root / "bin" / "compute-sanitizer",
+                          root / "compute-sanitizer" / "compute-sanitizer"):
             if candidate.is_file():
                 return str(candidate)
     return None
@@ -354,7 +355,8 @@ def sanitize(dry_run: bool) -> int:
                 for _ in range(3)]
         values = [k.transpose(1, 2).contiguous().transpose(1, 2) for k in keys]  # time-major: strided rows
         pc.gather_kv(keys, values, torch.tensor([0, 1, 3], device=device),
-                     torch.tensor([5, 300, 1], device=device), 300, impl="cuda" if device == "cuda" else "cpp")
+                     torch.tensor([5, 300, 1], device=device), 300,
+                     impl="cuda" if device == "cuda" else "cpp")
     if device == "cuda":
         torch.cuda.synchronize()
     print("sanitizer launches finished")
@@ -425,7 +427,8 @@ def summary_lines(out: Path) -> list[str]:
     if t:
         fraction = t["gb_per_s"] / 1e3 / copy_tbs if copy_tbs else None
         over_eager = token["eager_torch"]["median_s"] / t["median_s"] if token["eager_torch"] else None
-        parts = [f"{t['median_s'] * 1e3:.3f} ms, {t['gb_per_s'] / 1e3:.2f} TB/s = {fraction or float('nan'):.2f} "
+        parts = [f"{t['median_s'] * 1e3:.3f} ms, {t['gb_per_s'] / 1e3:.2f} TB/s = "
+                 f"{fraction or float('nan'):.2f} "
                  f"of copy [{_verdict(fraction, TARGETS['token_stats_copy_fraction'])} >= 0.85]",
                  f"{over_eager or float('nan'):.1f}x eager [{_verdict(over_eager, 3.0)} >= 3]"]
         if token["compiled_torch"]:
@@ -434,7 +437,8 @@ def summary_lines(out: Path) -> list[str]:
     ours = "appo_triton" if _find(rows, impl="appo_triton", bench="linear_token_stats") else "appo_torch"
     forward = _find(rows, impl=ours, mode="forward", bench="linear_token_stats")
     if forward:
-        lines.append(f"fused forward ({ours}): {forward['median_s'] * 1e3:.1f} ms, {forward['tflops']:.0f} TFLOP/s = "
+        lines.append(f"fused forward ({ours}): {forward['median_s'] * 1e3:.1f} ms, "
+                     f"{forward['tflops']:.0f} TFLOP/s = "
                      f"{forward['tflops'] / matmul if matmul else float('nan'):.2f} of matmul "
                      f"[{_verdict(forward['tflops'], TARGETS['forward_tflops'])} >= 600]")
     both = _find(rows, impl=ours, mode="forward_backward", bench="linear_token_stats")
@@ -446,7 +450,8 @@ def summary_lines(out: Path) -> list[str]:
                                        f"[{_verdict(ratio, 1.0, higher_is_better=False)} <= 1]"
                                        if ratio else "Liger not run (no wheel)"))
     scan = [r for r in rows if r.get("bench") == "future_value" and r.get("impl") == "appo_triton"]
-    for row in scan or [r for r in rows if r.get("bench") == "future_value" and r.get("impl") == "appo_torch"]:
+    torch_scan = [r for r in rows if r.get("bench") == "future_value" and r.get("impl") == "appo_torch"]
+    for row in scan or torch_scan:
         speedup = row.get("speedup_over_dense")
         lines.append(f"future value ({row['impl']}) B={row['rows']} T={row['length']}: "
                      f"{row['median_s'] * 1e6:.1f} us, "

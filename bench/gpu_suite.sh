@@ -115,13 +115,13 @@ step checks_gather 60 python bench/gpu_suite.py checks --part gather --out "$OUT
 #    $OUT/benchmarks-<module>.json (pytest-benchmark) and the <bench>-<time>.json files bench/_record.py writes
 #    (the dry run, whose cost is mostly start-up, runs the four modules in one pytest)
 if [ "$DRY_RUN" = 1 ]; then
-  step bench_all 120 python -m pytest -q -s -p no:cacheprovider --benchmark-only \
+  step bench_all 120 pytest -q -s -p no:cacheprovider --benchmark-only \
     --benchmark-json="$OUT/benchmarks-all.json" bench/bench_token_stats.py bench/bench_linear_token_stats.py \
     bench/bench_future_value.py bench/bench_prefix_cache.py
 else
   for module in token_stats:90 linear_token_stats:100 future_value:40 prefix_cache:40; do
     name=${module%%:*}
-    step "bench_$name" "${module##*:}" python -m pytest -q -s -p no:cacheprovider --benchmark-only \
+    step "bench_$name" "${module##*:}" pytest -q -s -p no:cacheprovider --benchmark-only \
       --benchmark-json="$OUT/benchmarks-$name.json" "bench/bench_$name.py"
   done
 fi
@@ -129,9 +129,9 @@ fi
 # 6. the GPU tests
 GPU_TESTS=(tests/kernels tests/test_prefix_cache.py tests/test_scoring.py)
 if [ "$DRY_RUN" = 1 ]; then
-  step gpu_tests 60 python -m pytest -q -m gpu --collect-only -p no:cacheprovider "${GPU_TESTS[@]}"
+  step gpu_tests 60 pytest -q -m gpu --collect-only -p no:cacheprovider "${GPU_TESTS[@]}"
 else
-  step gpu_tests 150 python -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
+  step gpu_tests 150 pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" \
     "${GPU_TESTS[@]}"
 fi
 

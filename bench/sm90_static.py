@@ -181,11 +181,13 @@ def token_stats_records(workdir: Path) -> list[dict]:
         config = ts.launch_config(vocab, itemsize)
         num_warps = config.pop("num_warps")
         arguments = {"logits_ptr": f"*{dtype}", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
-                     "entropy_ptr": "*fp32", "num_rows": TARGET_ROWS, "vocab_size": vocab, "row_stride": vocab,
+                     "entropy_ptr": "*fp32", "num_rows": TARGET_ROWS, "vocab_size": vocab,
+                     "row_stride": vocab,
                      "scale": 1.4427, "lowest": -1e38}
         kernel = compile_triton(ts._token_stats_kernel, arguments, config, num_warps, config["NUM_STAGES"])
         per_thread = config["ROWS"] * config["K"] * config["VEC"]
-        records.append(profile(f"token_stats[{dtype}, V={vocab}]", kernel.asm["cubin"], kernel.metadata.shared,
+        records.append(profile(f"token_stats[{dtype}, V={vocab}]", kernel.asm["cubin"],
+                               kernel.metadata.shared,
                                ("LDGSTS", "LDG"), per_thread, "logit", workdir,
                                {**config, "num_warps": num_warps}))
     return records
@@ -207,7 +209,8 @@ def linear_records(workdir: Path) -> list[dict]:
         constexprs = {k: v for k, v in config.items() if k != "num_warps"}
         common = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
                   "tokens_ptr": "*i64", "num_rows": TARGET_ROWS, "vocab_size": TARGET_VOCAB,
-                  "hidden_size": TARGET_HIDDEN, "stride_hidden": TARGET_HIDDEN, "stride_weight": TARGET_HIDDEN,
+                  "hidden_size": TARGET_HIDDEN, "stride_hidden": TARGET_HIDDEN,
+                  "stride_weight": TARGET_HIDDEN,
                   "scale": 1.4427}
         threads = 32 * num_warps
         tile_logits = config["BLOCK_N"] * config["BLOCK_V"] / threads
@@ -259,8 +262,9 @@ def future_value_records(workdir: Path) -> list[dict]:
     per_thread = block / (32 * num_warps)
     records = []
     sums = compile_triton(fv._chunk_sums_kernel, common, {"BLOCK": block}, num_warps, 3)
-    records.append(profile("future_value_chunk_sums[fp32, bool mask]", sums.asm["cubin"], sums.metadata.shared,
-                           ("LDG",), per_thread, "position", workdir, {"BLOCK": block, "num_warps": num_warps}))
+    records.append(profile("future_value_chunk_sums[fp32, bool mask]", sums.asm["cubin"],
+                           sums.metadata.shared, ("LDG",), per_thread, "position", workdir,
+                           {"BLOCK": block, "num_warps": num_warps}))
     for scaled_cumsum in (True, False):
         constexprs = {"BLOCK": block, "CARRY_BLOCK": fv._CARRY_BLOCK, "SCALED_CUMSUM": scaled_cumsum}
         scan = compile_triton(fv._scan_kernel, {**common, "out_ptr": "*fp32", "stride_out_row": SCAN_LENGTH},
@@ -302,7 +306,8 @@ def all_records(workdir: Path) -> list[dict]:
 
 def summary_line(record: dict) -> str:
     features = ",".join(name for name in ("wgmma", "cp_async", "tma") if record[name]) or "-"
-    return (f"{record['kernel']:<58} reg {record['registers']:>3}  spill {'YES' if record['spills'] else 'no ':<3} "
+    spills = "YES" if record["spills"] else "no"
+    return (f"{record['kernel']:<58} reg {record['registers']:>3}  spill {spills:<3} "
             f"smem {record['dynamic_shared_bytes'] + record['static_shared_bytes']:>6}  {features:<17} "
             f"{record['instructions_per_element']:>7} instr/{record['element'].split()[0]}")
 
@@ -317,7 +322,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         records = all_records(Path(workdir))
     for record in records:
-        print(summary_line(record) if "skipped" not in record else f"{record['kernel']:<58} {record['skipped']}")
+        skipped = record.get("skipped")
+        print(f"{record['kernel']:<58} {skipped}" if skipped else summary_line(record))
     if args.out:
         import triton
 

@@ -80,7 +80,8 @@ INTERPRETER_CONFIG = (16, 64, 32, 1, 4)
 
 @triton.jit
 def _logits_tile(hidden_ptr, weight_ptr, rows, cols, hidden_size, stride_hidden, stride_weight,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr,
                  EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc [BLOCK_N, BLOCK_V] fp32 = hidden[rows] @ weight[cols].T, rows and cols in bounds (int64 offsets).
     The K loop is software-pipelined (cp.async into shared memory, wgmma on sm_90)."""
@@ -108,7 +109,8 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, cols, hidden_size, stride_hidden,
 def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, partial_ptr,
                     num_rows, vocab_size, hidden_size, stride_hidden, stride_weight, scale, lowest,
                     tiles_per_split,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_K: tl.constexpr,
                     NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr):
     """Partial statistics of rows [pid_n BLOCK_N, +BLOCK_N) over vocabulary split pid_s, into partial
@@ -356,7 +358,8 @@ class _LinearTokenStatsTriton(torch.autograd.Function):
                          else None)
         grad_weight32 = (torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=weight.device)
                          if need_weight else None)
-        grad_bias32 = torch.zeros(vocab_size, dtype=torch.float32, device=weight.device) if need_bias else None
+        grad_bias32 = (torch.zeros(vocab_size, dtype=torch.float32, device=weight.device) if need_bias
+                       else None)
         for start in range(0, num_rows, chunk):
             rows = min(chunk, num_rows - start)
             launch(config, start, rows)

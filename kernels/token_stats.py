@@ -82,7 +82,8 @@ def _fold_tile(z, scale, lowest, m, s, t):
 def _per_thread(z, ROWS: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
     """[ROWS, K, THREADS * VEC] -> [ROWS, THREADS, K * VEC]: each thread's logits on the last axis (a
     relabelling of registers, no data movement)."""
-    return tl.reshape(tl.permute(tl.reshape(z, (ROWS, K, THREADS, VEC)), (0, 2, 1, 3)), (ROWS, THREADS, K * VEC))
+    runs = tl.permute(tl.reshape(z, (ROWS, K, THREADS, VEC)), (0, 2, 1, 3))
+    return tl.reshape(runs, (ROWS, THREADS, K * VEC))
 
 
 @triton.jit

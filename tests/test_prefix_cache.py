@@ -345,8 +345,9 @@ def test_cuda_strided_time_layout_matches_reference(head_dim, dtype):
     if not pc.EXTENSION_HAS_CUDA:
         pytest.fail(f"the CUDA kernel is not built: {pc.EXTENSION_STATUS}")
     torch.manual_seed(9)
-    cache = [(k.cuda(), v.cuda()) for k, v in random_cache(layers=2, rollouts=4, heads=4, time=700,
-                                                            head_dim=head_dim, dtype=dtype, layout="time_major")]
+    layers = random_cache(layers=2, rollouts=4, heads=4, time=700, head_dim=head_dim, dtype=dtype,
+                          layout="time_major")
+    cache = [(k.cuda(), v.cuda()) for k, v in layers]
     src = torch.tensor([0, 3, 1, 3, 2], device="cuda")
     pos = torch.tensor([699, 5, 1, 350, 0], device="cuda")
     got = pc.gather_prefix_kv(cache, src, pos, include_token=True, impl="cuda")

@@ -327,7 +327,8 @@ def test_vocabulary_masked_logits_are_accepted_and_scored_over_the_finite_suppor
     want_logprobs, want_entropy = oracle_stats(logits, tokens, 0.9)
     torch.testing.assert_close(stats.logprobs.double(), want_logprobs, rtol=0, atol=2e-5)
     torch.testing.assert_close(stats.entropy.double(), want_entropy, rtol=0, atol=2e-5)
-    result = appo.branching_score(tokens=tokens, old_logprobs=old_logprobs, mask=mask, logits=logits, impl=impl)
+    result = appo.branching_score(tokens=tokens, old_logprobs=old_logprobs, mask=mask, logits=logits,
+                                  impl=impl)
     assert torch.isfinite(result.entropy).all() and result.candidates.any()
 
 
