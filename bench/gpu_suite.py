@@ -418,7 +418,8 @@ def summary_lines(out: Path) -> list[str]:
     for name, check in list(triton_checks.items()) + list(gather_checks.items()):
         if isinstance(check, dict) and "passed" in check:
             detail = {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in check.items()
-                      if k.endswith(("error", "equal", "over_tolerance")) or k == "error"}
+                      if k.endswith(("error", "equal", "over_tolerance"))
+                      or (k == "extension" and not check["passed"])}
             lines.append(f"check {name}: {'PASS' if check['passed'] else 'FAIL'} {detail}"[:230])
 
     token = {impl: _find(rows, impl=impl, bench="token_stats") for impl in
