@@ -1,14 +1,15 @@
 """The Python steps of bench/gpu_suite.sh (see there for the order): tool check, the device's own ceilings,
 full-size correctness checks, the small launches compute-sanitizer runs, and the summary of ratios.
 
-    python bench/gpu_suite.py tools    --out DIR [--dry-run]
-    python bench/gpu_suite.py checks   --out DIR [--dry-run] --part triton|gather
+    python bench/gpu_suite.py tools    --out RUN [--dry-run]
+    python bench/gpu_suite.py checks   --out RUN [--dry-run] --part triton|gather
     python bench/gpu_suite.py sanitize           [--dry-run]
-    python bench/gpu_suite.py summary  --out DIR
+    python bench/gpu_suite.py summary  --run-dir RUN --out OUT
 
-Every step writes json into DIR (the GPU machine's $OUT, the only folder that comes back). --dry-run runs
-the same code at tiny sizes on the CPU (Triton under TRITON_INTERPRET=1), so that tests keep the suite
-working without a GPU.
+Every step writes json into the run folder RUN; the summary reads it and writes summary.txt and the merged
+gpu-suite.json into OUT (the GPU machine's $OUT, the only folder that comes back, at most 8 files).
+--dry-run runs the same code at tiny sizes on the CPU (Triton under TRITON_INTERPRET=1), so that tests keep
+the suite working without a GPU.
 """
 
 from __future__ import annotations
@@ -393,11 +394,16 @@ def _verdict(value: float | None, target: float, higher_is_better: bool = True) 
     return "MET" if ok else "MISSED"
 
 
+def load_json(run: Path, name: str) -> dict:
+    path = run / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def summary_lines(out: Path) -> list[str]:
-    """At most 40 lines: the run, the ceilings, the checks, and each acceptance ratio against its target."""
+    """At most 40 lines: the run, the ceilings, the checks, and each acceptance ratio against its target
+    (``out``: the run folder)."""
     def load(name):
-        path = out / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return load_json(out, name)
 
     global DRY_RUN_VERDICT
     tools_report, triton_checks, gather_checks = load("tools"), load("checks-triton"), load("checks-gather")
@@ -471,11 +477,27 @@ def summary_lines(out: Path) -> list[str]:
     return lines[:40]
 
 
-def summary(out: Path) -> int:
-    lines = summary_lines(out)
+def summary(run: Path, out: Path) -> int:
+    """summary.txt and gpu-suite.json (tools, checks, steps, every benchmark row, the summary) into ``out``."""
+    lines = summary_lines(run)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    sanitizer = run / "sanitizer.log"
+    record = {name: load_json(run, name) for name in ("tools", "checks-triton", "checks-gather", "steps")}
+    record.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), commit=_commit(),
+                  targets=TARGETS, benchmarks=_benchmarks(run), summary=lines,
+                  sanitizer_tail=sanitizer.read_text().splitlines()[-20:] if sanitizer.exists() else None)
+    write_json(out, "gpu-suite", record)
     print("\n".join(lines))
     return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -484,6 +506,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--part", choices=["triton", "gather"], default="triton")
+    parser.add_argument("--run-dir", type=Path, default=None, help="summary: the run folder to read")
     args = parser.parse_args(argv)
     if args.step != "sanitize" and args.out is None:
         parser.error("--out is required")
@@ -493,7 +516,7 @@ def main(argv=None) -> int:
         return checks(args.out, args.dry_run, args.part)
     if args.step == "sanitize":
         return sanitize(args.dry_run)
-    return summary(args.out)
+    return summary(args.run_dir or args.out, args.out)
 
 
 if __name__ == "__main__":
