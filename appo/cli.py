@@ -123,7 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--samples: must be >= 1, got {args.samples}")
     config = _config_from(args)
     try:
-        check_available(config, model=False)
+        check_available(config, model=False, data=args.data is None)  # --data replaces the task's data
         if args.data is not None:
             read_jsonl(args.data, required=EVAL_FIELDS)
         resolve_model(args.model)  # a wrong --model: one line saying what was expected, before any load

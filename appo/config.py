@@ -474,10 +474,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def check_available(config: TrainConfig, *, model: bool = True) -> None:
+def check_available(config: TrainConfig, *, model: bool = True, data: bool = True) -> None:
     """Raise ConfigError naming the key when this machine lacks what ``config`` asks for: a CUDA device, the
-    tensorboard or vllm package, or (model=True) the model folder. ``appo.trainer.train`` and ``appo eval``
-    call it before loading anything."""
+    tensorboard or vllm package, (data=True) the task's data, or (model=True) the model folder.
+    ``appo.trainer.train`` and ``appo eval`` call it before loading anything."""
     import importlib.util
 
     import torch
@@ -494,6 +494,15 @@ def check_available(config: TrainConfig, *, model: bool = True) -> None:
     data_path = getattr(config.data, "path", None)
     if data_path is not None and not Path(data_path).expanduser().exists():
         raise ConfigError("data.path", f"no such file or folder: {data_path}")
+    if data:
+        from appo.tasks import DATA_TASKS
+        from appo.tasks.data import load_rows
+
+        if config.data.task in DATA_TASKS:
+            try:  # data.path, $APPO_DATA_DIR or the hub; the rows stay cached for the run
+                load_rows(config.data.task, data_path)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError("data.path", str(err)) from None
     if model:
         from appo.models import SMOLLM2
 

@@ -146,6 +146,19 @@ def test_hub_rows_from_a_real_datasets_dataset(real_datasets, monkeypatch):
     assert list(load_rows("hotpotqa")) == rows
 
 
+def test_train_without_data_stops_in_one_line_before_loading_the_model(hub, monkeypatch, tmp_path, capsys):
+    import appo.models
+    from appo.cli import main
+
+    monkeypatch.setattr(appo.models, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "data.task=gsm8k", f"output_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("appo train: error: data.path: no gsm8k data") and "openai/gsm8k" in error
+    assert len(error.splitlines()) == 1
+
+
 def test_get_task_passes_path_to_data_tasks_only(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(12))
     assert len(get_task("gsm8k", path=str(path), dev_size=2).examples("train")) == 10
