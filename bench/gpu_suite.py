@@ -478,7 +478,7 @@ def summary_lines(out: Path) -> list[str]:
 
 
 def summary(run: Path, out: Path) -> int:
-    """summary.txt and gpu-suite.json (tools, checks, steps, every benchmark row, the summary) into ``out``."""
+    """summary.txt and gpu-suite.json (tools, checks, steps, every benchmark row, the summary) into out."""
     lines = summary_lines(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")

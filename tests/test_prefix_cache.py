@@ -123,7 +123,8 @@ def test_caches_from_a_forward_with_grad_come_back_detached(impl, recwarn):
     for got, (key, value) in zip(out.layers, cache):
         assert not got.keys.requires_grad and not got.values.requires_grad
         assert torch.equal(got.keys, expected_branch_cache(2 * key.detach(), SRC[1:], POS[1:], max(POS) - 1))
-        assert torch.equal(got.values, expected_branch_cache(2 * value.detach(), SRC[1:], POS[1:], max(POS) - 1))
+        want = expected_branch_cache(2 * value.detach(), SRC[1:], POS[1:], max(POS) - 1)
+        assert torch.equal(got.values, want)
     assert not [w for w in recwarn if "autograd" in str(w.message)]
 
 

@@ -161,7 +161,8 @@ def test_first_minibatch_falls_back_to_entropy_only():
     """pi_theta == pi_old: Omega is 1 everywhere, so rows are ranked by z(H) and flagged."""
     logits, tokens, _, mask = make_rollouts(B=2, T=40, V=128, seed=7)
     stats = appo.token_stats(logits, tokens)
-    result = appo.branching_score(tokens=tokens, old_logprobs=stats.logprobs.clone(), mask=mask, logits=logits)
+    result = appo.branching_score(tokens=tokens, old_logprobs=stats.logprobs.clone(), mask=mask,
+                                  logits=logits)
     assert result.entropy_only.all()
     assert torch.equal(result.future_value[mask], torch.ones(int(mask.sum())))
     for b in range(2):

@@ -21,7 +21,7 @@ def test_dry_run_passes_every_step_and_writes_its_summary(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
-    # $OUT: what comes back from the GPU machine (at most 8 files): the summary, the merged record, the raw run
+    # $OUT, what comes back from the GPU machine (at most 8 files): summary, merged record, the raw run
     assert sorted(p.name for p in out.iterdir()) == ["gpu-suite.json", "raw.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text().splitlines()
     assert 5 < len(summary) <= 40
