@@ -19,8 +19,8 @@
 // positions, 4 KV heads of 128 bf16; K = 12 branches, prefixes of up to 8,191 positions): the output is
 // 56 x 12 x 4 x 8,191 x 256 B = 5.6 GB written, of which the prefixes (about half) are 2.8 GB read: ~8.4 GB,
 // a floor of ~2.0 ms at 4.3 TB/s. sm_90 SASS (bench/sm90_static.py): 8.5 instructions per 16-byte vector
-// in the contiguous loop, 46 registers, so 8 blocks of 256 threads per SM with four 16-byte loads in flight
-// per thread (up to 128 KiB per SM against the ~23 KiB that 4.3 TB/s x ~700 ns needs): predicted 85-90% of
+// in the contiguous loop, 46 registers, so 5 blocks of 256 threads per SM with four 16-byte loads in flight
+// per thread (up to 80 KiB per SM against the ~23 KiB that 4.3 TB/s x ~700 ns needs): predicted 85-90% of
 // the copy bandwidth, against the 80% target.
 #pragma once
 
