@@ -96,6 +96,26 @@ if [ "$DRY_RUN" = 0 ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 step tools 60 "$PYTHON" bench/gpu_suite.py tools --out "$RUN" "${DRY[@]}"
 
+# appo importable as installed (kernels/ is the subpackage appo.kernels): on a machine where the clone is not
+# installed (the lent GPU's fresh copy), an editable install without the extension (seconds; offline), and
+# when that fails (an old setuptools, say), the tree on PYTHONPATH with appo/kernels linked to kernels/.
+if ! "$PYTHON" -c "import appo.kernels" 2> /dev/null; then
+  if APPO_SKIP_EXTENSION=1 "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . \
+      > "$RUN/install.log" 2>&1; then
+    echo "appo installed in editable mode (without the extension, built next)"
+  else
+    echo "editable install failed (see install.log): the tree on PYTHONPATH, appo/kernels -> kernels/"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    [ -e appo/kernels ] || ln -s ../kernels appo/kernels
+  fi
+fi
+if "$PYTHON" -c "import appo.kernels.token_stats" >> "$RUN/install.log" 2>&1; then
+  printf 'install\tok\t0\n' >> "$STEPS"
+else
+  echo "== install: appo.kernels cannot be imported (see install.log)"
+  printf 'install\tfailed\t0\n' >> "$STEPS"
+fi
+
 # 2. the extension, built in the background (CPU only) while the Triton checks use the GPU. setup.py builds
 #    appo/_C in place (ninja when installed, else one source at a time; the dry run only loads what is there),
 #    then a fresh process checks that the CUDA op is registered.

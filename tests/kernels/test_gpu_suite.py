@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = ["tools", "checks_triton", "build", "checks_gather", "bench_all", "gpu_tests", "sanitizer"]
+STEPS = ["tools", "install", "checks_triton", "build", "checks_gather", "bench_all", "gpu_tests", "sanitizer"]
 BENCH_MODULES = ("token_stats", "linear_token_stats", "future_value", "prefix_cache")
 
 
