@@ -2,7 +2,8 @@
 # The whole GPU pass in one call on a fresh H200 (issue 13), in at most 8 minutes of wall time:
 #   1. tools: python, torch (CUDA), triton, nvcc, pytest, pytest-benchmark; ninja, compute-sanitizer and
 #      liger_kernel when present (the wheels in $APPO_WHEELS, default .benchmarks/wheels, e.g. Liger-Kernel's,
-#      are installed offline first: carry that folder with the call);
+#      are installed offline first: carry that folder with the call); then appo made importable (an offline
+#      editable install, or the tree on PYTHONPATH) on a machine where the copy is not installed;
 #   2. appo._C with CUDA, built in the background while step 3 runs (python setup.py build_ext --inplace,
 #      with ninja when there is one); the suite fails loudly when the CUDA op is missing;
 #   3. the device's own ceilings (device-to-device copy, bf16 matmul) and full-size correctness checks:
