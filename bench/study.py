@@ -47,9 +47,10 @@ VARIANTS = {
     "appo-entropy-bs": ["algo.entropy_only=true"],  # "BS -> entropy"
 }
 MAIN, ABLATIONS = ("appo", "grpo", "arpo"), ("appo-no-afut", "appo-one-group", "appo-entropy-bs")
-# --quick: the recipe shrunk to a pipeline check (2 seeds, 2 steps of 2 prompts, 8 held-out questions).
-QUICK = ["steps=2", "prompts_per_step=2", "optim.minibatches_per_step=1", "data.eval_size=8",
-         "rollout.max_new_tokens_per_turn=24", "rollout.max_tool_calls=1"]
+# --quick: the recipe shrunk to a pipeline check: 2 steps of 2 prompts x M = 4 (APPO N = 2, B = 1; one prompt
+# per mini-batch, so APPO's second mini-batch sees a policy shift), 4 held-out questions, short answers.
+QUICK = ["steps=2", "prompts_per_step=2", "optim.minibatches_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
+         "data.train_size=64", "data.eval_size=4", "rollout.max_new_tokens_per_turn=24"]
 # Metrics kept per step in result.json (the rest stays in the run's metrics.jsonl).
 STEP_KEYS = ("step", "reward", "accuracy", "rollouts", "rollouts_per_prompt", "time/step", "time/rollout",
              "time/old_logprobs", "time/branch", "time/update")
@@ -99,8 +100,12 @@ def read_eval(path: Path) -> dict:
 def evaluate_into(config, path: Path, model_path: str | None = None) -> dict:
     """Evaluate ``model_path`` (None: the start model) on the held-out questions with ``config``'s sampling
     settings and seed; the per-rollout records go to ``path`` (written whole or not at all)."""
+    import torch
+
     from appo.trainer import evaluate
 
+    if config.threads > 0:  # as the trainer does (a worker that only evaluates never built one)
+        torch.set_num_threads(config.threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     started = time.perf_counter()
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default=None, help="default: runs/study (runs/study-quick with --quick)")
     parser.add_argument("--override", nargs="*", default=[], metavar="key=value",
                         help="config overrides applied to every run alike")
-    parser.add_argument("--quick", action="store_true", help="a pipeline check: 2 seeds, 2 steps, 8 questions")
+    parser.add_argument("--quick", action="store_true", help="a pipeline check: 2 seeds, 2 steps, 4 questions")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)

@@ -7,6 +7,7 @@ from appo.config import ConfigError, load_config, resume_changes, to_dict
 from appo.models import smollm2_path
 from appo.trainer import load_task_data
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
