@@ -1,48 +1,78 @@
-"""APPO inside verl: an ``appo`` advantage estimator and an ``appo`` policy loss, registered through verl's
-public registries (``register_adv_est``, ``register_policy_loss``).
+"""APPO inside verl 0.9.1, entered only through verl's own extension points (no line of verl is patched).
 
-Importing this module needs only torch and numpy; verl is imported when :func:`register` is called.
+Three pieces, all registered by name when verl itself loads ``appo.integrations.verl_plugin``
+(``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``, which verl imports in every process it starts):
+
+* ``algorithm.adv_estimator=appo`` -> :func:`appo_advantage` (``register_adv_est``): the dual-group base
+  advantages (METHOD.md Eqs. 6-7, ``appo.algos.chain.dual_group_base``) of the initial rows, 0 on branch rows;
+* ``actor_rollout_ref.actor.policy_loss.loss_mode=appo`` -> :func:`appo_policy_loss` (``register_policy_loss``):
+  at every update, A = A_base * (1 + b * A_fut) with A_fut from the CURRENT log-probs against verl's recomputed
+  ``old_log_prob`` (``appo.algos.chain.scale_by_future``), then verl's own clipped PPO loss ("vanilla");
+* ``trainer.v1.trainer_mode=appo`` -> ``appo.integrations.verl_trainer.APPOTrainer`` (``register_trainer``):
+  verl's sync PPO trainer whose ``_compute_old_log_prob`` also branches (:func:`branch_requests`, verl's rollout
+  servers, :func:`merge_branches`, verl's reward workers) and whose ``_compute_advantage`` runs "appo".
+
+This module needs only torch and numpy to import; verl is imported by :func:`register` and the functions that
+build ``DataProto`` objects.
+
+The settings (an ``appo.algos.chain.APPOSettings``) come from :func:`register`'s argument, else from the JSON
+object in ``$APPO_VERL_SETTINGS`` (field names of ``APPOSettings``, e.g. ``{"branches_per_rollout": 3,
+"combine": "sum"}``; environment variables reach every Ray worker), else METHOD.md's defaults.
+
+Omega in verl. verl branches after its actor's log-prob pass and before any update of the step, with the policy
+that sampled the step's rollouts: pi_theta == pi_old exactly, so the Branching Score falls back to entropy
+alone on every row (reported as ``appo/entropy_only_fraction`` = 1). The rollout engine's log-probs
+(``rollout_log_probs``) are never used as pi_old: their gap to the actor is engine mismatch, not a policy
+shift. The real shift enters through A_fut, recomputed at every PPO mini-batch update against verl's
+recomputed ``old_log_prob``.
 
 Data contract: one verl ``DataProto`` holds a step's initial rollouts AND their branches (R rows):
   batch["token_level_rewards"]         float [R, L] (summed over L: the rollout's reward, as verl's GRPO does)
   batch["response_mask"]               int/bool [R, L], generated response tokens (tool results 0)
   non_tensor_batch["uid"]              object [R], the prompt id; a branch carries its parent's uid
   non_tensor_batch["appo_parent"]      int [R], -1 for an initial rollout, else the ROW INDEX of its parent
-  non_tensor_batch["appo_branch_pos"]  int [R], the response position a branch re-sampled from (the parent's
-                                       response[:pos] is the shared prefix); ignored on initial rows
-
-* ``adv_estimator="appo"`` -> :func:`appo_advantage`: dual-group base advantages (METHOD.md Eqs. 6-7) on the
-  initial rows, 0 on branch rows (branches only supply rewards). verl 0.9.1's ``compute_advantage`` in
-  ``ray_trainer`` forwards ``non_tensor_batch`` only to its "gdpo" estimator, so a recipe routes "appo" to
-  :func:`compute_advantage` below, which passes it and drops the branch rows before the update.
-* ``policy_loss.loss_mode="appo"`` -> :func:`appo_policy_loss`: at every update, A_fut = clip(exp(s), 1, 1.2)
-  from the CURRENT log-probs against ``old_log_prob`` (Eq. 4, detached) scales the advantages by
-  (1 + b * A_fut), then verl's own clipped PPO loss ("vanilla") aggregates with verl's settings.
-* Branching rollouts, called in a (patched) ``RayPPOTrainer.fit`` between generation + ``compute_log_prob``
-  and reward + advantage: :func:`branch_requests` scores the initial responses with ``appo.branching_score``
-  and returns the branch prefixes as a generation-ready ``DataProto``; verl's rollout generates them;
-  :func:`merge_branches` appends the continuations as rows laid out like the initial ones, with the metadata
-  above filled in. docs/integrations.md has the recipe.
+  non_tensor_batch["appo_branch_pos"]  int [R], the length of the response prefix a branch shares with its
+                                       parent (the parent's response[:pos]); ignored on initial rows
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from appo.algos.advantages import dual_group_advantages, future_aware_scaling
+from appo.algos.chain import APPOSettings, dual_group_base, plan_branches, scale_by_future
 from appo.prefix_cache import build_branch_batch
-from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, branching_score, future_value, select_branch_points
+from appo.scoring import future_value
 
 APPO_NAME = "appo"
 PARENT_KEY = "appo_parent"
 BRANCH_POS_KEY = "appo_branch_pos"
+SETTINGS_ENV = "APPO_VERL_SETTINGS"
 
-# Settings read by the registered functions; :func:`register` sets them.
-_SETTINGS: dict[str, Any] = {"combine": "avg", "one_group": False, "future_scale": 0.5, "gamma": GAMMA,
-                             "clip": FUTURE_VALUE_CLIP}
+_registered_settings: APPOSettings | None = None
+
+
+def settings() -> APPOSettings:
+    """The APPO settings in force: :func:`register`'s, else ``$APPO_VERL_SETTINGS`` (JSON), else defaults."""
+    if _registered_settings is not None:
+        return _registered_settings
+    text = os.environ.get(SETTINGS_ENV, "").strip()
+    if not text:
+        return APPOSettings()
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{SETTINGS_ENV}: not a JSON object ({error})") from None
+    known = {f.name for f in fields(APPOSettings)}
+    if not isinstance(values, dict) or set(values) - known:
+        raise ValueError(f"{SETTINGS_ENV}: expected a JSON object with keys among {sorted(known)}, got {text!r}")
+    return APPOSettings(**{key: tuple(value) if isinstance(value, list) else value
+                           for key, value in values.items()})
 
 
 def _int_field(non_tensor_batch: dict, key: str, rows: int, device: torch.device) -> torch.Tensor:
@@ -54,6 +84,12 @@ def _int_field(non_tensor_batch: dict, key: str, rows: int, device: torch.device
     return torch.as_tensor(values.astype(np.int64), device=device)
 
 
+def _group_ids(uids, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [R] dense ids of verl's prompt uids."""
+    _, inverse = np.unique(np.asarray(uids, dtype=object).astype(str), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+
+
 def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                    index: np.ndarray | None = None, config: Any = None, non_tensor_batch: dict | None = None,
                    epsilon: float = 1e-6, **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +98,7 @@ def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tenso
 
     token_level_rewards float [R, L]; response_mask [R, L]; index object [R] (verl's ``uid``: prompt groups);
     non_tensor_batch holds ``appo_parent`` int [R] and ``appo_branch_pos`` int [R] (and ``uid`` when
-    ``index`` is None). The combination rule and the one-group ablation come from :func:`register`.
+    ``index`` is None). The combination rule and the one-group ablation come from :func:`settings`.
     """
     if non_tensor_batch is None:
         raise ValueError("non_tensor_batch: the 'appo' estimator needs the branch metadata; call "
@@ -76,16 +112,13 @@ def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tenso
         index = non_tensor_batch.get("uid")
     if index is None or len(index) != rows:
         raise ValueError(f"index: expected the {rows} prompt uids (verl's non_tensor_batch['uid'])")
-    _, group_ids = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
-    group_ids = torch.as_tensor(group_ids.reshape(-1), dtype=torch.int64, device=device)
+    group_ids = _group_ids(index, device)
     parent = _int_field(non_tensor_batch, PARENT_KEY, rows, device)
-    branch_pos = _int_field(non_tensor_batch, BRANCH_POS_KEY, rows, device)
+    shared = _int_field(non_tensor_batch, BRANCH_POS_KEY, rows, device)
     initial = parent < 0
-    rewards = token_level_rewards.float().sum(dim=-1)
-    mask = response_mask.bool()
-    base = dual_group_advantages(rewards, group_ids, parent, torch.where(initial, 0, branch_pos),
-                                 mask[initial], combine=_SETTINGS["combine"],
-                                 one_group=_SETTINGS["one_group"], eps=epsilon)
+    chain = replace(settings(), eps=float(epsilon))
+    base = dual_group_base(chain, rewards=token_level_rewards.float().sum(dim=-1), group_ids=group_ids,
+                           parent=parent, shared_prefix=shared, mask=response_mask.bool()[initial])
     advantages = torch.zeros(token_level_rewards.shape, dtype=torch.float32, device=device)
     advantages[initial] = base
     return advantages, advantages
@@ -94,30 +127,32 @@ def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tenso
 def appo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                      response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
                      rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl policy loss "appo": verl's clipped PPO loss on A * (1 + b * A_fut), float [B, L] inputs.
+    """verl policy loss "appo": verl's clipped PPO loss ("vanilla") on A * (1 + b * A_fut), float [B, L].
 
-    A_fut = clip(exp(s), lo, hi) with s the discounted (gamma per position) sum of
+    A_fut = clip(exp(s), fut_clip) with s the discounted (``fut_gamma`` per position) sum of
     (log_prob - old_log_prob) * mask to the end of the response, from the current policy and detached
-    (METHOD.md "Advantages"). Returns (loss scalar, metrics) as verl's losses do, plus
-    ``appo/future_value_mean``.
+    (``appo.algos.chain.scale_by_future``). ``old_log_prob`` is verl's recomputed pi_old (the actor's own
+    forward), so A_fut measures how far this update's policy has moved. Returns (loss, metrics) as verl's
+    losses do, plus ``appo/future_value_mean`` (mean clipped A_fut over the mask).
     """
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
+    chain = settings()
     mask = response_mask.bool()
-    future = future_value(log_prob.detach(), old_log_prob.detach(), mask, gamma=_SETTINGS["gamma"],
-                          clip=_SETTINGS["clip"])
-    future = torch.where(mask, future, 0.0)
-    scaled = future_aware_scaling(advantages.float(), future, _SETTINGS["future_scale"])
+    scaled = scale_by_future(chain, advantages.float(), logprobs=log_prob, old_logprobs=old_log_prob, mask=mask)
     loss, metrics = get_policy_loss_fn("vanilla")(old_log_prob, log_prob, scaled.to(advantages.dtype),
                                                  response_mask, loss_agg_mode, config, rollout_is_weights)
     metrics = dict(metrics)
-    metrics["appo/future_value_mean"] = float(future[mask].mean()) if mask.any() else 1.0
+    if mask.any():
+        future = future_value(log_prob.detach(), old_log_prob.detach(), mask, gamma=chain.fut_gamma,
+                              clip=chain.fut_clip)
+        metrics["appo/future_value_mean"] = float(future[mask].mean())
     return loss, metrics
 
 
 def compute_advantage(data, *, drop_branches: bool = True):
-    """Run verl's registered "appo" estimator on a ``DataProto``: what ``ray_trainer.compute_advantage`` does
-    for other estimators, plus ``non_tensor_batch``. Sets ``batch["advantages"]`` and ``batch["returns"]``
+    """Run verl's registered "appo" estimator on a ``DataProto``: what verl's ``compute_advantage`` does for
+    other estimators, plus ``non_tensor_batch``. Sets ``batch["advantages"]`` and ``batch["returns"]``
     [R, L]; with ``drop_branches`` returns only the initial rows (those APPO optimises), else all R rows."""
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
@@ -136,27 +171,18 @@ def compute_advantage(data, *, drop_branches: bool = True):
     return data.select_idxs(initial)
 
 
-def register(*, combine: str = "avg", one_group: bool = False, future_scale: float = 0.5,
-             gamma: float = GAMMA, clip: tuple[float, float] = FUTURE_VALUE_CLIP) -> None:
-    """Register ``"appo"`` with verl's ``register_adv_est`` and ``register_policy_loss`` (imports verl).
-
-    combine: "avg" (default) or "sum"; one_group: the w/o dual-group ablation; future_scale: b (0 is the
-    w/o A_fut ablation); gamma, clip: the future value's discount and clip range. Calling it again updates
-    the settings.
-    """
-    if combine not in ("avg", "sum"):
-        raise ValueError(f"combine: expected 'avg' or 'sum', got {combine!r}")
-    if future_scale < 0:
-        raise ValueError(f"future_scale: must be >= 0, got {future_scale}")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma: must lie in (0, 1], got {gamma}")
-    lo, hi = (float(c) for c in clip)
-    if not lo <= hi:
-        raise ValueError(f"clip: lo must not exceed hi, got {clip}")
+def register(chain_settings: APPOSettings | None = None) -> None:
+    """Register ``"appo"`` with verl's ``register_adv_est`` and ``register_policy_loss`` (imports verl), and
+    use ``chain_settings`` (default: :func:`settings`, i.e. ``$APPO_VERL_SETTINGS`` or METHOD.md's) in this
+    process. Calling it again replaces the settings. The trainer mode is registered by importing
+    ``appo.integrations.verl_trainer`` (``appo.integrations.verl_plugin`` does both)."""
+    global _registered_settings
+    if chain_settings is not None and not isinstance(chain_settings, APPOSettings):
+        raise ValueError(f"chain_settings: expected an APPOSettings, got {type(chain_settings).__name__}")
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est, register_policy_loss
 
-    _SETTINGS.update(combine=combine, one_group=bool(one_group), future_scale=float(future_scale),
-                     gamma=float(gamma), clip=(lo, hi))
+    _registered_settings = chain_settings if chain_settings is not None else None
+    settings()                          # a bad $APPO_VERL_SETTINGS fails here, at registration
     if ADV_ESTIMATOR_REGISTRY.get(APPO_NAME) is not appo_advantage:
         register_adv_est(APPO_NAME)(appo_advantage)
     register_policy_loss(APPO_NAME)(appo_policy_loss)
@@ -183,12 +209,8 @@ def _response_tensors(data, log_probs) -> dict[str, torch.Tensor]:
     for key in ("old_log_probs", "entropys"):
         if stats.batch is None or key not in stats.batch.keys():
             raise ValueError(f"{name}: batch[{key!r}] is missing (pass log_probs=, the actor's "
-                             "compute_log_prob output; verl's fit pops 'entropys' before its union)")
+                             "compute_log_prob output with calculate_entropy)")
         out[key] = stats.batch[key]
-    for source in (stats, data):
-        if source.batch is not None and "rollout_log_probs" in source.batch.keys():
-            out["rollout_log_probs"] = source.batch["rollout_log_probs"]
-            break
     rows, width = out["responses"].shape
     if out["prompts"].dim() != 2 or out["prompts"].shape[0] != rows:
         raise ValueError(f"data: batch['prompts'] has shape {tuple(out['prompts'].shape)}, "
@@ -196,54 +218,45 @@ def _response_tensors(data, log_probs) -> dict[str, torch.Tensor]:
     if out["attention_mask"].shape != (rows, out["prompts"].shape[1] + width):
         raise ValueError(f"data: batch['attention_mask'] has shape {tuple(out['attention_mask'].shape)}, "
                          f"expected [{rows}, P + L]")
-    for key in ("response_mask", "old_log_probs", "entropys", "rollout_log_probs"):
-        if key in out and out[key].shape != (rows, width):
+    for key in ("response_mask", "old_log_probs", "entropys"):
+        if out[key].shape != (rows, width):
             raise ValueError(f"{key}: shape {tuple(out[key].shape)} does not match responses "
                              f"[{rows}, {width}]")
+    if "uid" not in data.non_tensor_batch:
+        raise ValueError("data: non_tensor_batch['uid'] is missing (the prompt groups that share a budget)")
     return out
 
 
-def branch_requests(data, *, log_probs=None, branches_per_rollout: int = 3, candidates: str = "strict",
-                    per: str = "rollout", min_gap: int = 0, include_token: bool = False, gamma: float = GAMMA,
-                    clip: tuple[float, float] = FUTURE_VALUE_CLIP, pad_token_id: int | None = None,
-                    agent_name: str | None = "appo_branch"):
-    """Choose APPO branch points in verl's initial rollouts and return their prefixes, ready to generate.
+def branch_requests(data, *, log_probs=None, chain_settings: APPOSettings | None = None,
+                    pad_token_id: int | None = None):
+    """Choose APPO's branch points in verl's initial rollouts and return their prefixes, ready to generate.
 
     data: the step's ``DataProto`` after generation (R rows): batch ``prompts`` int64 [R, P] (left-padded),
       ``responses`` int64 [R, L] (right-padded), ``attention_mask`` [R, P + L], ``response_mask`` [R, L]
-      (1 = model token; tool results 0), optionally ``rollout_log_probs`` float [R, L] (the sampling engine's
-      log-probs); non_tensor_batch ``uid`` (only for ``per="group"``) and whatever the reward needs.
-    log_probs: the actor's ``compute_log_prob`` output (``old_log_probs``, ``entropys`` float [R, L]; verl's
-      ``fit`` pops ``entropys`` before its union, so pass this object), or None to read both from ``data``.
-    The Branching Score (METHOD.md Eq. 5) compares the actor's log-probs (pi_theta) with the sampling ones;
-      without ``rollout_log_probs`` they are the same and the score falls back to entropy alone.
-    branches_per_rollout (B), candidates, per, min_gap, include_token, gamma, clip: as in
-      ``appo.branching_score`` / ``appo.select_branch_points`` (a row with fewer candidates gets fewer).
-    Returns None when no token qualifies, else a ``DataProto`` of K rows (HF-rollout style input):
-      batch ``input_ids`` / ``attention_mask`` / ``position_ids`` int64 [K, P'] = prompt + response[:pos],
+      (1 = model token; tool results 0); non_tensor_batch ``uid`` (the prompt groups) and whatever the reward
+      needs.
+    log_probs: the actor's ``compute_log_prob`` output (``old_log_probs``, ``entropys`` float [R, L]), or None
+      to read both from ``data``.
+    The branch points are ``appo.algos.chain.plan_branches`` with pi_theta = pi_old = the actor's log-probs:
+      verl branches before any update, so the Branching Score is the entropy-only fallback on every row (see
+      the module docstring); every prompt with N rows gets exactly B * N branches (the chain's fill rule).
+    Returns None when there is nothing to branch, else a ``DataProto`` of K rows (HF-rollout style input):
+      batch ``input_ids`` / ``attention_mask`` / ``position_ids`` int64 [K, P'] = prompt + response[:shared],
       left-padded with ``pad_token_id`` (default meta_info's, else 0); non_tensor_batch: the parent's fields
       (``uid``, ``data_source``, ...), ``appo_parent`` (parent row in ``data``), ``appo_branch_pos`` (length
-      of the shared response prefix: pos, + 1 with include_token), ``raw_prompt_ids`` (each prefix as a
-      list of ids, for a token-id agent loop) and ``agent_name`` (default "appo_branch": verl's stock agent
-      loops rebuild the prompt from ``raw_prompt`` and would drop the prefix; None keeps the parent's);
-      meta_info ``do_sample=True``, ``response_length`` = L - the shortest shared prefix, verl's eos/pad ids
-      and temperature when ``data`` has them, and ``appo_metrics`` (branches, mean score, fallback share).
+      of the shared response prefix) and ``raw_prompt_ids`` (each prefix as a list of ids); meta_info
+      ``do_sample=True``, ``response_length`` = L - the shortest shared prefix, verl's eos/pad ids and
+      temperature when ``data`` has them, and ``appo_metrics`` (branches, filled, fresh, entropy-only share).
     """
+    chain = chain_settings if chain_settings is not None else settings()
     t = _response_tensors(data, log_probs)
     mask = t["response_mask"].bool()
-    sampling = t.get("rollout_log_probs", t["old_log_probs"])
-    score = branching_score(tokens=t["responses"], old_logprobs=sampling.float(), mask=mask,
-                            entropy=t["entropys"].float(), logprobs=t["old_log_probs"].float(), gamma=gamma,
-                            clip=clip, candidates=candidates)
-    group_ids = None
-    if per == "group":
-        if "uid" not in data.non_tensor_batch:
-            raise ValueError("data: non_tensor_batch['uid'] is missing (per='group' pools a prompt's rows)")
-        _, inverse = np.unique(np.asarray(data.non_tensor_batch["uid"]).astype(str), return_inverse=True)
-        group_ids = torch.as_tensor(inverse.reshape(-1), dtype=torch.int64)
-    rows, positions = select_branch_points(score.score, branches_per_rollout, group_ids=group_ids, per=per,
-                                           min_gap=min_gap, allow_fewer=True)
-    if rows.numel() == 0:
+    if not mask.any() or chain.branches_per_rollout == 0:
+        return None
+    current = t["old_log_probs"].float()
+    plan = plan_branches(chain, tokens=t["responses"], mask=mask, group_ids=_group_ids(data.non_tensor_batch["uid"]),
+                         logprobs=current, old_logprobs=current, entropy=t["entropys"].float())
+    if plan.src.numel() == 0:
         return None
     if pad_token_id is None:
         pad_token_id = data.meta_info.get("pad_token_id", 0)
@@ -257,11 +270,11 @@ def branch_requests(data, *, log_probs=None, branches_per_rollout: int = 3, cand
         max=prompt_width + width - 1)
     tokens = tokens.gather(1, index)
     lengths = prompt_len + t["attention_mask"][:, prompt_width:].long().sum(1)
-    rows, positions = rows.to(tokens.device), positions.to(tokens.device)
+    rows, positions = plan.src.to(tokens.device), plan.pos.to(tokens.device)
     prefix = build_branch_batch(tokens, lengths, rows, prompt_len[rows] + positions, pad_id=int(pad_token_id),
-                                include_token=include_token)
+                                include_token=chain.include_token)
 
-    shared = (positions + int(include_token)).cpu().numpy()
+    shared = plan.shared.cpu().numpy()
     parent = rows.cpu().numpy()
     non_tensors = {key: np.asarray(value)[parent] for key, value in data.non_tensor_batch.items()}
     prefix_ids = np.empty(len(parent), dtype=object)
@@ -269,13 +282,10 @@ def branch_requests(data, *, log_probs=None, branches_per_rollout: int = 3, cand
         prefix_ids[k] = prefix.input_ids[k, prefix.input_ids.shape[1] - length:].tolist()
     non_tensors.update({PARENT_KEY: parent.astype(np.int64), BRANCH_POS_KEY: shared.astype(np.int64),
                         PREFIX_IDS_KEY: prefix_ids})
-    if agent_name is not None:
-        non_tensors["agent_name"] = np.array([agent_name] * len(parent), dtype=object)
     meta = {key: data.meta_info[key] for key in _META_KEYS if key in data.meta_info}
-    chosen = score.score[rows, positions]
     meta.update(do_sample=True, response_length=int(width - shared.min()), appo_metrics={
-        "appo/branches": int(rows.numel()), "appo/mean_branching_score": float(chosen.mean()),
-        "appo/entropy_only_fraction": float(score.entropy_only.float().mean()),
+        "appo/branches": int(rows.numel()), "appo/branches_filled": plan.filled,
+        "appo/branches_fresh": plan.fresh, "appo/entropy_only_fraction": plan.entropy_only_fraction,
         "appo/mean_branch_position": float(positions.float().mean())})
     tensors = {"input_ids": prefix.input_ids, "attention_mask": prefix.attention_mask,
                "position_ids": prefix.position_ids}

@@ -1,9 +1,21 @@
-"""appo's verl integration, tested against the real verl 0.9.1 package in its own virtual environment.
+"""appo's verl integration against the real verl 0.9.1 package, in its own virtual environment.
 
 verl pins transformers<5.11 (appo's environment has 5.17.0), so ``scripts/verl_env.sh`` builds a separate venv
-(about 1-2 minutes the first time, instant afterwards). The checks below run there in ONE subprocess: this
-file executed as a script (``python test_verl.py``) prints a JSON report, which the pytest tests read. The
-tests skip only when that environment cannot be created.
+(a few minutes the first time, instant afterwards). The checks run there in ONE subprocess (this file executed
+as a script prints a JSON report, which the pytest tests read):
+
+* appo enters verl only through ``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``: verl itself loads
+  the plugin, in the driver and in every Ray worker, and resolves "appo" as an advantage estimator, a policy
+  loss and a v1 trainer mode;
+* verl's Ray worker group on CPU (``RayResourcePool(use_gpu=False)``, 2 workers, gloo): each worker generates
+  its initial rollouts with verl's ``HFRollout``, scores them, asks ``branch_requests`` for its branches,
+  generates them with ``HFRollout`` again, merges them, computes the "appo" advantages and the "appo" loss
+  (both looked up in verl's registries), and the gradients are all-reduced, on ``DataProto`` end to end;
+* APPO's v1 trainer's TransferQueue plumbing against a real TransferQueue: rows written the way verl's agent
+  loop writes them, branched (``HFRollout`` standing in for verl's rollout server, a toy reward for its
+  reward workers), advantages written back as verl's nested per-row tensors;
+* the estimator and the loss against fp64 references, and errors that name the bad key.
+The tests skip only when that environment cannot be created.
 """
 
 from __future__ import annotations
@@ -15,10 +27,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+PLUGIN = "appo.integrations.verl_plugin"
+VOCAB, PAD, EOS = 96, 0, 2
+PROMPT_WIDTH, RESPONSE_LENGTH = 6, 10
+ROLLOUTS, BRANCHES = 3, 2
 
 
 # ------------------------------------------------------------------------------ checks run inside the venv
-def _reference_dual_group(rewards, groups, parent, branch_pos, mask, combine="avg"):
+def _reference_dual_group(rewards, groups, parent, shared, mask, combine="avg"):
     """fp64 loop form of METHOD.md Eqs. 6-7 for the initial rows (branch rows stay 0)."""
     import torch
 
@@ -37,11 +53,11 @@ def _reference_dual_group(rewards, groups, parent, branch_pos, mask, combine="av
             for i in range(width):
                 if not mask[n, i]:
                     continue
-                shared = [a_br[b] for b in branches if parent[b] == n and branch_pos[b] > i]
-                if not shared:
+                shared_here = [a_br[b] for b in branches if parent[b] == n and shared[b] > i]
+                if not shared_here:
                     out[n, i] = a_init[n]
                 else:
-                    total = a_init[n] + sum(shared) / len(shared)
+                    total = a_init[n] + sum(shared_here) / len(shared_here)
                     out[n, i] = total / 2 if combine == "avg" else total
     return out
 
@@ -60,30 +76,422 @@ def _reference_future_value(logprobs, old, mask, gamma=2 ** (-1 / 32), lo=1.0, h
     return out
 
 
-def run_checks() -> dict:
-    """Everything that needs verl; returns plain numbers and flags (JSON-serialisable)."""
+def _toy_rewards(responses, attention):
+    """Deterministic per-row reward of the valid response tokens, at the last one ([R, L] float)."""
+    import torch
+
+    lengths = attention.sum(1).clamp(min=1)
+    rewards = torch.zeros(responses.shape)
+    rewards[torch.arange(len(lengths)), lengths - 1] = ((responses * attention).sum(1) % 7).float() / 3 - 1
+    return rewards
+
+
+def _rollout_config():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                             "response_length": RESPONSE_LENGTH})
+
+
+def _hf_rollout(model):
+    """verl's ``HFRollout``, its generation code (``generate_sequences``) as is. In verl 0.9.1 the class no longer
+    constructs: its ``__init__`` calls ``BaseRollout.__init__()`` without the (config, model_config, device_mesh)
+    a server rollout now takes, and it lacks the abstract weight-sync hooks (release / resume /
+    update_weights). This subclass sets the two attributes the generation code reads and gives the hooks
+    nothing to do (the weights live in the same module)."""
+    from verl.workers.rollout.hf_rollout import HFRollout
+
+    class LocalHFRollout(HFRollout):
+        def __init__(self, module, config):           # what HFRollout.__init__ sets, without the broken call
+            self.config, self.module = config, module
+
+        async def release(self):
+            return None
+
+        async def resume(self, tags):
+            return None
+
+        async def update_weights(self, weights, wire_format="named_tensors", **kwargs):
+            return None
+
+    return LocalHFRollout(model, _rollout_config())
+
+
+def _prompts(num_prompts, seed):
+    """verl's generation input: each prompt repeated ROLLOUTS times (interleaved), left-padded, with uid."""
     import numpy as np
     import torch
     from verl import DataProto
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, PROMPT_WIDTH + 1, (num_prompts,), generator=gen)
+    ids = torch.randint(3, VOCAB, (num_prompts, PROMPT_WIDTH), generator=gen)
+    mask = (torch.arange(PROMPT_WIDTH)[None, :] >= PROMPT_WIDTH - lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, PAD)
+    prompts = DataProto.from_dict(
+        tensors={"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
+        non_tensors={"uid": np.array([f"p{seed}_{i}" for i in range(num_prompts)], dtype=object),
+                     "data_source": np.array(["toy"] * num_prompts, dtype=object)},
+        meta_info={"eos_token_id": EOS, "pad_token_id": PAD, "do_sample": True})
+    return prompts.repeat(repeat_times=ROLLOUTS, interleave=True)
+
+
+def _actor_stats(model, data, prompt_width):
+    """log-prob and full-vocabulary entropy [R, L] of each response token, with verl's own functions (the
+    actor's compute_log_prob); with grad when the model is in grad mode."""
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    out = model(input_ids=data.batch["input_ids"], attention_mask=data.batch["attention_mask"],
+                position_ids=data.batch["position_ids"])
+    logits = out.logits[:, prompt_width - 1:-1].float()
+    responses = data.batch["responses"]
+    return logprobs_from_logits(logits, responses), entropy_from_logits(logits)
+
+
+def _worker_class():
+    """A verl ``Worker`` holding a tiny model, verl's HFRollout and APPO's verl pieces (defined here so that
+    Ray ships it by value to its workers)."""
+    import torch
+    from verl import DataProto
+    from verl.single_controller.base import Worker
+    from verl.single_controller.base.decorator import Dispatch, register
+
+    class APPOWorker(Worker):
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def init_model(self, seed):
+            import torch.distributed as dist
+
+            from appo.models import tiny_model
+
+            dist.init_process_group("gloo")
+            self.model = tiny_model("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, kv_heads=2,
+                                    seed=seed)
+            with torch.no_grad():
+                self.model.lm_head.weight.mul_(8.0)
+            self.rollout = _hf_rollout(self.model)
+            torch.manual_seed(100 + self.rank)            # each rank samples its own rollouts
+            return self.rank
+
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def plugin_state(self):
+            import sys
+
+            from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+            from verl.trainer.ppo.v1 import get_trainer_cls
+
+            from appo.integrations import verl as appo_verl
+            from appo.integrations.verl_trainer import APPOTrainer
+            return {"plugin_loaded": PLUGIN in sys.modules,
+                    "estimator": get_adv_estimator_fn("appo") is appo_verl.appo_advantage,
+                    "loss": get_policy_loss_fn("appo") is appo_verl.appo_policy_loss,
+                    "trainer": get_trainer_cls("appo") is APPOTrainer}
+
+        @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
+        def appo_step(self, prompts):
+            import numpy as np
+            import torch.distributed as dist
+            from verl.trainer.ppo.core_algos import get_policy_loss_fn
+            from verl.workers.config import ActorConfig
+
+            from appo.integrations import verl as appo_verl
+
+            generated = self.rollout.generate_sequences(prompts)               # verl's HF generation
+            data = DataProto(batch=generated.batch, non_tensor_batch=dict(prompts.non_tensor_batch),
+                             meta_info=dict(prompts.meta_info))
+            width = data.batch["prompts"].shape[1]
+            data.batch["response_mask"] = data.batch["attention_mask"][:, width:].clone()
+            with torch.no_grad():
+                old, entropy = _actor_stats(self.model, data, width)
+            data.batch["old_log_probs"] = old
+            stats = DataProto.from_dict(tensors={"old_log_probs": old, "entropys": entropy})
+            requests = appo_verl.branch_requests(data, log_probs=stats)
+            branch_output = self.rollout.generate_sequences(requests)          # verl's HF generation
+            merged = appo_verl.merge_branches(data, branch_output, requests=requests)
+            merged.batch["token_level_rewards"] = _toy_rewards(merged.batch["responses"],
+                                                               merged.batch["attention_mask"][:, width:])
+            full = appo_verl.compute_advantage(merged, drop_branches=False)   # verl's registry: "appo"
+            initial = full.select_idxs(np.flatnonzero(full.non_tensor_batch["appo_parent"] < 0))
+
+            # one PPO update's loss through verl's registry ("appo"), a moved policy: the ratio and A_fut move
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+            log_prob, _ = _actor_stats(self.model, initial, width)
+            config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=ROLLOUTS,
+                                 clip_ratio_low=0.2, clip_ratio_high=0.28)
+            mask = initial.batch["response_mask"]
+            loss, metrics = get_policy_loss_fn("appo")(initial.batch["old_log_probs"], log_prob,
+                                                       initial.batch["advantages"], mask, "token-mean", config)
+            loss.backward()
+            local = torch.cat([p.grad.flatten() for p in self.model.parameters()])
+            reduced = local.clone()
+            dist.all_reduce(reduced)
+            reduced /= dist.get_world_size()
+            self.report = {
+                "rank": self.rank, "rows": len(data), "branches": len(requests),
+                "budget_meta": requests.meta_info["response_length"], "metrics": requests.meta_info["appo_metrics"],
+                "loss": float(loss), "loss_future_mean": metrics.get("appo/future_value_mean"),
+                "log_prob": log_prob.detach().tolist(), "old": initial.batch["old_log_probs"].tolist(),
+                "adv": initial.batch["advantages"].tolist(), "mask": mask.tolist(),
+                "local_grad": local.tolist(), "reduced_grad": reduced.tolist(),
+                "new_tokens": int(branch_output.batch["attention_mask"][:, -RESPONSE_LENGTH:].sum())}
+            full.non_tensor_batch["appo_rank"] = np.full(len(full), self.rank)
+            return full
+
+        @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def step_report(self):
+            return self.report
+
+    return APPOWorker
+
+
+def worker_group_checks() -> dict:
+    """2 CPU workers in verl's Ray worker group, APPO end to end on DataProto (module docstring)."""
+    import time
+
+    import numpy as np
+    import ray
+    import torch
+    from verl import DataProto
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.workers.config import ActorConfig
+
+    from appo.algos.advantages import dual_group_advantages
+
+    started = time.perf_counter()
+    pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
+    group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(_worker_class())),
+                           device_name="cpu")
+    _progress("worker group created")
+    report = {"ranks": group.init_model(seed=3), "worker_plugin": group.plugin_state()}
+    _progress("workers initialised")
+    prompts = DataProto.concat([_prompts(2, seed=1), _prompts(2, seed=2)])   # 4 prompts x 3: 6 rows per worker
+    merged = group.appo_step(prompts)
+    per_rank = group.step_report()
+    report["seconds"] = time.perf_counter() - started
+
+    ranks = np.asarray(merged.non_tensor_batch["appo_rank"])
+    report["rank_rows"] = [int((ranks == r).sum()) for r in range(2)]
+    report["branches"] = [r["branches"] for r in per_rank]
+    report["rows"] = [r["rows"] for r in per_rank]
+    report["entropy_only"] = [r["metrics"]["appo/entropy_only_fraction"] for r in per_rank]
+    report["new_tokens"] = [r["new_tokens"] for r in per_rank]
+    layout_ok, adv_err, truncated, groups_whole = True, 0.0, False, True
+    for r in range(2):
+        part = merged.select_idxs(np.flatnonzero(ranks == r))
+        parent = part.non_tensor_batch["appo_parent"].astype(int).tolist()
+        shared = part.non_tensor_batch["appo_branch_pos"].astype(int).tolist()
+        uids = part.non_tensor_batch["uid"].tolist()
+        responses, rmask = part.batch["responses"], part.batch["response_mask"]
+        width = part.batch["prompts"].shape[1]
+        attention = part.batch["attention_mask"][:, width:]
+        for row, (p, s) in enumerate(zip(parent, shared)):
+            if p < 0:
+                continue
+            layout_ok &= uids[row] == uids[p]
+            layout_ok &= torch.equal(responses[row, :s], responses[p, :s])
+            layout_ok &= torch.equal(rmask[row, :s], rmask[p, :s])
+            layout_ok &= torch.equal(part.batch["prompts"][row], part.batch["prompts"][p])
+            layout_ok &= torch.equal(part.batch["input_ids"][row],
+                                     torch.cat([part.batch["prompts"][row], responses[row]]))
+            truncated |= bool(attention[row].sum() == RESPONSE_LENGTH) and s > 0
+        initial_uids = {u for u, p in zip(uids, parent) if p < 0}
+        groups_whole &= all(uids.count(u) >= ROLLOUTS for u in initial_uids)
+        rewards = part.batch["token_level_rewards"].sum(-1)
+        mask = rmask.bool()
+        reference = _reference_dual_group(rewards.tolist(), uids, parent, shared, mask)
+        direct = dual_group_advantages(rewards, torch.tensor([sorted(set(uids)).index(u) for u in uids]),
+                                       torch.tensor(parent), torch.tensor(shared),
+                                       mask[torch.tensor(parent) < 0])
+        adv = part.batch["advantages"].double()
+        adv_err = max(adv_err, float((adv - reference).abs().max()),
+                      float((adv[torch.tensor(parent) < 0] - direct).abs().max()))
+        report[f"adv_uses_branches_{r}"] = bool((reference != reference[:, :1]).any())
+    report.update(layout_ok=bool(layout_ok), adv_max_err=adv_err, some_branch_truncated=truncated,
+                  groups_whole_per_rank=bool(groups_whole))
+
+    config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=ROLLOUTS, clip_ratio_low=0.2,
+                         clip_ratio_high=0.28)
+    loss_err, future_spread = 0.0, 0.0
+    for r in per_rank:
+        old, new = torch.tensor(r["old"]), torch.tensor(r["log_prob"])
+        adv, mask = torch.tensor(r["adv"]), torch.tensor(r["mask"])
+        future = _reference_future_value(new, old, mask)
+        scaled = (adv.double() * (1 + 0.5 * future)).float()
+        expected, _ = get_policy_loss_fn("vanilla")(old, new, scaled, mask, "token-mean", config)
+        loss_err = max(loss_err, abs(r["loss"] - float(expected)))
+        future_spread = max(future_spread, float(future[mask.bool()].max() - future[mask.bool()].min()))
+    local = [torch.tensor(r["local_grad"]) for r in per_rank]
+    reduced = [torch.tensor(r["reduced_grad"]) for r in per_rank]
+    report.update(loss_max_err=loss_err, future_spread=future_spread,
+                  reduced_equal=bool(torch.equal(reduced[0], reduced[1])),
+                  reduced_is_mean=float((reduced[0] - (local[0] + local[1]) / 2).abs().max()),
+                  local_differ=float((local[0] - local[1]).abs().max()),
+                  grad_norm=float(reduced[0].norm()))
+    return report
+
+
+def transfer_queue_checks() -> dict:
+    """APPO's v1 trainer against a real TransferQueue: rows as verl's agent loop writes them ->
+    ``_appo_branch`` (HFRollout for the rollout server, a toy reward for the reward workers) ->
+    ``_appo_advantages`` -> advantages read back from TransferQueue."""
+    import transfer_queue as tq
+
+    tq.init()
+    try:
+        return _transfer_queue_run(tq)
+    finally:
+        tq.close()
+
+
+def _transfer_queue_run(tq) -> dict:
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from transfer_queue import KVBatchMeta
+    from verl import DataProto
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    from appo.integrations import verl as appo_verl
+    from appo.integrations.verl_trainer import APPOTrainer, rows_to_dataproto
+    from appo.models import tiny_model
+
+    gen = torch.Generator().manual_seed(4)
+    keys, fields, tags = [], [], []
+    for prompt in range(2):
+        prompt_ids = torch.randint(3, VOCAB, (3 + 2 * prompt,), generator=gen)
+        for session in range(ROLLOUTS):
+            length = int(torch.randint(4, RESPONSE_LENGTH + 1, (1,), generator=gen))
+            response_mask = torch.ones(length, dtype=torch.long)
+            if prompt == 1 and session == 0:
+                response_mask[1:3] = 0                        # a tool result inside the response
+            rm_scores = torch.zeros(length)
+            rm_scores[-1] = float(session + prompt) / 2
+            keys.append(f"q{prompt}_{session}_0")
+            tags.append({"status": "success", "seq_len": len(prompt_ids) + length})
+            fields.append({"prompts": prompt_ids, "responses": torch.randint(3, VOCAB, (length,), generator=gen),
+                           "response_mask": response_mask, "rm_scores": rm_scores,
+                           "old_log_probs": -torch.rand(length, generator=gen) * 3,
+                           "entropy": torch.rand(length, generator=gen) * 4, "uid": f"q{prompt}",
+                           "data_source": "toy", "reward_model": {"ground_truth": str(prompt)},
+                           "extra_info": {"index": prompt}})
+    # verl's balancing pads with a synthetic row of its own uid, tagged is_padding
+    keys.append("padX_0_0")
+    tags.append({"status": "success", "seq_len": 3, "is_padding": True})
+    fields.append({**fields[0], "uid": "padX", "prompts": torch.tensor([5, 6]), "responses": torch.tensor([EOS]),
+                   "response_mask": torch.ones(1, dtype=torch.long), "rm_scores": torch.zeros(1),
+                   "old_log_probs": torch.zeros(1), "entropy": torch.zeros(1)})
+    tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields), tags=tags)
+    batch = KVBatchMeta(keys=keys, tags=tags, partition_id="train")
+
+    model = tiny_model("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=5)
+    rollout = _hf_rollout(model)
+    scored = []
+
+    class Rewards:                                                       # verl's reward workers' interface
+        @staticmethod
+        def compute_rm_score(data):
+            width = data.batch["prompts"].shape[1]
+            scores = _toy_rewards(data.batch["responses"], data.batch["attention_mask"][:, width:])
+            scored.append(data)
+            return DataProto.from_dict(tensors={"rm_scores": scores})
+
+    class TestTrainer(APPOTrainer):
+        def _appo_generate(self, requests):                             # verl's HFRollout, not a server
+            out = rollout.generate_sequences(requests)
+            return DataProto(batch=out.batch)
+
+    trainer = TestTrainer.__new__(TestTrainer)
+    trainer.config = OmegaConf.create({"algorithm": {"rollout_correction": None},
+                                       "actor_rollout_ref": {"rollout": {"response_length": RESPONSE_LENGTH,
+                                                                         "temperature": 1.0}}})
+    trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
+    trainer.appo_settings = appo_verl.settings()
+    trainer.reward_loop_manager = Rewards()
+    trainer.timing_raw = {}
+    torch.manual_seed(0)
+    metrics: dict = {}
+    pending = trainer._appo_branch(batch, metrics)
+    trainer._appo_advantages(batch, pending, metrics)
+    back = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages", "returns"])
+    advantages = [row.tolist() for row in back["advantages"].unbind()]
+
+    rows = tq.kv_batch_get(keys=keys[:-1], partition_id="train")
+    data = rows_to_dataproto(rows, pad_token_id=PAD)
+    report = {"metrics": metrics, "branches": len(pending["parent"]), "scored_rows": len(scored[0]),
+              "padding_advantage": advantages[-1],
+              "row_lengths_kept": [len(a) for a in advantages[:-1]] == [len(f["responses"]) for f in fields[:-1]],
+              "prompt_left_padded": bool((data.batch["attention_mask"][:, -RESPONSE_LENGTH - 1] >= 0).all()
+                                         and data.batch["prompts"][0, 0] == PAD)}
+    # reference: the same bundle through the fp64 loop
+    rewards = [float(f["rm_scores"].sum()) for f in fields[:-1]] + pending["rewards"].tolist()
+    uids = [f["uid"] for f in fields[:-1]]
+    parent = [-1] * len(uids) + pending["parent"].tolist()
+    shared = [0] * len(uids) + pending["shared"].tolist()
+    uids = uids + [uids[p] for p in pending["parent"].tolist()]
+    width = data.batch["response_mask"].shape[1]
+    mask = torch.zeros(len(parent), width, dtype=torch.bool)
+    mask[:len(fields) - 1] = data.batch["response_mask"].bool()
+    reference = _reference_dual_group(rewards, uids, parent, shared, mask)
+    err = 0.0
+    for r, values in enumerate(advantages[:-1]):
+        err = max(err, max(abs(v - float(reference[r, i])) for i, v in enumerate(values)))
+    report["adv_max_err"] = err
+    report["adv_uses_branches"] = bool((reference[:6] != reference[:6, :1]).any())
+    report["tool_tokens_not_branched"] = all(s not in (1, 2) for p, s in
+                                             zip(pending["parent"].tolist(), pending["shared"].tolist()) if p == 3)
+    try:
+        rows_to_dataproto(rows.exclude("entropy"), pad_token_id=PAD)
+        report["missing_field_error"] = ""
+    except ValueError as error:
+        report["missing_field_error"] = str(error)
+    return report
+
+
+def config_checks() -> dict:
+    """APPOTrainer refuses the settings it cannot honour before anything starts."""
+    from omegaconf import OmegaConf
+
+    from appo.integrations.verl_trainer import _check_config
+
+    base = {"algorithm": {"adv_estimator": "appo", "use_kl_in_reward": False, "rollout_correction": None},
+            "actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": "appo"}}, "rollout": {"n": 4}}}
+    cases = {"algorithm.adv_estimator": ("algorithm", "adv_estimator", "grpo"),
+             "policy_loss.loss_mode": ("actor_rollout_ref.actor.policy_loss", "loss_mode", "vanilla"),
+             "use_kl_in_reward": ("algorithm", "use_kl_in_reward", True),
+             "bypass_mode": ("algorithm", "rollout_correction", {"bypass_mode": True}),
+             "rollout.n": ("actor_rollout_ref.rollout", "n", 1)}
+    out = {}
+    _check_config(OmegaConf.create(base))
+    for name, (path, key, value) in cases.items():
+        config = OmegaConf.create(base)
+        OmegaConf.update(config, f"{path}.{key}", value, force_add=True)
+        try:
+            _check_config(config)
+            out[name] = ""
+        except ValueError as error:
+            out[name] = str(error)
+    return out
+
+
+def unit_checks() -> dict:
+    """Estimator and loss on hand-made DataProtos against fp64 references; bad input."""
+    import numpy as np
+    import torch
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
     from verl.workers.config import ActorConfig
 
     from appo.algos.advantages import dual_group_advantages
     from appo.integrations import verl as appo_verl
 
     report: dict = {}
-    code = "import sys, appo.integrations.verl; print('verl' in sys.modules)"
-    lazy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    report["import_pulls_verl"] = lazy.stdout.strip() if lazy.returncode == 0 else lazy.stderr[-500:]
-    appo_verl.register()
-    report["estimator_is_appo"] = get_adv_estimator_fn("appo") is appo_verl.appo_advantage
-    report["policy_loss_is_appo"] = get_policy_loss_fn("appo") is appo_verl.appo_policy_loss
-
-    # Two prompts x 3 initial rollouts + 5 branches, interleaved rows, response length 7.
     gen = torch.Generator().manual_seed(5)
     parent = [-1, -1, 0, -1, 1, -1, 8, -1, -1, 5, 7]
     uids = ["p0", "p0", "p0", "p0", "p0", "p1", "p1", "p1", "p1", "p1", "p1"]
-    branch_pos = [0, 0, 3, 0, 5, 0, 2, 0, 0, 4, 1]
+    shared = [0, 0, 3, 0, 5, 0, 2, 0, 0, 4, 1]
     rows, width = len(parent), 7
     lengths = torch.tensor([7, 5, 6, 6, 7, 4, 5, 7, 3, 6, 7])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
@@ -93,14 +501,13 @@ def run_checks() -> dict:
     data = DataProto.from_dict(
         tensors={"token_level_rewards": token_level_rewards, "response_mask": mask},
         non_tensors={"uid": np.array(uids, dtype=object), "appo_parent": np.array(parent),
-                     "appo_branch_pos": np.array(branch_pos)})
+                     "appo_branch_pos": np.array(shared)})
     full = appo_verl.compute_advantage(data, drop_branches=False)
     advantages = full.batch["advantages"]
     initial = torch.tensor(parent) < 0
-    group_ids = torch.tensor([0 if u == "p0" else 1 for u in uids])
-    direct = dual_group_advantages(rewards, group_ids, torch.tensor(parent), torch.tensor(branch_pos),
-                                   mask[initial].bool())
-    reference = _reference_dual_group(rewards.tolist(), uids, parent, branch_pos, mask.bool())
+    direct = dual_group_advantages(rewards, torch.tensor([0 if u == "p0" else 1 for u in uids]),
+                                   torch.tensor(parent), torch.tensor(shared), mask[initial].bool())
+    reference = _reference_dual_group(rewards.tolist(), uids, parent, shared, mask.bool())
     report["adv_vs_appo_max_abs"] = float((advantages[initial] - direct).abs().max())
     report["adv_vs_fp64_max_abs"] = float((advantages.double() - reference).abs().max())
     report["branch_rows_zero"] = bool((advantages[~initial] == 0).all())
@@ -114,7 +521,6 @@ def run_checks() -> dict:
     except ValueError as err:
         report["missing_metadata_error"] = str(err)
 
-    # Policy loss: verl's vanilla PPO loss on A * (1 + 0.5 * A_fut), A_fut from the current log-probs.
     old = -torch.rand(rows, width, generator=gen, dtype=torch.float32) * 3
     new = (old + 0.08 * torch.randn(rows, width, generator=gen)).requires_grad_(True)
     base = (torch.randn(rows, width, generator=gen) + 1.0) * mask
@@ -129,215 +535,30 @@ def run_checks() -> dict:
     report["loss"], report["loss_expected"] = float(loss), float(expected)
     report["loss_without_future"] = float(plain)
     report["future_value_spread"] = float(future[mask.bool()].max() - future[mask.bool()].min())
+    report["future_metric_err"] = abs(metrics["appo/future_value_mean"] - float(future[mask.bool()].mean()))
     report["grad_finite_nonzero"] = bool(torch.isfinite(new.grad).all() and new.grad.abs().sum() > 0)
-    report["loss_metric_keys"] = sorted(metrics)
-    report.update(branching_checks())
-    return report
 
-
-def _initial_rollouts(prompt_width=5, width=10, vocab=50, pad=0):
-    """verl-shaped step after generation + compute_log_prob: 2 prompts x 3 rollouts, left-padded prompts
-    [6, 5], right-padded responses [6, 10], a tool result (response_mask 0) inside row 1. Returns
-    (data, log_probs) as verl's fit holds them: ``entropys`` only in the compute_log_prob output."""
-    import numpy as np
-    import torch
-    from verl import DataProto
-
-    gen = torch.Generator().manual_seed(11)
-    rows = 6
-    prompt_lens = torch.tensor([3, 3, 3, 5, 5, 5])
-    response_lens = torch.tensor([10, 8, 6, 9, 7, 10])
-    cols_p, cols_r = torch.arange(prompt_width)[None, :], torch.arange(width)[None, :]
-    prompt_mask = (cols_p >= prompt_width - prompt_lens[:, None]).long()
-    response_attention = (cols_r < response_lens[:, None]).long()
-    prompts = torch.randint(1, vocab, (rows, prompt_width), generator=gen)
-    prompts = torch.where(prompt_mask.bool(), prompts, pad)
-    prompts[3:] = prompts[3]          # a prompt's rollouts share its tokens
-    prompts[:3] = prompts[0]
-    responses = torch.randint(1, vocab, (rows, width), generator=gen)
-    responses = torch.where(response_attention.bool(), responses, pad)
-    response_mask = response_attention.clone()
-    response_mask[1, 3:5] = 0         # a tool result: in the response, not a model token
-    attention = torch.cat([prompt_mask, response_attention], dim=1)
-    current = -torch.rand(rows, width, generator=gen) * 2 * response_mask
-    sampling = (current + 0.3 * torch.randn(rows, width, generator=gen)) * response_mask
-    data = DataProto.from_dict(
-        tensors={"prompts": prompts, "responses": responses, "response_mask": response_mask,
-                 "input_ids": torch.cat([prompts, responses], dim=1), "attention_mask": attention,
-                 "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "rollout_log_probs": sampling,
-                 "old_log_probs": current},
-        non_tensors={"uid": np.array(["a", "a", "a", "b", "b", "b"], dtype=object),
-                     "agent_name": np.array(["single_turn_agent"] * rows, dtype=object),
-                     "data_source": np.array(["toy"] * rows, dtype=object)},
-        meta_info={"eos_token_id": 2, "pad_token_id": pad, "temperature": 1.0})
-    log_probs = DataProto.from_dict(tensors={"old_log_probs": current,
-                                             "entropys": torch.rand(rows, width, generator=gen) * 3})
-    return data, log_probs
-
-
-def _fake_generate_sequences(requests, vocab=50, pad=0):
-    """A deterministic stand-in for verl's rollout (HF-rollout output layout, non_tensor_batch dropped as
-    HFRollout does): even branches write the whole ``response_length`` budget, odd ones 3 tokens; token j of
-    branch k is (7 * last prefix token + 3 * j + k) % (vocab - 1) + 1."""
-    import torch
-    from verl import DataProto
-
-    ids, attention = requests.batch["input_ids"], requests.batch["attention_mask"]
-    budget = requests.meta_info["response_length"]
-    branches = ids.shape[0]
-    new = torch.full((branches, budget), pad, dtype=torch.long)
-    for k in range(branches):
-        count = budget if k % 2 == 0 else min(3, budget)
-        new[k, :count] = (7 * ids[k, -1] + 3 * torch.arange(count) + k) % (vocab - 1) + 1
-    new_attention = (new != pad).long()
-    full_attention = torch.cat([attention, new_attention], dim=1)
-    return DataProto.from_dict(tensors={
-        "prompts": ids, "responses": new, "input_ids": torch.cat([ids, new], dim=1),
-        "attention_mask": full_attention, "position_ids": (full_attention.cumsum(-1) - 1).clamp(min=0),
-        "rollout_log_probs": -0.5 * new_attention.float()})
-
-
-def _toy_rewards(data):
-    """A deterministic reward on the merged rows' valid response tokens, at the last one ([R, L])."""
-    import torch
-
-    responses = data.batch["responses"]
-    attention = data.batch["attention_mask"][:, -responses.shape[1]:]
-    lengths = attention.sum(1)
-    score = ((responses * attention).sum(1) % 7).float() / 3 - 1
-    rewards = torch.zeros(responses.shape)
-    rewards[torch.arange(len(lengths)), lengths - 1] = score
-    return rewards
-
-
-def branching_checks() -> dict:
-    """branch_requests -> (fake) generate -> merge_branches -> rewards -> compute_advantage, on DataProtos."""
-    import numpy as np
-    import torch
-
-    import appo
-    from appo.algos.advantages import dual_group_advantages
-    from appo.integrations import verl as appo_verl
-
-    report: dict = {}
-    data, log_probs = _initial_rollouts()
-    t = {key: data.batch[key] for key in data.batch.keys()}
-    requests = appo_verl.branch_requests(data, log_probs=log_probs, branches_per_rollout=2)
-
-    # the same choice made directly by appo on the same tensors
-    score = appo.branching_score(tokens=t["responses"], old_logprobs=t["rollout_log_probs"],
-                                 mask=t["response_mask"].bool(), entropy=log_probs.batch["entropys"],
-                                 logprobs=t["old_log_probs"])
-    rows, positions = appo.select_branch_points(score.score, 2, allow_fewer=True)
-    parent = requests.non_tensor_batch["appo_parent"]
-    shared = requests.non_tensor_batch["appo_branch_pos"]
-    report["branches"] = len(requests)
-    report["branch_rows_per_parent"] = np.bincount(parent, minlength=6).tolist()
-    report["positions_match_appo"] = (parent.tolist() == rows.tolist()
-                                      and shared.tolist() == positions.tolist())
-    report["entropy_only_rows"] = int(score.entropy_only.sum())
-    report["positions_are_model_tokens"] = bool(t["response_mask"][rows, positions].all())
-
-    prefix_ok, positions_ok = True, True
-    for k in range(len(requests)):
-        r, s = int(parent[k]), int(shared[k])
-        real = requests.batch["attention_mask"][k].bool()
-        expected = torch.cat([t["prompts"][r][t["attention_mask"][r, :5].bool()], t["responses"][r, :s]])
-        prefix_ok &= torch.equal(requests.batch["input_ids"][k][real], expected)
-        prefix_ok &= bool(requests.batch["attention_mask"][k, -1] == 1)       # left padding
-        positions_ok &= torch.equal(requests.batch["position_ids"][k][real], torch.arange(len(expected)))
-        prefix_ok &= requests.non_tensor_batch["raw_prompt_ids"][k] == expected.tolist()
-    report["prefix_is_prompt_plus_response_head"] = bool(prefix_ok)
-    report["prefix_position_ids"] = bool(positions_ok)
-    report["request_uid_is_parents"] = requests.non_tensor_batch["uid"].tolist() == [
-        data.non_tensor_batch["uid"][r] for r in parent]
-    report["request_agent_name"] = sorted(set(requests.non_tensor_batch["agent_name"]))
-    report["request_meta"] = {key: requests.meta_info.get(key) for key in ("do_sample", "response_length",
-                                                                           "eos_token_id", "pad_token_id")}
-    report["request_budget_expected"] = int(10 - shared.min())
-
-    output = _fake_generate_sequences(requests)
-    merged = appo_verl.merge_branches(data, output, requests=requests)
-    branches, initial_rows = len(requests), len(data)
-    report["merged_rows"] = len(merged)
-    m = {key: merged.batch[key] for key in merged.batch.keys()}
-    report["initial_rows_unchanged"] = all(torch.equal(m[key][:initial_rows], t[key]) for key in t)
-    report["merged_parent"] = merged.non_tensor_batch["appo_parent"].tolist()
-    report["merged_branch_pos"] = merged.non_tensor_batch["appo_branch_pos"].tolist()
-    report["merged_uid_is_parents"] = all(
-        merged.non_tensor_batch["uid"][initial_rows + k] == data.non_tensor_batch["uid"][parent[k]]
-        for k in range(branches))
-    layout_ok = True
-    for k in range(branches):
-        r, s, row = int(parent[k]), int(shared[k]), initial_rows + k
-        new_width = output.batch["responses"].shape[1]
-        new = output.batch["responses"][k][output.batch["attention_mask"][k, -new_width:].bool()]
-        n = min(len(new), 10 - s)
-        layout_ok &= torch.equal(m["prompts"][row], t["prompts"][r])
-        layout_ok &= torch.equal(m["attention_mask"][row, :5], t["attention_mask"][r, :5])
-        layout_ok &= torch.equal(m["position_ids"][row, :5], t["position_ids"][r, :5])
-        layout_ok &= torch.equal(m["responses"][row, :s], t["responses"][r, :s])
-        layout_ok &= torch.equal(m["responses"][row, s:s + n], new[:n])
-        layout_ok &= bool((m["responses"][row, s + n:] == 0).all())
-        layout_ok &= torch.equal(m["response_mask"][row, :s], t["response_mask"][r, :s])
-        layout_ok &= bool(m["response_mask"][row, s:s + n].all())
-        layout_ok &= not m["response_mask"][row, s + n:].any()
-        layout_ok &= bool(m["attention_mask"][row, 5:].sum() == s + n)
-        layout_ok &= torch.equal(m["input_ids"][row], torch.cat([m["prompts"][row], m["responses"][row]]))
-        verl_positions = (m["attention_mask"][row].cumsum(0) - 1).clamp(min=0)  # verl's position ids
-        layout_ok &= torch.equal(m["position_ids"][row], verl_positions)
-        layout_ok &= torch.equal(m["rollout_log_probs"][row, :s], t["rollout_log_probs"][r, :s])
-        layout_ok &= bool((m["rollout_log_probs"][row, s:s + n] == -0.5).all())
-        layout_ok &= bool((m["old_log_probs"][row] == 0).all())               # placeholder, dropped later
-    report["merged_layout"] = bool(layout_ok)
-    report["some_branch_truncated"] = any(
-        int(output.batch["attention_mask"][k].sum()) - int(requests.batch["attention_mask"][k].sum())
-        > 10 - int(shared[k]) for k in range(branches))
-    # the same merge from an output that kept the requests' non_tensor_batch (verl's agent loop does)
-    output.non_tensor_batch.update(requests.non_tensor_batch)
-    again = appo_verl.merge_branches(data, output)
-    report["merge_from_output_metadata"] = all(torch.equal(again.batch[key], m[key]) for key in m)
-    report["caller_data_untouched"] = "appo_parent" not in data.non_tensor_batch
-
-    # rewards on the merged rows, then verl's registered estimator vs appo's own advantages
-    merged.batch["token_level_rewards"] = _toy_rewards(merged)
-    appo_verl.register()
-    full = appo_verl.compute_advantage(merged, drop_branches=False)
-    rewards = merged.batch["token_level_rewards"].sum(-1)
-    uids = merged.non_tensor_batch["uid"].tolist()
-    all_parent = merged.non_tensor_batch["appo_parent"].tolist()
-    all_pos = merged.non_tensor_batch["appo_branch_pos"].tolist()
-    initial = torch.tensor(all_parent) < 0
-    direct = dual_group_advantages(rewards, torch.tensor([0 if u == "a" else 1 for u in uids]),
-                                   torch.tensor(all_parent), torch.tensor(all_pos),
-                                   m["response_mask"][initial].bool())
-    reference = _reference_dual_group(rewards.tolist(), uids, all_parent, all_pos, m["response_mask"].bool())
-    advantages = full.batch["advantages"]
-    report["pipeline_adv_vs_appo_max_abs"] = float((advantages[initial] - direct).abs().max())
-    report["pipeline_adv_vs_fp64_max_abs"] = float((advantages.double() - reference).abs().max())
-    report["pipeline_adv_uses_branches"] = bool((reference[initial] != reference[initial][:, :1]).any())
-    report["pipeline_branch_rewards_spread"] = float(rewards[~initial].std())
-
-    # a reward key the initial rows already had is NaN on branch rows until the branches are scored
-    scored = data.select_idxs(np.arange(len(data)))
-    scored.batch["token_level_rewards"] = _toy_rewards(scored)
-    unscored = appo_verl.merge_branches(scored, output, requests=requests)
-    report["unscored_branch_rewards_nan"] = bool(
-        torch.isnan(unscored.batch["token_level_rewards"][initial_rows:]).all())
-    try:
-        appo_verl.compute_advantage(unscored)
-        report["unscored_error"] = ""
-    except ValueError as err:
-        report["unscored_error"] = str(err)
-
-    # bad input names the key
+    # branch_requests: exact budget, entropy-only (verl's log-probs are pi_old), bad input names the key
+    responses = torch.randint(3, VOCAB, (6, 8), generator=gen)
+    prompts = torch.randint(3, VOCAB, (6, 4), generator=gen)
+    attention = torch.ones(6, 12, dtype=torch.long)
+    response_mask = torch.ones(6, 8, dtype=torch.long)
+    sample = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attention,
+                 "response_mask": response_mask, "old_log_probs": -torch.rand(6, 8, generator=gen),
+                 "entropys": torch.rand(6, 8, generator=gen),
+                 "rollout_log_probs": -torch.rand(6, 8, generator=gen)},     # never pi_old
+        non_tensors={"uid": np.array(["a"] * 3 + ["b"] * 3, dtype=object)})
+    requests = appo_verl.branch_requests(sample)
+    report["request_count"] = len(requests)
+    report["request_entropy_only"] = requests.meta_info["appo_metrics"]["appo/entropy_only_fraction"]
     errors = {}
-    without_entropy = data      # verl's fit keeps old_log_probs in the batch but pops entropys
     for name, call in {
-        "entropys": lambda: appo_verl.branch_requests(without_entropy),
-        "response_mask": lambda: appo_verl.branch_requests(_drop(data, "response_mask"), log_probs=log_probs),
-        "appo_parent": lambda: appo_verl.merge_branches(data, _fake_generate_sequences(requests)),
-        "responses": lambda: appo_verl.merge_branches(data, _drop(output, "responses"), requests=requests),
+        "entropys": lambda: appo_verl.branch_requests(_drop(sample, "entropys")),
+        "response_mask": lambda: appo_verl.branch_requests(_drop(sample, "response_mask")),
+        "uid": lambda: appo_verl.branch_requests(DataProto(batch=sample.batch)),
+        "appo_parent": lambda: appo_verl.merge_branches(sample, DataProto(batch=requests.batch)),
+        "APPO_VERL_SETTINGS": _bad_settings_env,
     }.items():
         try:
             call()
@@ -345,9 +566,21 @@ def branching_checks() -> dict:
         except ValueError as err:
             errors[name] = str(err)
     report["bad_input_errors"] = errors
-    no_branches = appo_verl.merge_branches(data, None)
-    report["no_branches_merge"] = no_branches.non_tensor_batch["appo_parent"].tolist()
     return report
+
+
+def _bad_settings_env():
+    from appo.integrations import verl as appo_verl
+
+    previous = os.environ.get(appo_verl.SETTINGS_ENV)
+    os.environ[appo_verl.SETTINGS_ENV] = '{"branches": 3}'
+    try:
+        appo_verl.settings()
+    finally:
+        if previous is None:
+            del os.environ[appo_verl.SETTINGS_ENV]
+        else:
+            os.environ[appo_verl.SETTINGS_ENV] = previous
 
 
 def _drop(proto, key):
@@ -359,6 +592,46 @@ def _drop(proto, key):
     return copy
 
 
+def run_checks() -> dict:
+    """Everything that needs verl; returns plain numbers and flags (JSON-serialisable). Runs with
+    VERL_USE_EXTERNAL_MODULES naming appo's plugin, and never calls appo's register() itself."""
+    import ray
+
+    report: dict = {}
+    code = "import sys, appo.integrations.verl; print('verl' in sys.modules)"
+    lazy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"})
+    report["import_pulls_verl"] = lazy.stdout.strip() if lazy.returncode == 0 else lazy.stderr[-500:]
+
+    import verl  # noqa: F401  (loads the plugin)
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+    from verl.trainer.ppo.v1 import PPOTrainer, get_trainer_cls
+
+    from appo.integrations import verl as appo_verl
+    report["estimator_is_appo"] = get_adv_estimator_fn("appo") is appo_verl.appo_advantage
+    report["policy_loss_is_appo"] = get_policy_loss_fn("appo") is appo_verl.appo_policy_loss
+    trainer = get_trainer_cls("appo")
+    report["trainer_mode"] = f"{trainer.__module__}.{trainer.__name__}"
+    report["trainer_is_verl_ppo_trainer"] = issubclass(trainer, PPOTrainer)
+    report["unit"] = unit_checks()
+    report["config"] = config_checks()
+    _progress("ray.init")
+    # logical CPUs: the worker group holds 2, TransferQueue's controller and storage units want theirs
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    try:
+        report["worker_group"] = worker_group_checks()
+        _progress("worker group done")
+        report["transfer_queue"] = transfer_queue_checks()
+        _progress("transfer queue done")
+    finally:
+        ray.shutdown()
+    return report
+
+
+def _progress(what: str) -> None:
+    print(f"[test_verl] {what}", file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------------------------ pytest side
 if __name__ != "__main__":
     import pytest
@@ -366,86 +639,104 @@ if __name__ != "__main__":
     sys.path.insert(0, str(REPO / "tests"))
     from _venv import venv_python
 
-    pytestmark = pytest.mark.slow  # the first run builds the verl venv (about 1-2 minutes)
+    pytestmark = pytest.mark.slow  # the first run builds the verl venv (a few minutes)
 
     @pytest.fixture(scope="module")
     def verl_report():
-        python = venv_python("verl_env.sh", "verl", timeout=600)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        done = subprocess.run([python, __file__], capture_output=True, text=True, timeout=300, env=env,
+        python = venv_python("verl_env.sh", "verl", timeout=900)
+        env = dict(os.environ, PYTHONPATH=str(REPO), VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1",
+                   RAY_AUTH_MODE="disabled", APPO_VERL_SETTINGS=json.dumps({"branches_per_rollout": BRANCHES}))
+        done = subprocess.run([python, __file__], capture_output=True, text=True, timeout=600, env=env,
                               cwd=REPO)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-4000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def test_registry_resolves_appo(verl_report):
+    def test_verl_loads_appo_through_its_plugin_mechanism(verl_report):
         assert verl_report["estimator_is_appo"]
         assert verl_report["policy_loss_is_appo"]
-
-    def test_estimator_matches_appo_advantages_on_a_dataproto(verl_report):
-        assert verl_report["adv_vs_appo_max_abs"] <= 1e-6
-        assert verl_report["adv_vs_fp64_max_abs"] <= 1e-5
-        assert verl_report["adv_uses_branches"]
-        assert verl_report["branch_rows_zero"]
-
-    def test_compute_advantage_keeps_only_initial_rows(verl_report):
-        assert verl_report["dropped_rows"] == 6
-        assert verl_report["dropped_match"]
-
-    def test_estimator_without_branch_metadata_names_the_argument(verl_report):
-        assert "non_tensor_batch" in verl_report["missing_metadata_error"]
-
-    def test_policy_loss_applies_future_aware_scaling(verl_report):
-        assert verl_report["future_value_spread"] > 0.01  # A_fut really varies, so the check below can fail
-        assert abs(verl_report["loss"] - verl_report["loss_expected"]) <= 1e-5
-        assert abs(verl_report["loss"] - verl_report["loss_without_future"]) > 1e-4
-        assert verl_report["grad_finite_nonzero"]
-        assert "appo/future_value_mean" in verl_report["loss_metric_keys"]
-
-    def test_branch_requests_pick_appo_branch_points(verl_report):
-        assert verl_report["branches"] >= 6
-        assert verl_report["positions_match_appo"]      # == branching_score + select_branch_points directly
-        assert verl_report["positions_are_model_tokens"]
-        assert max(verl_report["branch_rows_per_parent"]) == 2
-
-    def test_branch_requests_are_prompt_plus_response_prefix(verl_report):
-        assert verl_report["prefix_is_prompt_plus_response_head"]
-        assert verl_report["prefix_position_ids"]
-        assert verl_report["request_uid_is_parents"]
-        assert verl_report["request_agent_name"] == ["appo_branch"]   # not a stock loop (drops the prefix)
-        meta = verl_report["request_meta"]
-        assert meta["do_sample"] is True and meta["eos_token_id"] == 2 and meta["pad_token_id"] == 0
-        assert meta["response_length"] == verl_report["request_budget_expected"]
-
-    def test_merge_branches_lays_out_rows_like_the_initial_ones(verl_report):
-        branches = verl_report["branches"]
-        assert verl_report["merged_rows"] == 6 + branches
-        assert verl_report["initial_rows_unchanged"]
-        assert verl_report["merged_parent"][:6] == [-1] * 6 and min(verl_report["merged_parent"][6:]) >= 0
-        assert verl_report["merged_branch_pos"][:6] == [0] * 6
-        assert verl_report["merged_uid_is_parents"]
-        assert verl_report["merged_layout"]
-        assert verl_report["some_branch_truncated"]      # a continuation longer than L - pos was cut
-        assert verl_report["merge_from_output_metadata"]
-        assert verl_report["caller_data_untouched"]
-        assert verl_report["no_branches_merge"] == [-1] * 6
-
-    def test_branching_pipeline_advantages_match_appo(verl_report):
-        assert verl_report["pipeline_branch_rewards_spread"] > 0.1
-        assert verl_report["pipeline_adv_uses_branches"]
-        assert verl_report["pipeline_adv_vs_appo_max_abs"] <= 1e-6
-        assert verl_report["pipeline_adv_vs_fp64_max_abs"] <= 1e-5
-
-    def test_unscored_branches_fail_loudly(verl_report):
-        assert verl_report["unscored_branch_rewards_nan"]
-        assert "rewards" in verl_report["unscored_error"]
-
-    def test_branching_bad_input_names_the_key(verl_report):
-        for key, message in verl_report["bad_input_errors"].items():
-            assert key in message, (key, message)
+        assert verl_report["trainer_mode"] == "appo.integrations.verl_trainer.APPOTrainer"
+        assert verl_report["trainer_is_verl_ppo_trainer"]
 
     def test_importing_the_module_does_not_import_verl(verl_report):
-        # checked where verl IS installed: only register() may import it
         assert verl_report["import_pulls_verl"] == "False"
+
+    def test_ray_workers_load_the_plugin_too(verl_report):
+        for state in verl_report["worker_group"]["worker_plugin"]:
+            assert state == {"plugin_loaded": True, "estimator": True, "loss": True, "trainer": True}
+
+    def test_worker_group_both_ranks_branch_their_own_groups(verl_report):
+        group = verl_report["worker_group"]
+        assert group["ranks"] == [0, 1]
+        assert group["rows"] == [6, 6]                             # whole prompt groups per worker
+        assert group["branches"] == [BRANCHES * 6, BRANCHES * 6]   # exactly B * N per prompt
+        assert group["rank_rows"] == [6 + BRANCHES * 6] * 2
+        assert group["groups_whole_per_rank"]
+        assert group["entropy_only"] == [1.0, 1.0]                 # branching before any update: reported
+        assert min(group["new_tokens"]) > 0                        # HFRollout decoded the continuations
+
+    def test_worker_group_merged_rows_continue_their_parents(verl_report):
+        group = verl_report["worker_group"]
+        assert group["layout_ok"]
+        assert group["some_branch_truncated"]                      # continuations cut at the response length
+
+    def test_worker_group_advantages_match_the_reference(verl_report):
+        group = verl_report["worker_group"]
+        assert group["adv_max_err"] <= 1e-5
+        assert group["adv_uses_branches_0"] and group["adv_uses_branches_1"]
+
+    def test_worker_group_loss_and_all_reduced_gradient(verl_report):
+        group = verl_report["worker_group"]
+        assert group["future_spread"] > 1e-3                       # A_fut really varies: the loss check can fail
+        assert group["loss_max_err"] <= 1e-5
+        assert group["grad_norm"] > 0
+        assert group["local_differ"] > 1e-6                        # the ranks' own gradients differ ...
+        assert group["reduced_equal"]                              # ... the all-reduced ones are identical
+        assert group["reduced_is_mean"] <= 1e-6
+
+    def test_worker_group_runs_in_ci_time(verl_report):
+        print(f"worker group: {verl_report['worker_group']['seconds']:.1f} s")
+        assert verl_report["worker_group"]["seconds"] > 0
+
+    def test_trainer_mode_reads_and_writes_transfer_queue(verl_report):
+        tq_report = verl_report["transfer_queue"]
+        assert tq_report["branches"] == BRANCHES * 6 and tq_report["scored_rows"] == BRANCHES * 6
+        assert tq_report["metrics"]["appo/branches"] == BRANCHES * 6
+        assert tq_report["metrics"]["appo/entropy_only_fraction"] == 1.0
+        assert tq_report["adv_max_err"] <= 1e-5 and tq_report["adv_uses_branches"]
+        assert tq_report["padding_advantage"] == [0.0]            # verl's padding row: no group, no branch
+        assert tq_report["row_lengths_kept"] and tq_report["prompt_left_padded"]
+        assert tq_report["tool_tokens_not_branched"]
+        assert "entropy" in tq_report["missing_field_error"]
+
+    def test_estimator_matches_appo_advantages_on_a_dataproto(verl_report):
+        unit = verl_report["unit"]
+        assert unit["adv_vs_appo_max_abs"] <= 1e-6
+        assert unit["adv_vs_fp64_max_abs"] <= 1e-5
+        assert unit["adv_uses_branches"] and unit["branch_rows_zero"]
+        assert unit["dropped_rows"] == 6 and unit["dropped_match"]
+        assert "non_tensor_batch" in unit["missing_metadata_error"]
+
+    def test_policy_loss_applies_future_aware_scaling(verl_report):
+        unit = verl_report["unit"]
+        assert unit["future_value_spread"] > 0.01
+        assert abs(unit["loss"] - unit["loss_expected"]) <= 1e-5
+        assert abs(unit["loss"] - unit["loss_without_future"]) > 1e-4
+        assert unit["future_metric_err"] <= 1e-5
+        assert unit["grad_finite_nonzero"]
+
+    def test_branch_requests_never_use_the_engine_log_probs(verl_report):
+        unit = verl_report["unit"]
+        assert unit["request_count"] == 6 * BRANCHES              # B from $APPO_VERL_SETTINGS x 6 rows
+        assert unit["request_entropy_only"] == 1.0
+
+    def test_bad_input_names_the_key(verl_report):
+        for key, message in verl_report["unit"]["bad_input_errors"].items():
+            assert key in message, (key, message)
+
+    @pytest.mark.parametrize("key", ["algorithm.adv_estimator", "policy_loss.loss_mode", "use_kl_in_reward",
+                                     "bypass_mode", "rollout.n"])
+    def test_trainer_refuses_what_it_cannot_honour(verl_report, key):
+        assert key in verl_report["config"][key]
 
 else:
     print(json.dumps(run_checks()))
