@@ -2,8 +2,11 @@
 ``import appo.integrations`` pulls in neither TRL nor verl:
 
     from appo.integrations.trl import APPOConfig, APPOTrainer     # needs: pip install 'appo[trl]'
-    from appo.integrations import verl as appo_verl              # verl is imported by appo_verl.register()
-    appo_verl.register()                                          # adv_estimator="appo", loss_mode="appo"
 
-See docs/integrations.md for what maps to what and the recipes.
+    # verl: no import in your code; verl loads appo's plugin itself in every process it starts
+    #   VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin python -m verl.trainer.main_ppo \
+    #       trainer.v1.trainer_mode=appo algorithm.adv_estimator=appo \
+    #       actor_rollout_ref.actor.policy_loss.loss_mode=appo ...
+
+Both call the one APPO chain (``appo.algos.chain``). See docs/integrations.md for what maps to what.
 """
