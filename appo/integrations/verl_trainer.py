@@ -203,8 +203,8 @@ class APPOTrainer(PPOTrainerSync):
         rollout = self.config.actor_rollout_ref.rollout
 
         async def one(prefix: list[int], budget: int) -> list[int]:
-            params = dict(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                          repetition_penalty=1.0, logprobs=False, max_tokens=budget)
+            params = {"temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
+                      "repetition_penalty": 1.0, "logprobs": False, "max_tokens": budget}
             output = await client.generate(uuid4().hex, prompt_ids=[int(t) for t in prefix],
                                            sampling_params=params)
             return list(output.token_ids)[:budget]
