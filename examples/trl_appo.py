@@ -1,7 +1,11 @@
 """APPO inside TRL on the arithmetic task with SmolLM2-135M-Instruct, on CPU. Against the plain GRPO script
 examples/trl_grpo.py it changes only the import, the trainer and config classes, and the APPO config block.
 
-    python examples/trl_appo.py --max-steps 1
+    python examples/trl_appo.py --max-steps 2
+    torchrun --nproc_per_node 2 examples/trl_appo.py --max-steps 2     # two DDP ranks (gloo on CPU)
+
+One generation feeds two optimizer steps (APPOConfig's default steps_per_generation): step 1 branches before
+any update (appo/entropy_only_fraction 1.0), step 2 against the updated policy (appo/omega_max_shift > 0).
 """
 
 import argparse
