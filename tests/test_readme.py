@@ -20,7 +20,8 @@ def runnable_blocks() -> list[str]:
 
 def shell_commands(text: str) -> list[str]:
     """Every command of the ```bash blocks and of the inline `appo ...` spans, comments dropped, split at &&."""
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    blocks = [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    lines = [line for block in blocks for line in block.splitlines()]  # continuation lines joined
     lines += re.findall(r"`(appo (?:train|eval|plot)[^`]*)`", text)
     commands = []
     for line in lines:
