@@ -51,6 +51,18 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def sandbox():
+    """The python tool runs model code only inside its sandbox (bubblewrap; scripts/install.sh installs it):
+    without one, `appo train` refuses to start, and so does this test, saying why."""
+    from appo.tools.python_sandbox import PythonTool, SandboxUnavailable
+
+    try:
+        PythonTool()
+    except SandboxUnavailable as err:
+        pytest.skip(f"the python tool has no sandbox on this machine: {err}")
+
+
 def small(model_dir) -> list[str]:
     """The overrides that shrink the CPU demo to seconds (everything else is the default config)."""
     return [f"model.name_or_path={model_dir}", "device=cpu", "threads=1", "steps=2", "prompts_per_step=2",
@@ -59,7 +71,7 @@ def small(model_dir) -> list[str]:
             "rollout.max_new_tokens_per_turn=8", "checkpoint_every=1"]
 
 
-def test_train_then_eval_the_run_folder_then_plot(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_train_then_eval_the_run_folder_then_plot(sandbox, tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's relative paths: runs/appo-demo, curves.png
     torch.manual_seed(0)
 
