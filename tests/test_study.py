@@ -134,7 +134,7 @@ def test_eval_steps_and_configs_differ_only_in_algorithm_keys(study):
     with pytest.raises(ValueError, match="steps, evals"):
         study.eval_steps(0, 2)
     args = study.parse_args(["--ablations"])
-    assert args.seeds == [0, 1, 2] and args.evals == 4 and args.runs_dir.endswith("runs/study")
+    assert args.seeds == [0, 1, 2] and args.evals == 3 and args.runs_dir.endswith("runs/study")
     configs = {v: study.run_config(v, 1, args) for v, _ in study.plan(args) if _ == 1}
     assert list(configs) == ["appo", "grpo", "arpo", "appo-no-afut", "appo-one-group", "appo-entropy-bs"]
     flat = {v: study.comparable(c) for v, c in configs.items()}
