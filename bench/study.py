@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", nargs="+", default=list(MAIN), choices=list(VARIANTS))
     parser.add_argument("--ablations", action="store_true", help="also run the three APPO ablations")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (0 1 with --quick)")
-    parser.add_argument("--evals", type=int, help="held-out evaluations per run, evenly spaced; default: 3 "
-                        "(2 with --quick)")
+    parser.add_argument("--evals", type=int, help="held-out evaluations per run, evenly spaced; default: 2 "
+                        "(steps 3 and 6 of the recipe)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (> 1: one torch thread each)")
     parser.add_argument("--runs-dir", default=None, help="default: runs/study (runs/study-quick with --quick)")
     parser.add_argument("--override", nargs="*", default=[], metavar="key=value",
@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = [0, 1] if args.quick else [0, 1, 2]
     if args.evals is None:
-        args.evals = 2 if args.quick else 3
+        args.evals = 2
     args.runs_dir = args.runs_dir or str(REPO / "runs" / ("study-quick" if args.quick else "study"))
     for name in ("evals", "jobs"):
         if getattr(args, name) < 1:

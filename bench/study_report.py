@@ -97,9 +97,20 @@ def analyse(starts: list[dict], runs: list[dict], draws: int = stats.DRAWS) -> d
             "train_s": float(np.mean([r["train_s"] for r in group])),
             "train_s_per_step": float(np.mean([r["train_s"] / r["steps"] for r in group])),
             "trajectories": group[0]["evals"][-1]["trajectories"], "steps": group[0]["steps"],
+            "phases_per_step": _phases(group),
         })
     return {"seeds": seeds, "questions": len(ids), "draws": draws, "t_star": t_star,
             "start": stats.interval(start, w).as_dict(), "variants": entries}
+
+
+PHASES = ("rollout", "old_logprobs", "branch", "update")
+
+
+def _phases(group: list[dict]) -> dict:
+    """Mean seconds per step of each trainer phase (``time/<phase>`` in the runs' histories; 0 where a
+    variant has no such phase, e.g. GRPO's branch)."""
+    steps = [h for r in group for h in r.get("history", [])]
+    return {p: float(np.mean([h.get(f"time/{p}") or 0.0 for h in steps])) if steps else None for p in PHASES}
 
 
 def markdown_table(analysis: dict) -> str:
@@ -122,6 +133,16 @@ def markdown_table(analysis: dict) -> str:
         lines.append(f"| {e['variant']} | {e['steps_by_t_star']:.1f} | {_fmt(e['at_time'])} "
                      f"| {_fmt(e['at_time_gain'], sign=True)} "
                      f"| {_fmt(e['at_time_vs_grpo'], sign=True) if e['variant'] != 'grpo' else '(baseline)'} |")
+    if all(e.get("phases_per_step") and None not in e["phases_per_step"].values() for e in entries):
+        grpo = next((e["train_s_per_step"] for e in entries if e["variant"] == "grpo"), None)
+        lines += ["", "**Cost of a step** (mean seconds per step, from the trainer's `time/*` metrics)\n",
+                  "| variant | s / step | rollout | pi_old recompute | branch | update | vs GRPO |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in entries:
+            ph = e["phases_per_step"]
+            ratio = f"{e['train_s_per_step'] / grpo:.2f}x" if grpo else ""
+            lines.append(f"| {e['variant']} | {e['train_s_per_step']:.1f} | {ph['rollout']:.1f} "
+                         f"| {ph['old_logprobs']:.1f} | {ph['branch']:.1f} | {ph['update']:.1f} | {ratio} |")
     return head + "\n".join(lines) + "\n"
 
 

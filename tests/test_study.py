@@ -41,8 +41,12 @@ def run(variant: str, seed: int, corrects: list[list[float]], times: list[float]
     """A finished run shaped like study.run_one's result, evaluated at steps 2 and 4."""
     evals = [{"step": step, "ids": IDS, "correct": c, "train_s": t, "trajectories": step * prompts * m}
              for step, c, t in zip((2, 4), corrects, times)]
+    per_step = times[-1] / steps   # a quarter in each phase; GRPO has no branch phase (its metric is absent)
+    history = [{"step": k + 1, "time/step": per_step, "time/rollout": per_step / 4, "time/old_logprobs": per_step / 4,
+                "time/update": per_step / 4 if variant == "grpo" else per_step / 2,
+                **({} if variant == "grpo" else {"time/branch": per_step / 4})} for k in range(steps)]
     return {"kind": "run", "variant": variant, "algo": algo or variant, "seed": seed, "steps": steps,
-            "prompts_per_step": prompts, "M": m, "train_s": times[-1], "evals": evals}
+            "prompts_per_step": prompts, "M": m, "train_s": times[-1], "evals": evals, "history": history}
 
 
 def starts(seeds=(0, 1)) -> list[dict]:
@@ -122,6 +126,9 @@ def test_table_plot_and_json_are_written(report, tmp_path, monkeypatch):
     assert table == paths["table"] and "T* = 100 s" in table
     assert "| appo | 0.700 [" in table and "| +0.200 [" in table and "(baseline)" in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the step-cost table: GRPO 200 s / 4 steps = 50 s per step with no branch phase; APPO 25 s, 0.50x GRPO
+    assert "| grpo | 50.0 | 12.5 | 12.5 | 0.0 | 12.5 | 1.00x |" in table
+    assert "| appo | 25.0 | 6.2 | 6.2 | 6.2 | 12.5 | 0.50x |" in table
     payload = json.loads(paths["json"].read_text())
     kinds = [r["kind"] for r in payload["rows"]]
     assert kinds == ["start"] * 2 + ["run"] * 6 + ["analysis", "settings"]
@@ -134,7 +141,7 @@ def test_eval_steps_and_configs_differ_only_in_algorithm_keys(study):
     with pytest.raises(ValueError, match="steps, evals"):
         study.eval_steps(0, 2)
     args = study.parse_args(["--ablations"])
-    assert args.seeds == [0, 1, 2] and args.evals == 3 and args.runs_dir.endswith("runs/study")
+    assert args.seeds == [0, 1, 2] and args.evals == 2 and args.runs_dir.endswith("runs/study")
     configs = {v: study.run_config(v, 1, args) for v, _ in study.plan(args) if _ == 1}
     assert list(configs) == ["appo", "grpo", "arpo", "appo-no-afut", "appo-one-group", "appo-entropy-bs"]
     flat = {v: study.comparable(c) for v, c in configs.items()}
