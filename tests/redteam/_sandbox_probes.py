@@ -72,21 +72,24 @@ print('init', open('/proc/1/cmdline').read().replace('\\0', ' ')[:400])
 """,
     "memory_forks": """
 import os, time
-reader, writer = os.pipe()
+# Each child holds 100 MiB until the parent lets go; the ones that exit 0 held theirs at the same moment (the
+# kernel may kill a child after it has allocated, so counting allocations would overcount).
+go_read, go_write = os.pipe()
 children = []
 for i in range(5):
     pid = os.fork()
     if pid == 0:
+        os.close(go_write)
         block = bytearray(100 * 2**20)
         block[::4096] = b'x' * len(block[::4096])
-        os.write(writer, b'+')
-        time.sleep(1)
+        os.read(go_read, 1)
         os._exit(0)
     children.append(pid)
-for pid in children:
-    os.waitpid(pid, 0)
-os.close(writer)
-print('children that held 100 MiB:', len(os.read(reader, 100)))
+os.close(go_read)
+time.sleep(1)
+os.close(go_write)
+held = sum(os.waitpid(pid, 0)[1] == 0 for pid in children)
+print('children that held 100 MiB:', held)
 """,
     "memfd": """
 import ctypes, os
