@@ -114,7 +114,8 @@ def _phases(group: list[dict]) -> dict:
 
 
 def markdown_table(analysis: dict) -> str:
-    """Two GitHub tables (equal trajectories; equal wall time) with the 95% intervals in brackets."""
+    """GitHub tables: equal trajectories and equal wall time (95% intervals in brackets), then the cost of a
+    step per phase when the runs carry their per-step times."""
     entries = analysis["variants"]
     first = entries[0]
     head = (f"Held-out accuracy on {analysis['questions']} questions, mean over seeds {analysis['seeds']} "
