@@ -12,7 +12,12 @@ content. A checkpoint is written into a hidden temporary directory, flushed to d
 Loading verifies every checksum. A run directory resumes from its newest *intact* step directory, found by
 name (``latest`` is only a hint): a damaged, truncated or incomplete newer one is skipped with a
 CheckpointWarning naming the file and the fault; when step directories exist but none is intact, CheckpointError
-names each fault; a run never silently restarts from step 0. RNG states cover Python's ``random``, NumPy's
+names each fault; a run never silently restarts from step 0.
+
+A checkpoints folder's checkpoints are the ``step-*`` directories inside it, verified or not: ``latest`` may hold
+only such a name (anything else, e.g. ``../other/step-00000009`` or an absolute path, is a CheckpointError naming
+the pointer), and a step directory that resolves outside the folder (a symbolic link leading out) is never
+loaded from the folder. RNG states cover Python's ``random``, NumPy's
 global generator, torch's CPU (and CUDA) default generators and any ``torch.Generator`` objects the caller
 passes by name, so the next random draws after a resume are identical.
 """
@@ -42,6 +47,8 @@ FORMAT = 2  # 1: meta.json without checksums (appo before 0.2), still loaded, wi
 _PREFIX = "step-"
 _REQUIRED = ("model.safetensors", "state.pt")
 _FILE_NAME = re.compile(r"[\w.-]+")
+_STEP_NAME = re.compile(rf"{_PREFIX}\d+")
+_POINTER_BYTES = 256  # a pointer holds one step name; a larger file is not one
 
 
 class CheckpointError(ValueError):
@@ -183,7 +190,10 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pointer = directory / f".{LATEST}.tmp"
-    pointer.write_text(name)
+    with open(pointer, "w", encoding="utf-8") as handle:  # flushed first: a crash never leaves it empty
+        handle.write(name)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(pointer, directory / LATEST)
     if keep:
         for old_dir in step_directories(directory)[:-keep]:
@@ -243,6 +253,37 @@ def verify_checkpoint(path: str | Path) -> dict:
     return meta
 
 
+def read_pointer(directory: str | Path) -> str | None:
+    """The step directory name the ``latest`` pointer of the checkpoints folder ``directory`` holds; None when
+    there is no pointer or it is empty (a save interrupted on a file system that lost its content). Raises
+    CheckpointError naming the pointer when it holds anything but a ``step-*`` name (a path such as
+    ``../other/step-00000009`` or ``/abs/step-1``, several lines, bytes that are not UTF-8): a pointer names a
+    checkpoint inside its own folder or nothing."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    with open(pointer, "rb") as handle:
+        raw = handle.read(_POINTER_BYTES + 1)
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name == "":
+        return None
+    if len(raw) > _POINTER_BYTES or name is None or not _STEP_NAME.fullmatch(name):
+        shown = repr(name[:80]) if name is not None else "bytes that are not UTF-8"
+        raise CheckpointError(f"{pointer}: holds {shown}, not the name of a {_PREFIX}* directory inside "
+                              f"{Path(directory)} (the only thing a latest pointer may name)")
+    return name
+
+
+def _outside(directory: Path, path: Path) -> Path | None:
+    """Where ``path`` (an entry of ``directory``) really is, when that is not directly inside ``directory``
+    (a symbolic link leading out); None when it is inside."""
+    real = path.resolve()
+    return real if real.parent != directory.resolve() else None
+
+
 def find_checkpoint(directory: str | Path) -> Path | None:
     """The newest intact step directory under ``directory`` (a checkpoints folder), verified; None when it
     holds no step directory at all.
@@ -253,20 +294,21 @@ def find_checkpoint(directory: str | Path) -> Path | None:
     directories exist but none is intact.
     """
     directory = Path(directory)
+    named = read_pointer(directory)
     faults, skipped = [], []
     for path in reversed(step_directories(directory)):
         try:
+            if (real := _outside(directory, path)) is not None:
+                raise CheckpointError(f"{path}: a link to {real}, outside {directory}")
             verify_checkpoint(path)
         except CheckpointError as err:
             faults.append(str(err))
             skipped.append(path.name)
             warnings.warn(f"skipping checkpoint {path}: {err}", CheckpointWarning, stacklevel=2)
             continue
-        pointer = directory / LATEST
-        named = pointer.read_text().strip() if pointer.is_file() else None
         if named != path.name and named not in skipped:
             state = f"names {named!r}" if named else "is missing"
-            warnings.warn(f"{pointer} {state}; using {path.name}, the newest intact checkpoint",
+            warnings.warn(f"{directory / LATEST} {state}; using {path.name}, the newest intact checkpoint",
                           CheckpointWarning, stacklevel=2)
         return path
     if faults:
@@ -276,15 +318,18 @@ def find_checkpoint(directory: str | Path) -> Path | None:
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The step directory ``latest`` names, else the newest one holding a meta.json; None when there is none.
-    Cheap (no checksums): ``find_checkpoint`` is the verified choice."""
+    Cheap (no checksums): ``find_checkpoint`` is the verified choice. Raises CheckpointError when the pointer
+    holds anything but a step name (``read_pointer``) or the chosen step directory resolves outside
+    ``directory``."""
     directory = Path(directory)
-    pointer = directory / LATEST
-    if pointer.is_file():
-        named = directory / pointer.read_text().strip()
-        if _step_of(named) is not None and (named / META).is_file():
-            return named
+    named = read_pointer(directory)
     complete = [p for p in step_directories(directory) if (p / META).is_file()]
-    return complete[-1] if complete else None
+    chosen = directory / named if named is not None and (directory / named / META).is_file() else (
+        complete[-1] if complete else None)
+    if chosen is not None and (real := _outside(directory, chosen)) is not None:
+        raise CheckpointError(f"{chosen}: a link to {real}, outside {directory} (a checkpoint of a folder "
+                              "lies inside it)")
+    return chosen
 
 
 def load_checkpoint(directory: str | Path, model: torch.nn.Module | None = None,
