@@ -2,25 +2,37 @@
 
 ``appo._C`` is compiled here from ``csrc/`` only when the build can import torch, i.e. with
 ``pip install --no-build-isolation``. CUDA sources (``*.cu``) are compiled when the installed torch is a
-CUDA build and a CUDA toolkit is found; otherwise the extension is CPU-only.
+CUDA build and a CUDA toolkit is found; otherwise the extension is CPU-only. The flags come from
+``appo/_extension.py`` (``compile_flags``, ``wants_cuda``), the same definition the on-first-use build uses.
 
 With pip's default build isolation torch is not there (it is deliberately not a build requirement): the
-package installs without ``appo._C``, and the first import of ``appo.prefix_cache`` compiles it into a cache
+package installs without ``appo._C``, and the first use of the C++ gather compiles it into a cache
 (``appo/_extension.py``). For that, the sources travel with every install: ``csrc/`` is installed as the
 package data ``appo/_csrc`` (wheel) and grafted in MANIFEST.in (sdist). ``appo.prefix_cache.EXTENSION_STATUS``
 says which copy loaded, or why none did.
+
+Packages are discovered (every subpackage of ``appo/`` ships); ``kernels/`` is installed as ``appo.kernels``
+(never as a top-level ``kernels`` module) and ``csrc/`` as ``appo._csrc``.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["appo", "appo.ops", "appo.rollout", "appo.tools", "appo.tasks", "appo.algos",
-            "appo.integrations", "appo.kernels", "appo._csrc"]
+PACKAGES = find_packages(include=["appo", "appo.*"]) + ["appo.kernels", "appo._csrc"]
 PACKAGE_DIR = {"appo": "appo", "appo.kernels": "kernels", "appo._csrc": "csrc"}
 PACKAGE_DATA = {"appo._csrc": ["*.cpp", "*.h", "*.cu"]}  # the sources appo/_extension.py builds from
+
+
+def build_definition():
+    """``appo/_extension.py`` loaded by path (importing the package would need its dependencies)."""
+    spec = importlib.util.spec_from_file_location("_appo_extension", os.path.join("appo", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_modules():
@@ -32,20 +44,15 @@ def extension_modules():
         from torch.utils import cpp_extension
     except ImportError:  # torch is not a build requirement; without it there is nothing to build against
         return [], {}
+    definition = build_definition()
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and (
-        shutil.which("nvcc") is not None or cpp_extension.CUDA_HOME is not None)
-    if os.environ.get("APPO_FORCE_CPU_EXTENSION") == "1":
-        with_cuda = False
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}  # OpenMP: at::parallel_for's threads
-    if with_cuda:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
-        ext = cpp_extension.CUDAExtension(
-            "appo._C", cpp_sources + cuda_sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-            define_macros=[("APPO_WITH_CUDA", "1")])
-    else:
-        ext = cpp_extension.CppExtension(
-            "appo._C", cpp_sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    cuda_home = cpp_extension.CUDA_HOME or shutil.which("nvcc")
+    with_cuda = definition.wants_cuda(bool(cuda_sources), torch.version.cuda, cuda_home)
+    flags = definition.compile_flags(with_cuda)
+    compile_args = {key: flags[key] for key in ("cxx", "nvcc") if key in flags}
+    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext = kind("appo._C", cpp_sources + (cuda_sources if with_cuda else []), extra_compile_args=compile_args,
+               extra_link_args=flags["ldflags"], define_macros=flags["define_macros"])
     use_ninja = shutil.which("ninja") is not None
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
 

@@ -2,13 +2,15 @@
 
 ``pip install --no-build-isolation -e .`` compiles ``appo._C`` at install time, against the torch already
 installed. An install that cannot see torch while it builds (``pip install -e .`` with pip's default build
-isolation, or an install from the sdist or a pure-Python wheel) has no compiled extension. The first import of
-``appo.prefix_cache`` then compiles the same sources here (about 10 s on 2 cores) with
+isolation, or an install from the sdist or a pure-Python wheel) has no compiled extension. The first use
+of the C++ gather (``appo.prefix_cache.gather_kv`` and what calls it, or a read of
+``appo.prefix_cache.EXTENSION_STATUS``) then compiles the same sources here (about 10 s on 2 cores) with
 ``torch.utils.cpp_extension.load`` and ninja, into a per-user cache; it says so in one line on stderr and
 loads the library. Later processes load the cached copy at once. The cache folder is keyed by a hash of the
 sources, the flags and the torch/Python versions, so a changed source or a new torch builds a fresh copy.
 
 CUDA sources (``csrc/*.cu``) are compiled too when torch is a CUDA build and a CUDA toolkit is found.
+``compile_flags`` and ``wants_cuda`` are the one build definition; setup.py loads this file to use them.
 ``APPO_BUILD_EXTENSION=0`` turns the build off (the torch references are used). Needs a C++ compiler, the
 Python headers and ninja (a dependency of appo).
 """
@@ -22,6 +24,25 @@ from pathlib import Path
 
 NAME = "appo_C"
 _SOURCE_SUFFIXES = (".cpp", ".h", ".cu")
+
+
+def compile_flags(with_cuda: bool) -> dict:
+    """The one definition of how ``appo._C`` is compiled, used by setup.py (install time) and by
+    ``build_plan`` (first use): {"cxx": [...], "nvcc": [...] (CUDA only), "ldflags": [...],
+    "define_macros": [(name, value)]}. OpenMP gives at::parallel_for its threads."""
+    flags = {"cxx": ["-O3", "-std=c++17", "-fopenmp"], "ldflags": ["-fopenmp"], "define_macros": []}
+    if with_cuda:
+        flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        flags["define_macros"] = [("APPO_WITH_CUDA", "1")]
+    return flags
+
+
+def wants_cuda(has_cuda_sources: bool, torch_cuda_version: str | None, cuda_home: str | None) -> bool:
+    """Whether to compile the CUDA sources: there are some, torch is a CUDA build, a toolkit is found, and
+    ``APPO_FORCE_CPU_EXTENSION=1`` is not set."""
+    if os.environ.get("APPO_FORCE_CPU_EXTENSION") == "1":
+        return False
+    return has_cuda_sources and torch_cuda_version is not None and cuda_home is not None
 
 
 def source_dir() -> Path | None:
@@ -48,10 +69,11 @@ def build_plan(sources: Path) -> dict:
 
     cpp = sorted(sources.glob("*.cpp"))
     cuda = sorted(sources.glob("*.cu"))
-    with_cuda = bool(cuda) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    cflags = ["-O3", "-std=c++17", "-fopenmp"] + (["-DAPPO_WITH_CUDA=1"] if with_cuda else [])
-    cuda_cflags = ["-O3", "-std=c++17", "--use_fast_math", "-DAPPO_WITH_CUDA=1"] if with_cuda else []
-    ldflags = ["-fopenmp"]
+    with_cuda = wants_cuda(bool(cuda), torch.version.cuda, cpp_extension.CUDA_HOME)
+    flags = compile_flags(with_cuda)
+    cflags = flags["cxx"] + [f"-D{name}={value}" for name, value in flags["define_macros"]]
+    cuda_cflags = flags.get("nvcc", []) + [f"-D{name}={value}" for name, value in flags["define_macros"]]
+    ldflags = flags["ldflags"]
     digest = hashlib.sha256()
     for item in (torch.__version__, str(torch.version.cuda), sys.version, sys.platform, *cflags, *cuda_cflags,
                  *ldflags):

@@ -20,6 +20,7 @@ what loaded and which ops fall back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,15 +49,29 @@ def _load_extension() -> tuple[bool, bool, str]:
     return True, has_cuda, f"appo._C loaded ({origin}): gather_prefix_kv has a C++ CPU kernel; {cuda_part}"
 
 
-EXTENSION_LOADED, EXTENSION_HAS_CUDA, EXTENSION_STATUS = _load_extension()
+@functools.cache
+def extension_state() -> tuple[bool, bool, str]:
+    """``(loaded, has_cuda_kernel, status)`` of ``appo._C``, loading (or building) it on the first call, not
+    at import: importing appo.prefix_cache, or anything that imports it, compiles nothing. The module
+    attributes ``EXTENSION_LOADED``, ``EXTENSION_HAS_CUDA`` and ``EXTENSION_STATUS`` read it."""
+    loaded, has_cuda, status = _load_extension()
+    if loaded:
+        @torch.library.register_fake("appo::gather_prefix_kv")
+        def _gather_prefix_kv_fake(keys, values, src, length, out_len):
+            branches = src.shape[0]
+            key_out = [x.new_empty(branches, x.shape[1], out_len, x.shape[3]) for x in keys]
+            value_out = [x.new_empty(branches, x.shape[1], out_len, x.shape[3]) for x in values]
+            return key_out, value_out
+    return loaded, has_cuda, status
 
-if EXTENSION_LOADED:
-    @torch.library.register_fake("appo::gather_prefix_kv")
-    def _gather_prefix_kv_fake(keys, values, src, length, out_len):
-        branches = src.shape[0]
-        key_out = [x.new_empty(branches, x.shape[1], out_len, x.shape[3]) for x in keys]
-        value_out = [x.new_empty(branches, x.shape[1], out_len, x.shape[3]) for x in values]
-        return key_out, value_out
+
+_STATE_NAMES = ("EXTENSION_LOADED", "EXTENSION_HAS_CUDA", "EXTENSION_STATUS")
+
+
+def __getattr__(name: str):
+    if name in _STATE_NAMES:
+        return extension_state()[_STATE_NAMES.index(name)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -169,14 +184,15 @@ def gather_kv_reference(keys: Sequence[torch.Tensor], values: Sequence[torch.Ten
 def _choose_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    loaded, has_cuda, status = extension_state()
     if impl == "auto":
-        if EXTENSION_LOADED and (device.type == "cpu" or (device.type == "cuda" and EXTENSION_HAS_CUDA)):
+        if loaded and (device.type == "cpu" or (device.type == "cuda" and has_cuda)):
             return "cpp" if device.type == "cpu" else "cuda"
         return "torch"
-    if impl == "cpp" and not (EXTENSION_LOADED and device.type == "cpu"):
-        raise RuntimeError(f"impl='cpp' cannot run on {device} tensors: {EXTENSION_STATUS}")
-    if impl == "cuda" and not (EXTENSION_HAS_CUDA and device.type == "cuda"):
-        raise RuntimeError(f"impl='cuda' cannot run on {device} tensors: {EXTENSION_STATUS}")
+    if impl == "cpp" and not (loaded and device.type == "cpu"):
+        raise RuntimeError(f"impl='cpp' cannot run on {device} tensors: {status}")
+    if impl == "cuda" and not (has_cuda and device.type == "cuda"):
+        raise RuntimeError(f"impl='cuda' cannot run on {device} tensors: {status}")
     return impl
 
 
@@ -205,7 +221,7 @@ def release_cached_memory() -> int:
     When a gathered output is freed, the CPU op keeps its memory (up to 1 GiB in all) so that the next gather
     reuses memory that is already paged in. Returns 0 when the extension is not loaded or holds nothing.
     """
-    return int(torch.ops.appo.release_cached_memory()) if EXTENSION_LOADED else 0
+    return int(torch.ops.appo.release_cached_memory()) if extension_state()[0] else 0
 
 
 def _cache_layers(past_key_values) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 - the sdist (built with build isolation, like the wheel) carries csrc/, installs only the core dependencies,
   and computes ``appo.branching_score()`` without importing the training stack;
-- without a compiled ``appo._C`` (torch is never a build requirement), the first import of
+- without a compiled ``appo._C`` (torch is never a build requirement), the first use of the C++ gather in
   ``appo.prefix_cache`` compiles it into the cache and the C++ gather runs, both from the sdist install and
   from ``pip install -e .`` with pip's default build isolation.
 
@@ -10,6 +10,7 @@ The venv tests are slow (pip and two compiles: a few minutes); one fast test che
 the scoring API imports nothing of the training stack.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,45 @@ def test_editable_install_with_build_isolation_gets_the_extension(dist, venv, tm
     result = run(venv, "-c", GATHER_SCRIPT, cwd=tmp_path, env=clean_env(venv, tmp_path))
     assert "built on first use" in result.stdout and "gather ok" in result.stdout
     assert str(source / "appo") in run(venv, "-c", "import appo; print(appo.__file__)", cwd=tmp_path).stdout
+
+
+TOOL_SCRIPT = """
+from appo.tools.python_sandbox import PythonTool
+print(PythonTool().run("import sys; print(sum(range(10)), sys.prefix)"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("artifact", ["wheel", "sdist"])
+def test_a_non_editable_install_runs_the_python_tool_and_a_training_step(artifact, dist, tiny_model_dir,
+                                                                          tmp_path):
+    """`pip install <wheel or sdist>[train]` into a fresh venv (torch first, then the tested versions of
+    constraints.txt), run from outside the repository: every subpackage is there (the sandbox included), the
+    python tool runs confined, and `appo train steps=1` completes a step with it."""
+    from appo.tools.python_sandbox import PythonTool, SandboxUnavailable
+
+    try:
+        PythonTool()
+    except SandboxUnavailable as err:
+        pytest.skip(f"the python tool has no sandbox on this machine: {err}")
+    sdist, wheel, _ = dist
+    folder = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", folder)
+    python = folder / "bin" / "python"
+    run(python, "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}")
+    package = wheel if artifact == "wheel" else sdist
+    run(python, "-m", "pip", "install", "--quiet", "-c", REPO / "constraints.txt", f"{package}[train]")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**clean_env(python, tmp_path / "home"), "APPO_BUILD_EXTENSION": "0"}
+    where = run(python, "-c", "import appo; print(appo.__file__)", cwd=work, env=env).stdout
+    assert str(folder) in where and str(REPO) not in where  # the installed copy, not the clone
+    tool = run(python, "-c", TOOL_SCRIPT, cwd=work, env=env).stdout
+    assert "45" in tool and "error" not in tool.lower(), tool
+    appo_cli = folder / "bin" / "appo"
+    result = run(appo_cli, "train", f"model.name_or_path={tiny_model_dir}", "device=cpu", "threads=1",
+                 "steps=1", "prompts_per_step=2", "optim.minibatches_per_step=1", "data.train_size=4",
+                 "eval_at_end=false", "rollout.max_prompt_tokens=1500", "rollout.max_total_tokens=1540",
+                 "rollout.max_new_tokens_per_turn=8", f"output_dir={work / 'run'}", cwd=work, env=env)
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r][:1] == [1], result.stdout[-2000:]

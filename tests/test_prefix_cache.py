@@ -265,6 +265,34 @@ def test_import_without_the_extension_falls_back(tmp_path):
     assert result.stderr == ""
 
 
+def test_importing_loads_and_builds_nothing_until_the_gather_is_used(tmp_path):
+    """Importing appo.prefix_cache (and the integrations that import it) compiles and loads nothing; the first
+    gather tries. The install's prebuilt module is hidden so the first-use build path is the one taken; the
+    build itself is switched off here (test_install's slow tests compile it in fresh venvs)."""
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'appo._C': raise ImportError('hidden for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from appo import prefix_cache as pc\n"
+        "import appo._extension as ext\n"
+        "assert pc.extension_state.cache_info().currsize == 0, 'loaded at import'\n"
+        "assert not ext.cache_root().exists(), 'built at import'\n"
+        "print('imported', flush=True)\n"
+        "cache = [(torch.randn(2, 1, 5, 3), torch.randn(2, 1, 5, 3))]\n"
+        "out = pc.gather_prefix_kv(cache, [1], [4])\n"
+        "assert pc.extension_state.cache_info().currsize == 1\n"
+        "print(pc.EXTENSION_STATUS)\n"
+    )
+    env = {**os.environ, "APPO_CACHE": str(tmp_path / "cache"), "APPO_BUILD_EXTENSION": "0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("imported\n") and "build is off" in result.stdout
+
+
 def test_extension_status_names_what_loaded():
     assert "gather_prefix_kv" in pc.EXTENSION_STATUS
     if pc.EXTENSION_LOADED:
