@@ -25,7 +25,10 @@ RESULTS_DIR = Path(os.environ.get("APPO_BENCH_RESULTS") or REPO / ".benchmarks" 
 
 
 def git_commit() -> str:
-    """The checked-out commit (with '+dirty' when the tree has local changes), or 'unknown' outside git."""
+    """The checked-out commit (with '+dirty' when the tree has local changes), or 'unknown' outside git.
+    $APPO_COMMIT, when set, is taken as it is (a copy of the tree without .git, e.g. on a lent GPU)."""
+    if os.environ.get("APPO_COMMIT"):
+        return os.environ["APPO_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
