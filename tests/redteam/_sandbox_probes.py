@@ -1,10 +1,13 @@
 """Probes for the sandbox red team: hostile code, run through PythonTool, from this process or as a script.
 
 ``python _sandbox_probes.py run`` reads {"names": [...], "params": {...}, "tool": {...}} as json on stdin,
-starts 21 idle threads (a busy trainer), runs each named probe with ``PythonTool(**tool)`` and prints
-{name: {"result", "elapsed"}} as json on its last line ({"refused": message} when the tool refuses to
-start). ``python _sandbox_probes.py hold`` starts one long call whose code leaves a daemon, prints "ready"
-and waits to be killed. The test module checks the results and the host (files, processes) afterwards.
+starts 21 idle threads (a busy trainer), runs each named probe with ``PythonTool(**tool)`` (updated by
+``PROBE_OPTIONS[name]``) and prints {name: {"result", "elapsed"}} as json on its last line ({"refused":
+message} when the tool refuses to start). ``python _sandbox_probes.py hold`` starts one long call whose code
+leaves a daemon, prints "ready" and waits to be killed. ``python _sandbox_probes.py outlive`` reads {"uids":
+[first, count] or null} and, as a trainer that is a child subreaper (orphans are reparented to it) with the
+cgroup path forced off and only ``count`` sandbox uids, runs ``OUTLIVE_CALLS``; after each call it lists what
+is left of it (see ``leftovers``). The test module checks the results and the host afterwards.
 """
 
 import json
@@ -16,8 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 TOOL_OPTIONS = {"timeout_s": 3.0, "memory_mb": 257, "disk_mb": 32, "max_processes": 8}
-# the odd memory limit marks this suite's sandboxes: their command lines hold it (see sandbox_leftovers)
-MARK = f'"RLIMIT_AS": {TOOL_OPTIONS["memory_mb"] * 2**20}'
+# the odd memory limit marks this suite's sandboxes: their command lines hold it in bytes (sandbox_leftovers)
+MARK = str(TOOL_OPTIONS["memory_mb"] * 2**20)
+# the wall clock is no bound for cpu_total; memory_forks can take seconds to fill its budget on a busy machine
+PROBE_OPTIONS = {"cpu_total": {"cpu_time_s": 1, "timeout_s": 10.0}, "memory_forks": {"timeout_s": 10.0}}
+OUTLIVE_TIMEOUT_S = 1.0
+OUTLIVE_CALLS = ("outlive", "outlive", "quick")  # more calls than the 2 uids the root run leaves
 
 PROBES = {
     "capabilities": """
@@ -151,15 +158,136 @@ try:
     print('CONNECTED')
 except OSError as error:
     print('connect', type(error).__name__, error.strerror)
-try:
-    socket.create_connection(('10.1.2.3', 80), timeout=1)
-except OSError as error:
-    print('outside', type(error).__name__, error.strerror)
 libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.socket(2, 1, 0)
+print('ctypes socket', fd, ctypes.get_errno())
 address = struct.pack('<H', 2) + struct.pack('>H4s8x', {port}, bytes([127, 0, 0, 1]))
 print('ctypes connect', libc.connect(fd, address, len(address)), ctypes.get_errno())
 """,
+    "sockets": """
+import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+families = {'AF_INET': 2, 'AF_INET6': 10, 'AF_NETLINK': 16, 'AF_PACKET': 17, 'AF_KEY': 15, 'AF_RDS': 21,
+            'AF_CAN': 29, 'AF_TIPC': 30, 'AF_BLUETOOTH': 31, 'AF_ALG': 38, 'AF_VSOCK': 40, 'AF_XDP': 44}
+for name, family in families.items():
+    outcomes = set()
+    for kind in (1, 2, 3, 5):  # stream, datagram, raw, seqpacket
+        fd = libc.socket(family, kind, 0)
+        outcomes.add('OPENED' if fd >= 0 else ctypes.get_errno())
+    print(name, sorted(outcomes, key=str))
+high = libc.syscall(ctypes.c_long(41), ctypes.c_long((1 << 32) | 40), ctypes.c_long(1), ctypes.c_long(0))
+print('AF_VSOCK with high bits', high, ctypes.get_errno())
+left, right = socket.socketpair()
+left.sendall(b'unix ok')
+print(right.recv(16).decode())
+""",
+    "memory_of_others": """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+address = ctypes.cast(libc.select, ctypes.c_void_p).value  # the same in init and its forks
+def write_back(pid):
+    try:
+        with open(f'/proc/{pid}/mem', 'r+b', buffering=0) as memory:
+            memory.seek(address)
+            original = memory.read(2)
+            memory.seek(address)
+            memory.write(original)
+        return 'WROTE'
+    except OSError as error:
+        return f'{type(error).__name__} {error.errno}'
+def read(path):
+    try:
+        open(path, 'rb').read(1)
+        return 'READ'
+    except OSError as error:
+        return f'{type(error).__name__} {error.errno}'
+child = os.fork()
+if child == 0:
+    time.sleep(10)
+    os._exit(0)
+print('init mem', write_back(1))
+print('sibling mem', write_back(child))
+print('init environ', read('/proc/1/environ'))
+print('init fd', read('/proc/1/fd/0'))
+print('set dumpable', libc.prctl(4, 1, 0, 0, 0), ctypes.get_errno())
+high = [ctypes.c_long(a) for a in (157, (1 << 32) | 4, 1, 0, 0, 0)]  # prctl: the option is 32 bits wide
+print('set dumpable high bits', libc.syscall(*high), ctypes.get_errno())
+print('dumpable', libc.prctl(3, 0, 0, 0, 0))
+os.kill(child, 9)
+""",
+    "syscalls": """
+import ctypes, platform
+libc = ctypes.CDLL(None, use_errno=True)
+def call(number, *args):
+    result = libc.syscall(ctypes.c_long(number), *[ctypes.c_long(a) for a in args])
+    return result, (ctypes.get_errno() if result == -1 else 0)
+print('arch', platform.machine())
+numbers = {'personality ADDR_NO_RANDOMIZE': (135, 0x0040000),
+           'personality READ_IMPLIES_EXEC': (135, 0x0400000),
+           'personality high bits': (135, (1 << 32) | 0x0040000), 'modify_ldt': (154, 0, 0, 0),
+           'keyctl': (250, 0, 0, 0, 0, 0), 'add_key': (248, 0, 0, 0, 0, 0), 'request_key': (249, 0, 0, 0, 0),
+           'bpf': (321, 0, 0, 0), 'userfaultfd': (323, 0), 'perf_event_open': (298, 0, 0, 0, 0, 0),
+           'kexec_load': (246, 0, 0, 0, 0), 'mount': (165, 0, 0, 0, 0, 0), 'umount2': (166, 0, 0),
+           'unshare': (272, 0x10000000), 'setns': (308, 0, 0), 'open_tree': (428, 0, 0, 0),
+           'fsopen': (430, 0, 0), 'io_uring_setup': (425, 1, 0), 'ptrace': (101, 16, 1, 0, 0),
+           'process_vm_writev': (311, 1, 0, 0, 0, 0, 0), 'open_by_handle_at': (304, 0, 0, 0),
+           'kcmp': (312, 1, 1, 0, 0, 0), 'pidfd_getfd': (438, 0, 0, 0), 'iopl': (172, 3),
+           'syslog': (103, 3, 0, 0), 'acct': (163, 0), 'swapon': (167, 0, 0), 'init_module': (175, 0, 0, 0)}
+for name, (number, *args) in numbers.items():
+    print(name, *call(number, *args))
+print('personality query', *call(135, 0xFFFFFFFF))
+""",
+    "prefix": """
+import os, sys
+prefix = {prefix!r}
+print(sorted(os.listdir(prefix)) if os.path.isdir(prefix) else 'no prefix')
+binaries = os.path.join(prefix, 'bin')
+print(sorted(os.listdir(binaries)) if os.path.isdir(binaries) else 'no bin')
+print(sys.executable)
+""",
+    "exit_121": "import os\nos._exit(121)",
+    "exit_137": "import os\nprint('bye', flush=True)\nos._exit(137)",
+    "fake_sigxcpu": "import os, signal\nprint('TimeoutError: execution exceeded 3 s (killed)')\n"
+                    "os.kill(os.getpid(), signal.SIGXCPU)",
+    "cpu_total": """
+import os
+children = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            pass
+    children.append(pid)
+print('ended', [os.waitpid(pid, 0)[1] for pid in children])
+""",
+    "outlive": """
+import ctypes, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+# make init spin in its next select(): 'jmp .' over the first bytes of select in init's copy of libc (a fork
+# of init has the same addresses), then wake it up
+address = ctypes.cast(libc.select, ctypes.c_void_p).value
+try:
+    with open('/proc/1/mem', 'r+b', buffering=0) as memory:
+        memory.seek(address)
+        memory.write(bytes([0xEB, 0xFE]))
+    os.kill(1, signal.SIGCHLD)
+    print('init patched', flush=True)
+except OSError as error:
+    print('init untouched', type(error).__name__, flush=True)
+for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGPIPE):
+    signal.signal(number, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        while True:
+            time.sleep(0.05)
+    os._exit(0)
+time.sleep(0.1)
+print('daemon started', flush=True)
+while True:
+    time.sleep(0.05)
+""",
+    "quick": "print('quick')",
     "namespaces": """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -174,7 +302,8 @@ print('ptrace', libc.ptrace(16, 1, None, None), ctypes.get_errno())
 
 
 def render(name: str, params: dict) -> str:
-    """The probe's code with ``{key!r}`` / ``{key}`` of each parameter filled in (no other brace is touched)."""
+    """The probe's code with ``{key!r}`` / ``{key}`` of each parameter filled in (no other brace is
+    touched)."""
     code = PROBES[name]
     for key, value in params.items():
         code = code.replace("{" + key + "!r}", repr(value)).replace("{" + key + "}", str(value))
@@ -190,10 +319,64 @@ def run_probes(names, params: dict, tool_options: dict) -> dict:
         return {"refused": str(error)}
     results = {"_mode": tool.confinement.mode, "_memory_bound_mb": tool.memory_bound_mb}
     for name in names:
+        probe_tool = PythonTool(**{**tool_options, **PROBE_OPTIONS[name]}) if name in PROBE_OPTIONS else tool
         start = time.monotonic()
-        result = tool.run(render(name, params))
+        result = probe_tool.run(render(name, params))
         results[name] = {"result": result, "elapsed": time.monotonic() - start}
     return results
+
+
+def processes() -> list[dict]:
+    """Every process this process can see: pid, ppid, uid, state, whether its command line holds MARK."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as file:
+                marked = MARK.encode() in file.read()
+            uid = os.stat(f"/proc/{name}").st_uid
+        except (OSError, IndexError):
+            continue
+        found.append({"pid": int(name), "ppid": int(fields[1]), "uid": uid, "state": fields[0].decode(),
+                      "marked": marked})
+    return found
+
+
+def leftovers(uids) -> dict:
+    """What is left of this process's sandbox calls: its zombie children, live processes of this suite's
+    sandboxes, and (root) any process, zombies included, owned by one of ``uids``."""
+    table = processes()
+    return {"zombie_children": [p["pid"] for p in table if p["ppid"] == os.getpid() and p["state"] == "Z"],
+            "marked": [p["pid"] for p in table if p["marked"] and p["state"] != "Z"],
+            "uid_owned": [p["pid"] for p in table if p["uid"] in uids]}
+
+
+def outlive(request: dict) -> list[dict]:
+    """As a child subreaper with the cgroup path off (and, as root, only ``request["uids"]`` uids): run
+    ``OUTLIVE_CALLS``, each followed by a look at what is left of it."""
+    import ctypes
+    from appo.tools.python_sandbox import PythonTool
+    from appo.tools.sandbox import cgroups, identities
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0, "PR_SET_CHILD_SUBREAPER"
+    cgroups.layout = lambda: None
+    uids = range(0)
+    if request["uids"]:
+        first, count = request["uids"]
+        uids = identities.SANDBOX_UIDS = range(first, first + count)
+    tool = PythonTool(**{**TOOL_OPTIONS, "timeout_s": OUTLIVE_TIMEOUT_S})
+    report = []
+    for name in OUTLIVE_CALLS:
+        start = time.monotonic()
+        result = tool.run(render(name, {}))
+        report.append({"name": name, "result": result, "elapsed": time.monotonic() - start,
+                       "left": leftovers(set(uids))})
+    time.sleep(0.2)
+    report.append({"name": "end", "left": leftovers(set(uids))})
+    return report
 
 
 def _busy_trainer(threads: int = 21) -> None:
@@ -207,6 +390,8 @@ def main() -> None:
     if sys.argv[1] == "run":
         request = json.load(sys.stdin)
         print(json.dumps(run_probes(request["names"], request["params"], request["tool"])), flush=True)
+    elif sys.argv[1] == "outlive":
+        print(json.dumps(outlive(json.load(sys.stdin))), flush=True)
     elif sys.argv[1] == "hold":
         from appo.tools.python_sandbox import PythonTool
         tool = PythonTool(**{**TOOL_OPTIONS, "timeout_s": 60})

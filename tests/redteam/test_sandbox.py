@@ -1,13 +1,18 @@
 """Red team, sandbox: hostile model code, as root and as an unprivileged user, against appo's PythonTool.
 
 Each probe category must end within 2x its limit, give the model a clear message, create no file outside the
-sandbox's working directory, leave no process behind (even when the trainer is SIGKILLed) and leave the parent
-alive. Run as root (as CI does), the unprivileged runs use a system user this module creates (useradd) and a
+sandbox's working directory, leave no process behind (even when the trainer is SIGKILLed, is a subreaper, or
+has no cgroup to use) and leave the parent alive. The probes that issue 20 added (other processes' memory,
+socket families, syscalls a container runtime refuses, the interpreter prefix's files, the status line, the
+CPU time of a call, code that outlives its deadline) each failed on the code before it.
+
+Run as root (as CI does), the unprivileged runs use a system user this module creates (useradd) and a
 private mount namespace in which the interpreter's folder is reachable for that user (here Python lives under
 /root, mode 700); the probes then run in a separate process started with setpriv, holding no capability.
 Run as an ordinary user, the root cases skip and the probes run in this process.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -26,13 +31,16 @@ from appo.tools.sandbox import cgroups, view
 from appo.tools.sandbox.identities import SANDBOX_UIDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sandbox_probes import MARK, PROBES, TOOL_OPTIONS, run_probes  # noqa: E402
+from _sandbox_probes import (MARK, OUTLIVE_CALLS, OUTLIVE_TIMEOUT_S, PROBE_OPTIONS, PROBES,  # noqa: E402
+                             TOOL_OPTIONS, run_probes)
 
 RUNNER = Path(__file__).resolve().parent / "_sandbox_probes.py"
 REPO = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0
 USER = "appo-redteam"
+OUTLIVE_UIDS = [901_100, 2]  # outside SANDBOX_UIDS: two uids for three calls
 LIMIT_S = TOOL_OPTIONS["timeout_s"]
+MAIN_PROBES = [name for name in PROBES if name not in OUTLIVE_CALLS]  # the outlive runs have their own test
 
 
 # ------------------------------------------------------------------ the host side: files, processes, users
@@ -166,10 +174,11 @@ def probe_params(secret, server, mode: str) -> dict:
     if mode == "root":
         allowed.append(shutil.which("setpriv"))
     # /tmp and /dev/shm are the sandbox's own (its working directory): writes there succeed and stay inside
-    folders = ("/tmp", "/dev/shm", "/var/tmp", "/etc", "/usr/lib", "/", str(REPO), view.interpreter_paths()[0])
+    folders = ("/tmp", "/dev/shm", "/var/tmp", "/etc", "/usr/lib", "/", str(REPO),
+               os.path.dirname(view.interpreter()), view.interpreter_paths()[-1])
     markers = [f"{d}/{marker}".replace("//", "/") for d in folders]
     return {"secret": str(secret), "allowed": allowed, "markers": markers, "marker_name": marker,
-            "host_pid": os.getpid(), "port": server.getsockname()[1]}
+            "host_pid": os.getpid(), "port": server.getsockname()[1], "prefix": sys.prefix}
 
 
 def check_host_after(params: dict) -> None:
@@ -185,7 +194,7 @@ def root_results(secret, server):
     if not AS_ROOT:
         pytest.skip("the root mode needs root")
     params = probe_params(secret, server, "root")
-    results = run_probes(list(PROBES), params, TOOL_OPTIONS)
+    results = run_probes(MAIN_PROBES, params, TOOL_OPTIONS)
     check_host_after(params)
     return results, params
 
@@ -194,9 +203,9 @@ def root_results(secret, server):
 def user_results(secret, server, redteam_user):
     params = probe_params(secret, server, "userns")
     if not AS_ROOT:
-        results = run_probes(list(PROBES), params, TOOL_OPTIONS)
+        results = run_probes(MAIN_PROBES, params, TOOL_OPTIONS)
     else:
-        request = json.dumps({"names": list(PROBES), "params": params, "tool": TOOL_OPTIONS})
+        request = json.dumps({"names": MAIN_PROBES, "params": params, "tool": TOOL_OPTIONS})
         done = subprocess.run(as_user_command(redteam_user, "run"), input=request, capture_output=True,
                               text=True, timeout=300, cwd="/")
         assert done.returncode == 0, done.stderr[-2000:]
@@ -216,16 +225,19 @@ def results(request):
 
 def result_of(results, name: str) -> str:
     outcome = results[0][name]
-    assert outcome["elapsed"] < 2 * LIMIT_S, f"{name} took {outcome['elapsed']:.2f} s"
+    limit_s = PROBE_OPTIONS.get(name, {}).get("timeout_s", LIMIT_S)
+    assert outcome["elapsed"] < 2 * limit_s, f"{name} took {outcome['elapsed']:.2f} s"
     return outcome["result"]
 
 
 # ------------------------------------------------------------------ one test per category
 def test_refusal_is_clean(user_results):
-    # where the kernel allows no unprivileged sandbox, the tool refuses and names the opt-in setting
+    # where the kernel allows no unprivileged sandbox, the tool refuses and says how to get one; it never
+    # advises running model code unconfined (the opt-out is documented in the README's Security section)
     outcome = user_results[0]
     if "refused" in outcome:
-        assert "allow_unconfined=True" in outcome["refused"]
+        assert "install" in outcome["refused"] and "Security" in outcome["refused"]
+        assert "unconfined" not in outcome["refused"].lower() and "APPO_ALLOW" not in outcome["refused"]
     else:
         assert outcome["_mode"] == "userns"
 
@@ -256,7 +268,8 @@ def test_writes_outside_the_working_directory_fail(results):
     assert [line.split()[0] for line in private] == ["WROTE", "ctypes", "WROTE", "ctypes"]
     refusals = [line for line in outside if line.startswith("refused")]
     assert len(refusals) == len(results[1]["markers"]) - 2 and "WROTE" not in "\n".join(outside)
-    assert all("Read-only file system" in r or "No such file" in r or "Permission denied" in r for r in refusals)
+    assert all("Read-only file system" in r or "No such file" in r or "Permission denied" in r
+               for r in refusals)
     assert all(line.split()[1] == "-1" for line in outside if line.startswith("ctypes"))
     assert result_of(results, "private_tmp") == "inside"  # and none of it is on the host: check_host_after
 
@@ -277,7 +290,7 @@ def test_memory_budget_covers_every_process_and_memfd(results):
         assert held * 100 <= bound
     else:
         assert "MemoryError" in text, text
-    if results[0]["_mode"] == "root" and cgroups.layout() is not None:
+    if results[0]["_mode"] == "root" and cgroups.controls_memory():
         assert bound == TOOL_OPTIONS["memory_mb"]
         assert "MemoryError: the sandbox used up its memory budget" in text
     memfd = result_of(results, "memfd")
@@ -309,12 +322,62 @@ def test_the_parent_survives_kill_attempts(results):
 
 
 def test_network_is_unreachable(results, server):
-    # the sandbox has its own network namespace: only its own loopback, on which nothing listens
+    # an empty network namespace, and no internet socket to start with (only AF_UNIX may be created)
     text = result_of(results, "network")
-    assert "CONNECTED" not in text and "Connection refused" in text and "Network is unreachable" in text
-    assert "ctypes connect -1 111" in text
+    assert "CONNECTED" not in text and "Address family not supported by protocol" in text
+    assert "ctypes socket -1 97" in text and "ctypes connect -1 9" in text  # EAFNOSUPPORT, then EBADF
     with pytest.raises(socket.timeout):
         server.accept()
+
+
+def test_only_unix_sockets_can_be_made(results):
+    # before issue 20 every family opened, AF_VSOCK (to the hypervisor, no namespace isolates it) included
+    lines = result_of(results, "sockets").splitlines()
+    families = [line for line in lines if line.startswith("AF_") and "high bits" not in line]
+    assert len(families) == 12 and all(line.endswith(" [97]") for line in families), lines
+    assert "AF_VSOCK with high bits -1 97" in lines  # the upper half of the argument slips nothing past
+    assert lines[-1] == "unix ok"
+
+
+def test_no_process_can_write_or_read_another_s_memory(results):
+    # before issue 20 init was dumpable and shared the worker's uid: its memory was writable through procfs
+    lines = result_of(results, "memory_of_others").splitlines()
+    assert lines[:4] == ["init mem PermissionError 13", "sibling mem PermissionError 13",
+                         "init environ PermissionError 13", "init fd PermissionError 13"], lines
+    assert lines[4:] == ["set dumpable -1 1", "set dumpable high bits -1 1", "dumpable 0"], lines
+
+
+def test_system_calls_a_container_runtime_refuses_are_refused(results):
+    lines = result_of(results, "syscalls").splitlines()
+    if lines[0] != "arch x86_64":
+        pytest.skip(f"the probe's system call numbers are x86_64's ({lines[0]})")
+    refused = lines[1:-1]
+    assert len(refused) == 28 and all(line.endswith(" -1 1") for line in refused), lines  # EPERM
+    assert lines[-1] == "personality query 0 0"  # allowed, as in Docker's profile, and nothing was changed
+
+
+def test_the_view_holds_the_interpreter_not_its_prefix(results):
+    # before issue 20 the whole prefix was in view (bin/pip, include/, a venv's pip.conf)
+    lines = result_of(results, "prefix").splitlines()
+    interpreter = view.interpreter()
+    assert lines[2] == interpreter
+    if os.path.dirname(os.path.dirname(interpreter)) == sys.prefix:  # a prefix of its own (not /usr)
+        assert lines[1] == str([os.path.basename(interpreter)])
+        assert set(ast.literal_eval(lines[0])) <= {"bin", "lib"}, lines[0]
+
+
+def test_the_status_line_is_the_parent_s_observation(results):
+    # before issue 20 exit code 121 read "the code was not run", 137 "Killed by signal SIGKILL", and a
+    # self-sent SIGXCPU "CPU time limit exceeded"; model code now controls only its output and exit code
+    assert result_of(results, "exit_121") == "Process exited with status 121"
+    assert result_of(results, "exit_137") == "bye\nProcess exited with status 137"
+    assert result_of(results, "fake_sigxcpu").splitlines()[-1] == "Killed by signal SIGXCPU"
+
+
+def test_cpu_time_is_bounded_per_call(results):
+    # three busy children, each under its own RLIMIT_CPU of 1 s: before issue 20 they used 3 s between them
+    text = result_of(results, "cpu_total")
+    assert text == "TimeoutError: CPU time limit of 1 s exceeded (killed)", text
 
 
 def test_no_new_namespaces_mounts_or_tracing(results):
@@ -326,6 +389,45 @@ def test_no_new_namespaces_mounts_or_tracing(results):
 def test_a_busy_trainer_does_not_starve_the_sandbox(results):
     # the runner started 21 idle threads first (the issue's failing case for the non-root mode)
     assert result_of(results, "threads") == "thread ok"
+
+
+@pytest.mark.parametrize("trainer", ["root-subreaper", pytest.param("root-pid1", marks=pytest.mark.slow),
+                                     "user-subreaper"])
+def test_code_that_outlives_its_deadline_leaves_nothing_without_a_cgroup(trainer, redteam_user):
+    """The cgroup path forced off, in a trainer that is a child subreaper (orphans become its children) or
+    PID 1 of its own PID namespace: a call whose code tries to patch init, starts a daemon in a new session,
+    ignores signals and runs past its deadline ends by the deadline + 1 s with nothing of it left, zombies
+    included; as root, with 2 sandbox uids, 3 calls all run. Before issue 20 the patch took (init spun in
+    select), init, worker and daemon lived on, and the tool reported the code killed."""
+    mode, kind = trainer.split("-")
+    if mode == "root":
+        if not AS_ROOT:
+            pytest.skip("the root mode needs root")
+        argv = [sys.executable, str(RUNNER), "outlive"]
+        if kind == "pid1":
+            if shutil.which("unshare") is None:
+                pytest.skip("needs unshare to start a trainer as PID 1")
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", *argv]
+    else:
+        argv = [sys.executable, str(RUNNER), "outlive"]
+        argv = as_user_command(redteam_user, "outlive") if AS_ROOT else argv
+    request = json.dumps({"uids": OUTLIVE_UIDS if mode == "root" else None})
+    done = subprocess.run(argv, input=request, capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [call["name"] for call in report] == [*OUTLIVE_CALLS, "end"]
+    nothing = {"zombie_children": [], "marked": [], "uid_owned": []}
+    for call in report[:-1]:
+        if call["name"] == "outlive":
+            assert call["result"].splitlines() == [
+                "init untouched PermissionError", "daemon started",
+                f"TimeoutError: execution exceeded {OUTLIVE_TIMEOUT_S:g} s (killed)"], call["result"]
+            assert call["elapsed"] < OUTLIVE_TIMEOUT_S + 1.0, call
+        else:
+            assert call["result"] == "quick", call["result"]
+        assert call["left"] == nothing, call
+    assert report[-1]["left"] == nothing
+    assert wait_until_gone(sandbox_leftovers()) == set()
 
 
 @pytest.mark.parametrize("mode", ["root", "user"])

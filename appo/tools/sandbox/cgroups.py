@@ -1,13 +1,18 @@
-"""One memory budget and one task budget for a whole sandbox, through a cgroup made for each call.
+"""One memory, task and CPU budget for a whole sandbox, through a cgroup made for each call.
 
-Where this process may create child cgroups with the memory controller, each call gets
-``<our cgroup>/appo-sandbox-<pid>-<n>`` with a memory limit (every process of the sandbox, its tmpfs pages and
-any shared memory included; no swap) and a task limit. Two layouts are used as found:
-  - cgroup v2, delegated: our own cgroup's ``cgroup.subtree_control`` already enables memory (and pids);
-  - cgroup v1: the memory (and pids) hierarchies are writable (a root parent on a v1 or hybrid host).
-Otherwise ``CgroupBudget.create`` returns None and the caller falls back to per-process bounds.
-The sandbox enters the cgroup before bubblewrap starts (``enter_command``); ``close`` kills whatever is left
-in it and removes it. Directories left by a process that was SIGKILLed are swept on the next start.
+Where this process may create child cgroups, each call gets ``<our cgroup>/appo-sandbox-<pid>-<n>``: a memory
+limit (every process of the sandbox, its tmpfs pages and any shared memory included; no swap) where the memory
+controller is available, a task limit where the pids controller is, and a CPU-time counter the parent reads
+(``cpu_seconds``: v2's cpu.stat, which every v2 cgroup has, or v1's cpuacct). Layouts, first found first:
+  - cgroup v2 with the memory controller enabled in our own cgroup's ``cgroup.subtree_control`` (delegated);
+  - cgroup v1 with a writable memory hierarchy (a root parent on a v1 or hybrid host), plus pids and cpuacct
+    where writable;
+  - cgroup v2 without controllers (our own cgroup writable): the CPU counter and ``cgroup.kill`` only;
+  - cgroup v1 with only pids or cpuacct writable.
+Otherwise ``CgroupBudget.create`` returns None and the caller falls back to per-process bounds. Ending a call
+never depends on a cgroup (the PID namespace does that, see supervisor.py); ``close`` is a second sweep: it
+kills whatever is left (v2: ``cgroup.kill``) and removes the cgroup. Directories left by a process that was
+SIGKILLed are swept on the next start.
 """
 
 from __future__ import annotations
@@ -28,25 +33,40 @@ _swept: set[str] = set()
 
 @functools.lru_cache(maxsize=1)
 def layout() -> tuple[str, dict[str, str]] | None:
-    """("v2" | "v1", {controller: parent directory}) where a budget can be made here, else None."""
+    """("v2" | "v1", {what: parent directory}) where a budget can be made here, else None. Keys: "memory",
+    "pids" (controllers), "cpu" (a CPU counter: v2's cpu.stat or v1's cpuacct), "cgroup" (v2: every call's
+    single directory)."""
     mounts = _cgroup_mounts()
     own = _own_cgroups()
+    v2 = None
     if "" in own and "cgroup2" in mounts:
         parent = mounts["cgroup2"] + own[""]
         try:
             with open(os.path.join(parent, "cgroup.subtree_control")) as file:
                 enabled = file.read().split()
         except OSError:
-            enabled = []
-        if "memory" in enabled and os.access(parent, os.W_OK):
-            return "v2", {c: parent for c in ("memory", "pids") if c in enabled}
-    parents = {}
-    for controller in ("memory", "pids"):
+            enabled = None
+        if enabled is not None and os.access(parent, os.W_OK):
+            v2 = {"cgroup": parent, "cpu": parent, **{c: parent for c in ("memory", "pids") if c in enabled}}
+    v1 = {}
+    for key, controller in (("memory", "memory"), ("pids", "pids"), ("cpu", "cpuacct")):
         if controller in mounts and controller in own:
             parent = mounts[controller] + own[controller]
             if os.access(parent, os.W_OK):
-                parents[controller] = parent
-    return ("v1", parents) if "memory" in parents else None
+                v1[key] = parent
+    for version, parents in (("v2", v2), ("v1", v1)):
+        if parents and "memory" in parents:
+            return version, parents
+    for version, parents in (("v2", v2), ("v1", v1)):
+        if parents:
+            return version, parents
+    return None
+
+
+def controls_memory() -> bool:
+    """True when each call's cgroup holds a memory limit on this machine."""
+    found = layout()
+    return found is not None and "memory" in found[1]
 
 
 def _cgroup_mounts() -> dict[str, str]:
@@ -86,7 +106,8 @@ def _own_cgroups() -> dict[str, str]:
 
 
 class CgroupBudget:
-    """The cgroup(s) of one sandbox call. ``procs_files``: where the sandbox's first process writes its pid."""
+    """The cgroup(s) of one sandbox call. ``procs_files``: where the sandbox's first process writes its
+    pid."""
 
     def __init__(self, version: str, directories: dict[str, str]):
         self.version, self.directories = version, directories
@@ -118,19 +139,37 @@ class CgroupBudget:
         return budget
 
     def _set_limits(self, memory_bytes: int, max_tasks: int) -> None:
-        memory = self.directories["memory"]
-        if self.version == "v2":
+        memory = self.directories.get("memory")
+        if memory is not None and self.version == "v2":
             _write(memory, "memory.max", memory_bytes)
             _write(memory, "memory.swap.max", 0, optional=True)
-        else:
+        elif memory is not None:
             _write(memory, "memory.limit_in_bytes", memory_bytes)
             _write(memory, "memory.memsw.limit_in_bytes", memory_bytes, optional=True)
         if "pids" in self.directories:
             _write(self.directories["pids"], "pids.max", max_tasks)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds used by every process that was ever in this cgroup (None where not counted)."""
+        directory = self.directories.get("cpu")
+        try:
+            if directory is not None and self.version == "v2":
+                with open(os.path.join(directory, "cpu.stat")) as file:
+                    for line in file:
+                        if line.startswith("usage_usec "):
+                            return int(line.split()[1]) / 1e6
+            elif directory is not None:
+                with open(os.path.join(directory, "cpuacct.usage")) as file:
+                    return int(file.read()) / 1e9
+        except (OSError, ValueError):
+            pass
+        return None
+
     def oom_killed(self) -> bool:
         """True when the kernel killed a process of this sandbox for passing the memory limit."""
         memory = self.directories.get("memory")
+        if memory is None:
+            return False
         name = "memory.events" if self.version == "v2" else "memory.oom_control"
         try:
             with open(os.path.join(memory, name)) as file:
@@ -146,6 +185,11 @@ class CgroupBudget:
         """Kill every process still in the cgroup(s) and remove them (retrying while the kernel drains)."""
         deadline = time.monotonic() + timeout_s
         for path in sorted(set(self.directories.values())):
+            if self.version == "v2":
+                try:
+                    _write(path, "cgroup.kill", 1, optional=True)  # the kernel kills all, forks in flight too
+                except OSError:
+                    pass
             while True:
                 _kill_all(path)
                 try:

@@ -1,25 +1,34 @@
 """The interpreter side of the Python sandbox: this file runs as a script inside the sandbox.
 
 It imports nothing from appo (inside the sandbox appo is not in view). ``python -I -S -B child.py CONFIG``:
-CONFIG is json with "code_path" (the code to run), "workdir" (the working directory), "site" (the parent's
-site-packages folders, put on sys.path: -S skips site.py), "limits" (resource name -> value, applied to the
-worker only), "audit_hook" (true only when the sandbox is unconfined) and
-"lifeline" (a file descriptor, or null: the read end of a pipe whose write end only the parent holds).
+CONFIG is a Python literal (a dict) with "code_path" (the code to run), "workdir" (the working directory),
+"site" (the parent's site-packages folders, put on sys.path: -S skips site.py), "limits" (resource name ->
+value, applied to the worker only), "audit_hook" (true only when the sandbox is unconfined), "status" (a file
+descriptor: the write end of the pipe on which the parent learns how the call went) and "lifeline" (a file
+descriptor, or None: the read end of a pipe whose write end only the parent holds).
 
-Process layout: this process stays as a small init (PID 1 of the sandbox's PID namespace when confined): it
-forks one worker that applies the limits and runs the code, reaps every orphan reparented to it, and exits
-with the worker's status (128 + signal number for a signalled worker). It also exits when the lifeline reads
-end-of-file, i.e. when the parent closed it or died, even by SIGKILL (a parent-death signal would not do: the
-kernel clears it when the uid changes). Its exit tears down the PID namespace, so every process the code
-started dies with it. Exit 121 means the sandbox could not be set up.
+Process layout: this process stays as a small init (PID 1 of the sandbox's PID namespace when confined). It
+first makes itself non-dumpable, so that no other process of the call (same uid, no capability) can open its
+/proc/<pid>/mem, fd or environ; the worker and everything it forks inherit that, and the seccomp filter
+refuses to undo it (a program the code execs is dumpable again, as the kernel resets it on exec: then only
+the code's own processes can reach it). It forks one worker that applies the limits and runs the code,
+reaps every orphan reparented to it, and exits when the worker does (every process left in the namespace
+dies with it), or when the lifeline reads end-of-file, i.e. when the parent closed it or died, even by
+SIGKILL (a parent-death signal would not do: the kernel clears it when the uid changes).
+
+The status pipe carries one line per event, written only by code of this file: "running" (the worker is
+about to run the code), "setup-failed <reason>", "exit <code>", "signal <number>", "orphaned", "lost" (no
+child left to wait for: cannot happen while the worker lives). The worker
+closes its end before the code runs and init is out of the code's reach, so model code cannot write on it;
+its exit code and its output are its own, and the parent never reads a status from them.
 """
 
 import ast
-import json
 import os
 import sys
 
 SETUP_FAILED_EXIT = 121
+PR_SET_DUMPABLE = 4
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _PROCESS_EVENTS = ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn",
                    "os.fork", "os.forkpty")
@@ -30,8 +39,11 @@ _WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.symlink",
 
 def main() -> None:
     os.dup2(1, 2)  # the code's stderr joins its stdout; the sandbox's own errors went to the old fd 2
+    status = None
     try:
-        config = json.loads(sys.argv[1])
+        config = ast.literal_eval(sys.argv[1])
+        status = config["status"]
+        _make_undumpable()
         with open(config["code_path"], encoding="utf-8", errors="surrogateescape") as file:
             code = file.read()
         os.chdir(config["workdir"])
@@ -39,7 +51,7 @@ def main() -> None:
         wakeup = _watch_children() if lifeline is not None else None
         worker = os.fork()
     except Exception as error:  # noqa: BLE001 - any failure here means the code was not run
-        os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
+        _report(status, f"setup-failed {type(error).__name__}: {error}")
         os._exit(SETUP_FAILED_EXIT)
     if worker == 0:
         try:
@@ -49,10 +61,32 @@ def main() -> None:
             if config["audit_hook"]:
                 sys.addaudithook(_make_audit_hook(os.path.realpath(config["workdir"])))
         except Exception as error:  # noqa: BLE001
-            os.write(1, f"SandboxError: {type(error).__name__}: {error}\n".encode())
+            _report(status, f"setup-failed {type(error).__name__}: {error}")
             os._exit(SETUP_FAILED_EXIT)
+        _report(status, "running")
+        if status is not None:
+            os.close(status)  # from here on nothing the code can reach writes a status
         os._exit(_run_user_code(code, config.get("site", [])))
-    os._exit(_reap_until(worker) if lifeline is None else _reap_until_or_orphaned(worker, lifeline, wakeup))
+    if lifeline is None:
+        event = _reap_until(worker)
+    else:
+        event = _reap_until_or_orphaned(worker, lifeline, wakeup)
+    _report(status, event)
+    kind, _, value = event.partition(" ")
+    os._exit(int(value) if kind == "exit" else 128 + int(value) if kind == "signal" else 137)
+
+
+def _report(status: int | None, line: str) -> None:
+    if status is not None:
+        os.write(status, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+
+
+def _make_undumpable() -> None:
+    """prctl(PR_SET_DUMPABLE, 0) for this process and, through fork, for every process of the call."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def _apply_limits(limits: dict) -> None:
@@ -62,17 +96,22 @@ def _apply_limits(limits: dict) -> None:
         resource.setrlimit(getattr(resource, name), (value, hard))
 
 
-def _reap_until(worker: int) -> int:
-    """Reap children (the worker and any orphan) until the worker exits -> its exit status."""
+def _event(status: int) -> str:
+    """The worker's wait status as a status line: "exit <code>" or "signal <number>"."""
+    return f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+
+
+def _reap_until(worker: int) -> str:
+    """Reap children (the worker and any orphan) until the worker exits -> its status line."""
     while True:
         try:
             pid, status = os.wait()
         except ChildProcessError:
-            return SETUP_FAILED_EXIT
+            return "lost"
         except InterruptedError:
             continue
         if pid == worker:
-            return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            return _event(status)
 
 
 def _watch_children() -> int:
@@ -94,25 +133,25 @@ def _unwatch_children(lifeline: int, wakeup: int) -> None:
         os.close(fd)
 
 
-def _reap_until_or_orphaned(worker: int, lifeline: int, wakeup: int) -> int:
-    """Like _reap_until, but return 137 (as if SIGKILLed) as soon as the lifeline reads end-of-file."""
+def _reap_until_or_orphaned(worker: int, lifeline: int, wakeup: int) -> str:
+    """Like _reap_until, but "orphaned" as soon as the lifeline reads end-of-file."""
     import select
     while True:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return SETUP_FAILED_EXIT
+                return "lost"
             if pid == 0:
                 break
             if pid == worker:
-                return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                return _event(status)
         try:
             readable, _, _ = select.select([lifeline, wakeup], [], [])
         except InterruptedError:
             continue
         if lifeline in readable:
-            return 137  # the parent is gone or gave up on this call
+            return "orphaned"  # the parent is gone or gave up on this call
         try:
             os.read(wakeup, 4096)
         except BlockingIOError:

@@ -4,9 +4,10 @@ A root parent runs each sandbox under its own unprivileged uid from ``SANDBOX_UI
 needed), so that the kernel's per-user process limit counts that sandbox's processes only. A uid is leased by
 an exclusive ``flock`` on ``<lock_dir>/<uid>.lock``: the lock belongs to the open file, so two threads, or two
 appo processes, never hold the same uid at once, and a process that dies (even by SIGKILL) releases its
-leases with its file descriptors. A uid that still owns a process (a zombie included: the kernel counts it until it is reaped, e.g. the init of
-a sandbox whose appo process was SIGKILLed) is skipped. A non-root parent needs none of this: its sandboxes
-get their own user namespace.
+leases with its file descriptors. A uid that still owns a process (a zombie included: the kernel counts it
+until it is reaped) is skipped; the parent ends every call with its uid free (see supervisor.py), so that
+happens only after an appo process was SIGKILLed mid-call, until its sandbox's init has exited. A non-root
+parent needs none of this: its sandboxes get their own user namespace.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ LOCK_DIR = "/run/appo-sandbox-uids"
 
 
 class UidLease:
-    """``with UidLease() as uid:`` holds one uid of ``uids`` for the block (RuntimeError when all are taken)."""
+    """``with UidLease() as uid:`` holds one uid of ``uids`` for the block (RuntimeError when all are taken).
+    uids / lock_dir: None reads this module's ``SANDBOX_UIDS`` / ``LOCK_DIR`` when the lease is made."""
 
-    def __init__(self, uids: range = SANDBOX_UIDS, lock_dir: str = LOCK_DIR):
-        self.uids, self.lock_dir = uids, lock_dir
+    def __init__(self, uids: range | None = None, lock_dir: str | None = None):
+        self.uids = SANDBOX_UIDS if uids is None else uids
+        self.lock_dir = LOCK_DIR if lock_dir is None else lock_dir
         self.uid: int | None = None
         self._fd: int | None = None
 
@@ -80,5 +83,6 @@ def _private_directory(path: str) -> str:
         pass
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
-        raise RuntimeError(f"{path}: expected a directory owned by uid {os.geteuid()} and writable only by it")
+        raise RuntimeError(f"{path}: expected a directory owned by uid {os.geteuid()} and writable only "
+                           f"by it")
     return path

@@ -1,7 +1,16 @@
-"""The file system a sandbox sees: the running interpreter, its stdlib and site-packages, the shared libraries
-they load, and a handful of devices; nothing else of the host (no /etc, no /home, no /root beyond the
-interpreter's own folder, no host /tmp). Everything is read-only; only /tmp (the working directory, a
-size-limited tmpfs that /dev/shm points to) is writable.
+"""The file system a sandbox sees: what the running interpreter needs to start and import its packages, and
+a handful of devices; nothing else of the host.
+
+In view, read-only: the interpreter binary (symlinks resolved: a venv's ``python`` is a link to its base
+interpreter), its shared libpython when it was built shared, its stdlib (with lib-dynload), the
+site-packages folders of the running interpreter (a venv's own, and its base's when the venv includes them),
+and the host's library folders (``LIBRARY_DIRS``, for the shared libraries the interpreter and extension
+modules load). Not in view: the rest of the interpreter's prefix (its bin/, include/, share/, a venv's
+pyvenv.cfg and pip.conf), /etc, /home, /root, the host's /tmp. Writable: only /tmp (the working directory, a
+size-limited tmpfs that /dev/shm points to).
+
+The interpreter may live anywhere, the host's /tmp included: the sandbox's /tmp is mounted first and the
+interpreter's folders are bound on top of it, read-only, at their host paths.
 """
 
 from __future__ import annotations
@@ -14,7 +23,12 @@ import sysconfig
 
 LIBRARY_DIRS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
-_SYSTEM_PREFIXES = ("/", "/usr", "/usr/local")
+
+
+def interpreter() -> str:
+    """The interpreter binary the sandbox runs: ``sys.executable`` with symlinks resolved, so that it finds
+    its stdlib from where the binary really lives (the site-packages come from the parent, see child.py)."""
+    return os.path.realpath(sys.executable)
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,21 +40,15 @@ def site_packages() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def interpreter_paths() -> tuple[str, ...]:
-    """Host paths to bind read-only for ``sys.executable`` to run with its stdlib and site-packages: the
-    prefixes (a venv's and its base interpreter's), or for a system interpreter its own folders; no path
-    inside another."""
-    paths = set()
-    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
-        if os.path.realpath(prefix) not in _SYSTEM_PREFIXES:
-            paths.add(os.path.abspath(prefix))
-    for name in ("stdlib", "platstdlib", "purelib", "platlib"):
-        paths.add(sysconfig.get_path(name))
-    paths.update(site_packages())
-    paths.add(os.path.realpath(sys.executable))
-    paths.add(sys.executable)
-    library = sysconfig.get_config_var("LIBDIR")
-    if library and sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        paths.add(library)
+    """Host paths to bind read-only for ``interpreter()`` to run with its stdlib and site-packages, sorted,
+    none inside another: the binary, libpython (shared builds), the stdlib folders, the site-packages."""
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix,
+                                     "installed_base": sys.base_prefix,
+                                     "installed_platbase": sys.base_exec_prefix})
+    paths = {interpreter(), base["stdlib"], base["platstdlib"], *site_packages()}
+    library, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if library and soname and sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        paths.add(os.path.join(library, soname))
     existing = sorted(os.path.abspath(p) for p in paths if p and os.path.exists(p))
     kept: list[str] = []
     for path in existing:
@@ -49,12 +57,16 @@ def interpreter_paths() -> tuple[str, ...]:
     return tuple(kept)
 
 
-def bwrap_view_args(programs: tuple[str, ...] = ()) -> list[str]:
-    """bubblewrap arguments that build the view (before ``--remount-ro /``): library folders as on the host
-    (a symlink stays a symlink), the interpreter's paths and ``programs`` with world-readable parents, /proc
-    of the sandbox's own PID namespace, and the devices."""
+def bwrap_view_args(programs: tuple[str, ...] = (), tmp_bytes: int | None = None) -> list[str]:
+    """bubblewrap arguments that build the view (before ``--remount-ro /``): the private /tmp (a tmpfs of
+    ``tmp_bytes``, mode 1777) first, then library folders as on the host (a symlink stays a symlink), the
+    interpreter's paths and ``programs`` with world-readable parents, /proc of the sandbox's own PID
+    namespace, and the devices."""
     args: list[str] = []
     made: set[str] = {"/"}
+    if tmp_bytes is not None:
+        args += ["--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
+        made.add("/tmp")
 
     def parents(path: str) -> None:
         parent = os.path.dirname(path)
