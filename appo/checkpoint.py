@@ -212,6 +212,8 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{meta_file}: unreadable ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_file}: unreadable (nested too deep to be an appo meta.json)") from None
     if not isinstance(meta, dict) or type(meta.get("step")) is not int or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_file}: not an appo checkpoint's meta.json (needs an integer step and a "
                               "config)")

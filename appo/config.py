@@ -5,6 +5,13 @@ SmolLM2-135M-Instruct, arithmetic task, python tool, APPO, 4 prompts x N=2, B=1 
 lengths), applies the YAML file, then the overrides (each value parsed with ``yaml.safe_load``). Unknown keys
 and bad values (type, range, choice; ``validate``) raise ConfigError, a ValueError naming the key, and
 the file and line when the key was set in a file.
+
+Config text is input, hostile or not: a file holds at most MAX_CONFIG_BYTES, the overrides as many together,
+nothing nests deeper than MAX_DEPTH levels (a file, an override's value or the mappings data.task_options and
+rollout.vllm, aliases expanded), and a key given twice in one mapping, at any depth, is refused naming the key
+and both lines. Every numeric field has a bounded range in RANGES (checked by ``validate``), and the text the
+environment writes into a rollout (rollout.result_template, rollout.response_prefix) cannot spell a tag the
+model writes or a special token (``check_result_template``, ``check_response_prefix``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,10 +62,15 @@ class DataConfig:
 class RolloutSettings:
     """Sampling and the tool loop (see ``appo.rollout.engine.RolloutConfig``). Prompts longer than
     max_prompt_tokens are dropped from the data. result_template: how tool output is appended (the few-shot
-    demonstrations use the same form). response_prefix: text that opens every response (masked 0), e.g.
-    "<python>" to make a small model start with a tool call; "" leaves the model free. max_batch_rows: rollouts
-    decoded together at most (bounds memory; None: all at once). backend: "transformers" (appo.rollout.engine)
-    or "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM after
+    demonstrations use the same form): ``{result}`` exactly once, inside one ``<result>`` ... ``</result>``
+    wrapper, and no other tag or special-token-like text anywhere (the environment writes it, so a tag in it
+    would forge the model's answer, a tool call or a chat turn; ``check_result_template``, ``tag_like`` for
+    what counts). response_prefix: text that opens every response (masked 0), e.g. "<python>" to make a small
+    model start with a tool call; "" leaves the model free. It may hold ``<think>`` and the opening tag of a
+    tool call (``<python>``, ``<search>``, ``<calculator>``), and no other tag or special-token-like text (no
+    closing tag, no ``<answer>``, no ``<result>``; ``check_response_prefix``). max_batch_rows: rollouts decoded
+    together at most (bounds memory; None: all at once). backend: "transformers" (appo.rollout.engine) or
+    "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM after
     every optimizer step); vllm: extra keyword arguments for ``vllm.LLM`` (e.g. gpu_memory_utilization)."""
 
     temperature: float = 0.7
@@ -212,34 +226,39 @@ class Range:
         return f"in {'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
 
 
+# Kept for fields being added elsewhere; a new field needs an upper bound too (tests/test_config.py checks).
 _POSITIVE, _AT_LEAST_0, _AT_LEAST_1 = Range(0, open_lo=True), Range(0), Range(1)
-# The range of every numeric field (each element of a pair); ``validate`` checks them all.
+# Upper bounds: far above any run this library can make, low enough that a typo (threads=1e8, optim.lr=1e308,
+# rollout.max_total_tokens=1e12) is refused before anything loads instead of hanging or diverging later.
+_TOKENS, _ITEMS, _GROUP = 2**20, 10**7, 4096  # a sequence, a data split or a run's steps, rollouts or updates
+_UNIT, _SEED = Range(0, 1, open_lo=True), Range(0, 2**32 - 1)
+# The range of every numeric field (each element of a pair); ``validate`` checks them all. Every numeric
+# field of the config's dataclasses and of the tasks' options needs an entry with both bounds
+# (tests/test_config.py walks them).
 RANGES: dict[str, Range] = {
-    "data.train_size": _AT_LEAST_1, "data.eval_size": _AT_LEAST_0, "data.few_shot": _AT_LEAST_0,
-    "data.task_options.num_train": _AT_LEAST_0, "data.task_options.num_dev": _AT_LEAST_0,
-    "data.task_options.dev_size": _AT_LEAST_0, "data.task_options.min_operands": _AT_LEAST_1,
-    "data.task_options.max_operands": _AT_LEAST_1, "data.task_options.max_operand": _AT_LEAST_1,
-    "data.task_options.seed": Range(0, 2**32 - 1),
-    "rollout.temperature": _POSITIVE, "rollout.top_p": Range(0, 1, open_lo=True),
-    "rollout.max_prompt_tokens": _AT_LEAST_1, "rollout.max_new_tokens_per_turn": _AT_LEAST_1,
-    "rollout.max_total_tokens": Range(2), "rollout.max_tool_calls": _AT_LEAST_0,
-    "rollout.max_batch_rows": _AT_LEAST_1,
-    "algo.M": _AT_LEAST_1, "algo.N": _AT_LEAST_1, "algo.B": _AT_LEAST_0,
-    "algo.bs_gamma": Range(0, 1, open_lo=True), "algo.bs_clip": _AT_LEAST_0,
-    "algo.fut_gamma": Range(0, 1, open_lo=True), "algo.fut_clip": _AT_LEAST_0,
-    "algo.b": _AT_LEAST_0, "algo.eps_low": Range(0, 1, open_hi=True), "algo.eps_high": _AT_LEAST_0,
-    "algo.tis_cap": _POSITIVE, "algo.kl_coef": _AT_LEAST_0, "algo.min_gap": _AT_LEAST_0,
-    "algo.arpo_k": _AT_LEAST_1, "algo.arpo_beta": _AT_LEAST_0, "algo.arpo_tau": Range(0, 1),
-    "optim.lr": _AT_LEAST_0,  # 0 is a real diagnostic: no update, so no mini-batch may see a policy shift
-    "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": _AT_LEAST_0,
-    "optim.grad_clip": _POSITIVE, "optim.minibatches_per_step": _AT_LEAST_1,
-    "optim.grad_accumulation": _AT_LEAST_1,
-    "prompts_per_step": _AT_LEAST_1, "steps": _AT_LEAST_1, "seed": Range(0, 2**32 - 1), "threads": _AT_LEAST_0,
-    "eval_every": _AT_LEAST_0, "eval_samples": _AT_LEAST_1, "checkpoint_every": _AT_LEAST_1,
-    "keep_checkpoints": _AT_LEAST_0,
+    "data.train_size": Range(1, _ITEMS), "data.eval_size": Range(0, _ITEMS), "data.few_shot": Range(0, 64),
+    "data.task_options.num_train": Range(0, _ITEMS), "data.task_options.num_dev": Range(0, _ITEMS),
+    "data.task_options.dev_size": Range(0, _ITEMS), "data.task_options.min_operands": Range(1, 64),
+    "data.task_options.max_operands": Range(1, 64), "data.task_options.max_operand": Range(1, 10**12),
+    "data.task_options.seed": _SEED,
+    "rollout.temperature": Range(0, 10, open_lo=True), "rollout.top_p": _UNIT,
+    "rollout.max_prompt_tokens": Range(1, _TOKENS), "rollout.max_new_tokens_per_turn": Range(1, _TOKENS),
+    "rollout.max_total_tokens": Range(2, _TOKENS), "rollout.max_tool_calls": Range(0, 1024),
+    "rollout.max_batch_rows": Range(1, 2**16),
+    "algo.M": Range(1, _GROUP), "algo.N": Range(1, _GROUP), "algo.B": Range(0, _GROUP),
+    "algo.bs_gamma": _UNIT, "algo.bs_clip": Range(0, 100), "algo.fut_gamma": _UNIT,
+    "algo.fut_clip": Range(0, 100), "algo.b": Range(0, 100), "algo.eps_low": Range(0, 1, open_hi=True),
+    "algo.eps_high": Range(0, 10), "algo.tis_cap": Range(0, 1000, open_lo=True),
+    "algo.kl_coef": Range(0, 100), "algo.min_gap": Range(0, _TOKENS),
+    "algo.arpo_k": Range(1, _TOKENS), "algo.arpo_beta": Range(0, 100), "algo.arpo_tau": Range(0, 1),
+    "optim.lr": Range(0, 1),  # 0 is a real diagnostic: no update, so no mini-batch may see a policy shift
+    "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": Range(0, 10),
+    "optim.grad_clip": Range(0, 10**6, open_lo=True), "optim.minibatches_per_step": Range(1, _GROUP),
+    "optim.grad_accumulation": Range(1, _GROUP),
+    "prompts_per_step": Range(1, 2**16), "steps": Range(1, _ITEMS), "seed": _SEED, "threads": Range(0, 1024),
+    "eval_every": Range(0, _ITEMS), "eval_samples": Range(1, 1024), "checkpoint_every": Range(1, _ITEMS),
+    "keep_checkpoints": Range(0, 10**4),
 }
-# A numeric field missing from RANGES gets the range its name implies: a discount factor or a clip pair.
-_RANGE_BY_SUFFIX = {"gamma": Range(0, 1, open_lo=True), "clip": _AT_LEAST_0}
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Keys that may differ between a run and its resume without allow_config_change: where the run is, how long it
@@ -257,7 +276,7 @@ def _coerce(value, hint, key: str):
     origin = typing.get_origin(hint)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(key, f"expected one of {list(typing.get_args(hint))}, got {value!r}")
+            raise ConfigError(key, f"expected one of {list(typing.get_args(hint))}, got {_shown(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -267,48 +286,61 @@ def _coerce(value, hint, key: str):
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(key, f"expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(key, f"expected a list of {len(args)} values, got {_shown(value)}")
         return tuple(_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, args)))
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
+            raise ConfigError(key, f"expected a number, got {_shown(value)}")
         try:  # YAML 1.1 reads "2e-6" (no dot) as a string
             number = float(value)
         except ValueError:
-            raise ConfigError(key, f"expected a number, got {value!r}") from None
+            raise ConfigError(key, f"expected a number, got {_shown(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
+            raise ConfigError(key, f"expected a finite number, got {_shown(value)}")
         return number
     if hint is bool and not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {value!r}")
+        raise ConfigError(key, f"expected true or false, got {_shown(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(key, f"expected an integer, got {value!r}")
+        raise ConfigError(key, f"expected an integer, got {_shown(value)}")
     if hint in (str, dict) and not isinstance(value, hint):
-        raise ConfigError(key, f"expected {hint.__name__}, got {value!r}")
-    if hint is dict and not all(isinstance(k, str) for k in value):
-        raise ConfigError(key, f"expected a mapping with string keys, got {value!r}")
+        raise ConfigError(key, f"expected {hint.__name__}, got {_shown(value)}")
     if hint is dict and not _plain_and_small(value):
         raise ConfigError(key, f"expected plain YAML values (numbers, strings, lists, mappings) of at most "
-                          f"{_MAX_NODES} items in all")
+                          f"{_MAX_NODES} items in all, nested at most {MAX_DEPTH} deep")
+    if hint is dict and not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"expected a mapping with string keys, got {_shown(value)}")
     return value
 
 
-_MAX_NODES = 1000
+# Limits on config text: a config file's bytes (and the overrides' characters, all together), and the nesting
+# of a file, of an override's value and of a mapping option (aliases expanded). The deepest key the config has
+# is 3 levels down (data.task_options.<name>); a vllm option may hold a few more.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_DEPTH = 32
+_MAX_NODES = 1000  # values in one mapping option (data.task_options, rollout.vllm), aliases expanded
+
+
+def _shown(value) -> str:
+    """``repr(value)`` cut short (long strings, big integers, large or deep containers), for messages."""
+    shorter = reprlib.Repr()
+    shorter.maxlevel, shorter.maxstring, shorter.maxlong, shorter.maxother = 3, 120, 60, 120
+    return shorter.repr(value)
 
 
 def _plain_and_small(value) -> bool:
     """Whether ``value`` holds only JSON-like plain values, at most _MAX_NODES of them counted with every alias
-    expanded (a YAML alias chain can stand for billions; the walk stops at the limit)."""
-    stack, count = [value], 0
+    expanded (a YAML alias chain can stand for billions; the walk stops at the limit), nested at most
+    MAX_DEPTH deep (aliases can nest deeper than the text that spells them)."""
+    stack, count = [(value, 0)], 0
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         count += 1
-        if count > _MAX_NODES:
+        if count > _MAX_NODES or depth > MAX_DEPTH:
             return False
         if isinstance(item, dict):
-            stack += [*item.keys(), *item.values()]
+            stack += [(child, depth + 1) for child in (*item.keys(), *item.values())]
         elif isinstance(item, (list, tuple)):
-            stack += item
+            stack += [(child, depth + 1) for child in item]
         elif not isinstance(item, (str, int, float, bool, type(None))):
             return False
     return True
@@ -334,19 +366,66 @@ def _apply(target, updates: dict, prefix: str = "") -> None:
             setattr(target, name, _coerce(value, hints[name], key))
 
 
+class _NestingError(ValueError):
+    """YAML nested deeper than MAX_DEPTH; ``line`` (1-based) is where the level past the limit opens."""
+
+    def __init__(self, line: int):
+        super().__init__(f"nested deeper than {MAX_DEPTH} levels (MAX_DEPTH, the limit of config text)")
+        self.line = line
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses to compose a collection nested deeper than MAX_DEPTH. The composer
+    recurses once per level, so deeper text would exhaust Python's stack (a RecursionError thousands of lines
+    long)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.nesting = 0
+
+    def compose_node(self, parent, index):
+        nested = self.check_event(yaml.CollectionStartEvent)
+        self.nesting += nested
+        try:
+            if self.nesting > MAX_DEPTH:
+                raise _NestingError(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.nesting -= nested
+
+
+def _load_yaml(text: str, inspect=None):
+    """(the value of the one YAML document ``text``, with safe_load's types; ``inspect(node)``'s result, None
+    when not given or the document is empty). ``inspect`` sees the node graph as written, before construction
+    folds merge keys in. Raises yaml.YAMLError, _NestingError, or ValueError for a scalar Python refuses (an
+    integer of 5,000 digits, the date 2024-13-01)."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        seen = inspect(node) if inspect is not None else None
+        return loader.construct_document(node), seen
+    finally:
+        loader.dispose()
+
+
 def _parse_override(text: str) -> dict:
-    """``"algo.M=8"`` -> ``{"algo": {"M": 8}}`` (the value parsed by yaml.safe_load)."""
+    """``"algo.M=8"`` -> ``{"algo": {"M": 8}}`` (the value parsed as YAML, as ``yaml.safe_load`` does, nested
+    at most MAX_DEPTH deep)."""
     if "=" not in text:
-        raise ConfigError("overrides", f"expected key=value, got {text!r}")
+        raise ConfigError("overrides", f"expected key=value, got {_shown(text)}")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
-    if not all(parts):
-        raise ConfigError("overrides", f"malformed key in {text!r}")
+    if not all(parts) or len(parts) > MAX_DEPTH:
+        raise ConfigError("overrides", f"malformed key in {_shown(text)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw)[0] if raw.strip() else ""
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError("overrides", f"{text!r}: the value is not valid YAML ({problem})") from None
+        raise ConfigError("overrides", f"{_shown(text)}: the value is not valid YAML ({problem})") from None
+    except ValueError as err:  # _NestingError, or a scalar Python refuses
+        raise ConfigError("overrides", f"{_shown(text)}: the value is {err}") from None
     nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}
@@ -363,10 +442,10 @@ def _check_fields(target, prefix: str = "") -> None:
             continue
         value = _coerce(value, hints[item.name], key)
         setattr(target, item.name, value)
-        allowed = RANGES.get(key) or _RANGE_BY_SUFFIX.get(item.name.rsplit("_", 1)[-1])
+        allowed = RANGES.get(key)
         numbers = value if isinstance(value, tuple) else (value,)
         if allowed is not None and any(isinstance(v, (int, float)) and v not in allowed for v in numbers):
-            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+            raise ConfigError(key, f"must be {allowed}, got {_shown(value)}")
 
 
 def _check_text(config: TrainConfig) -> None:
@@ -374,20 +453,77 @@ def _check_text(config: TrainConfig) -> None:
     for key, value in (("model.name_or_path", config.model.name_or_path), ("output_dir", config.output_dir),
                        ("data.path", getattr(config.data, "path", None))):
         if value is not None and (not value.strip() or "\0" in value):
-            raise ConfigError(key, f"expected a non-empty name or path, got {value!r}")
+            raise ConfigError(key, f"expected a non-empty name or path, got {_shown(value)}")
     if not _DEVICE.fullmatch(config.device):
         raise ConfigError("device", f"expected auto, cpu, cuda or cuda:<index>, got {config.device!r}")
     if config.attn_implementation not in ATTENTION and "/" not in config.attn_implementation:
         raise ConfigError("attn_implementation", f"expected one of {list(ATTENTION)} or a hub kernel "
                           f"'org/repo', got {config.attn_implementation!r}")
-    template = config.rollout.result_template
+    check_result_template(config.rollout.result_template)
+    check_response_prefix(config.rollout.response_prefix)
+
+
+# What text the environment writes into a rollout may not spell (beyond the tags its field allows): a tag, or
+# anything a tokenizer may read as a special token. That is anything in angle brackets (<answer>, </result>,
+# <python>, <think>, <|im_start|>, <s>, <｜begin▁of▁sentence｜>) and a lone < or >, capitals in square brackets
+# ([INST], [/INST], [TOOL_CALLS]: Mistral's control tokens), the fullwidth bar ｜, and control characters
+# other than tab and newline. The rule is the config's, not one tokenizer's, so it holds for every model.
+_TAG_LIKE = re.compile(r"<[^<>]*>|[<>\uff5c]|\[/?[A-Z][A-Z_]*\]|[\x00-\x08\x0b-\x1f\x7f]")
+_TAG_KINDS = "<...>, [INST], \uff5c, control characters"
+
+
+def tag_like(text: str) -> list[str]:
+    """The tags and special-token-like pieces of ``text`` (see _TAG_LIKE), in order."""
+    return _TAG_LIKE.findall(text)
+
+
+def check_template(key: str, text: str, *, allowed: tuple[str, ...] = (),
+                   rule: str = "may hold no tag") -> None:
+    """Raise ConfigError naming ``key`` when ``text`` (written by the environment into a rollout, so never the
+    model's) spells a tag or special-token-like text other than ``allowed`` (``tag_like``). ``rule`` says
+    what the field may hold, for the message."""
+    extra = [piece for piece in tag_like(text) if piece not in allowed]
+    if extra:
+        raise ConfigError(key, f"{rule}, and no other tag or special-token-like text ({_TAG_KINDS}); it "
+                          f"writes {extra[0]!r}, got {_shown(text)}")
+
+
+def check_response_prefix(prefix: str, key: str = "rollout.response_prefix") -> None:
+    """The rule of a response prefix (text forced at the start of every response): ``<think>`` and opening
+    tool tags (``<python>``, ...) only, no other tag or special-token-like text (``tag_like``). Raises
+    ConfigError naming ``key``; every backend that takes a prefix can call it."""
+    from appo.tasks.parsing import TOOL_TAGS
+
+    openings = tuple(f"<{tag}>" for tag in TOOL_TAGS)
+    check_template(key, prefix, allowed=("<think>", *openings),
+                   rule=f"may hold <think> and open a tool call ({', '.join(openings)})")
+
+
+def check_result_template(template: str, key: str = "rollout.result_template") -> None:
+    """The rule of a result template (how the environment appends tool output): one ``{result}`` field,
+    inside one ``<result>`` ... ``</result>`` wrapper, and no other field, tag or special-token-like text
+    (``tag_like``). Raises ConfigError naming ``key``; every backend that takes a template can call it."""
+    rule = "must hold {result} once, inside one <result> ... </result>"
     try:
-        ok = "{result}" in template and template.format(result="") is not None
+        pieces = list(string.Formatter().parse(template))
+        fields = [name for _, name, _, _ in pieces if name is not None]
+        template.format(result="")
     except (KeyError, IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise ConfigError("rollout.result_template", "must contain '{result}' and no other {...} field "
-                          f"(write {{{{ and }}}} for braces), got {template!r}")
+        fields = []
+    if fields != ["result"]:
+        raise ConfigError(key, f"{rule}, and no other {{...}} field (write {{{{ and }}}} for braces), got "
+                          f"{_shown(template)}")
+    split = next(index for index, (_, name, _, _) in enumerate(pieces) if name is not None)
+    head = "".join(literal for literal, *_ in pieces[:split + 1])
+    tail = "".join(literal for literal, *_ in pieces[split + 1:])
+    for part, wrapper, side in ((head, "<result>", "before"), (tail, "</result>", "after")):
+        found = tag_like(part)
+        extra = [piece for piece in found if piece != wrapper]
+        if extra or found.count(wrapper) != 1:
+            count = found.count(wrapper)
+            problem = f"it writes {extra[0]!r}" if extra else f"it has {count} {wrapper} {side} it"
+            raise ConfigError(key, f"{rule}, and no other tag or special-token-like text ({_TAG_KINDS}); "
+                              f"{problem}, got {_shown(template)}")
 
 
 def _check_rules(config: TrainConfig) -> None:
@@ -443,10 +579,10 @@ def _check_task_options(config: TrainConfig) -> None:
                               f"({'known: ' + ', '.join(known) if known else 'it takes none'})")
         kind = type(known[name])
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise ConfigError(key, f"expected {kind.__name__}, got {value!r}")
+            raise ConfigError(key, f"expected {kind.__name__}, got {_shown(value)}")
         allowed = RANGES.get(key)
         if allowed is not None and value not in allowed:
-            raise ConfigError(key, f"must be {allowed}, got {value!r}")
+            raise ConfigError(key, f"must be {allowed}, got {_shown(value)}")
     try:
         built = task(**data.task_options)
     except ValueError as err:  # the task's messages start with the option names: "min_operands: ..."
@@ -518,50 +654,75 @@ def from_dict(data: dict) -> TrainConfig:
     return validate(config)
 
 
-def _key_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
-    """Fill ``lines`` with the 1-based line of each top-level key of the YAML mapping ``node`` and of each key
-    of its sections (no deeper: a chain of aliases cannot make the walk blow up); a key given twice in one
-    mapping raises ValueError naming both lines."""
-    seen: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
+def _key_lines(node, path: Path) -> dict[str, int]:
+    """The 1-based line of each dotted key of the YAML mapping ``node``, at every depth. A key given twice in
+    one mapping (as the loaded mapping compares keys: ``1`` and ``1.0`` are one key), however deep and under
+    lists too, raises ConfigError naming the key (``a.b[2].c``) and both lines. Each node is walked once, so a
+    chain of aliases cannot make the walk blow up; a merge key (``<<: *base``) is YAML's way to give defaults
+    and may be overridden."""
+    lines: dict[str, int] = {}
+    keys = yaml.SafeLoader("")  # constructs a key as the document's mapping does
+    stack, walked = [(node, "")], set()
+    while stack:
+        current, where = stack.pop()
+        if id(current) in walked:
             continue
-        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
-        if key in seen:
-            raise ConfigError(key, f"given twice (first on line {seen[key]})", where=f"{path}:{line}")
-        seen[key] = lines[key] = line
-        if isinstance(value_node, yaml.MappingNode) and not prefix:
-            _key_lines(value_node, f"{key}.", lines, path)
+        walked.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            stack += [(item, f"{where}[{index}]") for index, item in enumerate(current.value)]
+        if not isinstance(current, yaml.MappingNode):
+            continue
+        first: dict = {}
+        for key_node, value_node in current.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                stack.append((value_node, where))
+                continue
+            key, line = f"{where}.{key_node.value}" if where else key_node.value, key_node.start_mark.line + 1
+            name = keys.construct_object(key_node)
+            if name in first:
+                raise ConfigError(key, f"given twice (first on line {first[name]})", where=f"{path}:{line}")
+            first[name] = line
+            lines.setdefault(key, line)
+            stack.append((value_node, key))
+    return lines
 
 
 def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     """The mapping in the YAML file ``path`` and the line of each dotted key in it. Raises ValueError naming the
-    file (and the line) when it is missing, not UTF-8, not valid YAML, has a key twice or is not a mapping."""
+    file (and the line) when it is missing, larger than MAX_CONFIG_BYTES, not UTF-8, not valid YAML, nested
+    deeper than MAX_DEPTH, has a key twice in one mapping (at any depth) or is not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("path", f"no config file at {path}")
-    raw = path.read_bytes()
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (MAX_CONFIG_BYTES, the limit of a "
+                         "config file)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, lines = _load_yaml(text, lambda node: _key_lines(node, path))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise ValueError(f"{where}: invalid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: invalid YAML: {err}") from None
+    except _NestingError as err:
+        raise ValueError(f"{path}:{err.line}: {err}") from None
+    except ConfigError:  # a key given twice, named with its lines
+        raise
+    except ValueError as err:  # a scalar Python refuses
+        raise ValueError(f"{path}: a value cannot be read ({err})") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}:1: expected a mapping of config keys (e.g. 'steps: 6'), got a "
                          f"{type(data).__name__}")
-    lines: dict[str, int] = {}
-    _key_lines(node, "", lines, path)
     return data, lines
 
 
@@ -585,6 +746,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _apply(config, data)
         except ConfigError as err:
             raise _located(err, origins) from None
+    if sum(len(text) for text in overrides) > MAX_CONFIG_BYTES:
+        raise ConfigError("overrides", f"{sum(len(text) for text in overrides)} characters in all, more than "
+                          f"{MAX_CONFIG_BYTES} (MAX_CONFIG_BYTES, the limit of config text)")
     for text in overrides:
         nested = _parse_override(text)
         _apply(config, nested)
@@ -599,9 +763,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _located(err: ConfigError, origins: dict[str, str]) -> ConfigError:
     """``err`` with the file and line its key was set on in front, when it was set in a file."""
     key = err.key.split("[")[0]
-    if key.startswith("data.task_options."):  # a key inside the mapping: the mapping's line
-        key = "data.task_options"
     where = origins.get(key)
+    if where is None and key.startswith("data.task_options."):  # an option the mapping's line holds
+        where = origins.get("data.task_options")
     return ConfigError(err.key, str(err)[len(err.key) + 2:], where) if where else err
 
 

@@ -155,3 +155,13 @@ def test_a_checkpoint_from_before_checksums_loads_with_a_warning(two_checkpoints
     with pytest.warns(CheckpointWarning, match="without checksums"):
         assert load_checkpoint(directory, model, restore_rng=False).step == 4
     assert weights_equal(model, at_4)
+
+
+def test_a_meta_json_nested_too_deep_is_named_not_a_recursion_error(two_checkpoints):
+    directory, _, _ = two_checkpoints
+    meta_file = directory / "step-00000004" / "meta.json"
+    meta_file.write_text('{"step": 4, "config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"meta\.json: unreadable \(nested too deep"):
+        verify_checkpoint(directory / "step-00000004")
+    with pytest.warns(CheckpointWarning, match="nested too deep"):
+        assert load_checkpoint(directory, TinyLM(0), restore_rng=False).step == 2

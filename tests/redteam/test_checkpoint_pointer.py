@@ -7,8 +7,14 @@ import pytest
 import torch
 
 import appo.models
-from appo.checkpoint import (CheckpointError, CheckpointWarning, find_checkpoint, latest_checkpoint,
-                             load_checkpoint, save_checkpoint)
+from appo.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from appo.cli import main
 
 
@@ -125,7 +131,7 @@ def no_model_load(monkeypatch):
 
 
 def test_appo_eval_of_a_run_with_a_pointer_out_is_one_line(run_and_intruder, capsys, no_model_load):
-    checkpoints, intruder, _, _ = run_and_intruder
+    checkpoints, _, _, _ = run_and_intruder
     (checkpoints / "latest").write_text("../../intruder/step-00000009")
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", str(checkpoints.parent), "device=cpu"])

@@ -20,7 +20,7 @@ from appo.metrics import read_metrics
 from appo.models import tiny_model
 from appo.trainer import TaskData, Trainer, train
 
-VOCAB = ["<pad>", "<bos>", "<eos>"] + list(string.printable[:95])
+VOCAB = ["<pad>", "<bos>", "<eos>"] + list(string.printable[:95]) + ["\n"]  # "\n": the result template
 QUESTIONS = ("abc", "xyz!", "q7", "hello")
 
 

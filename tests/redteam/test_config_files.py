@@ -24,7 +24,7 @@ def no_model_load(monkeypatch):
     ("steps: 3\n\tseed: 1\n", 2, "invalid YAML"),                       # a tab
     ("steps: 3\nrollout: {temperature: 0.7}\nsteps: 4\n", 3, "steps: given twice (first on line 1)"),
     ("steps: 3\nrollout:\n  temprature: 0.7\n", 3, "rollout.temprature: unknown config key"),
-    ("steps: 3\noptim:\n  grad_clip: -1\n", 3, "optim.grad_clip: must be > 0"),
+    ("steps: 3\noptim:\n  grad_clip: -1\n", 3, "optim.grad_clip: must be in (0, 1000000], got -1"),
     ("algo: {M: 8}\n", 1, "algo.M: APPO needs M = (B + 1) * N"),
     ("- steps\n- 3\n", 1, "expected a mapping"),
     ("steps: 3\nseed: \xff\n".encode("latin-1"), 2, "not UTF-8"),
