@@ -274,28 +274,17 @@ def test_the_tool_runs_from_a_venv_under_tmp_and_shows_none_of_its_configuration
 
 
 @pytest.mark.slow
-def test_appo_train_runs_its_python_tool_from_a_venv_under_tmp(venv_under_tmp, tmp_path):
-    """`appo train` (the quick start's tiny model, 1 step, the arithmetic task's python tool) started by the
-    venv's interpreter: the tool is built (its sandbox proven by one start) and training ends."""
+def test_appo_train_runs_its_python_tool_from_a_venv_under_tmp(venv_under_tmp, tiny_model_dir, tmp_path):
+    """`appo train` (conftest's tiny model, 1 step, the arithmetic task's python tool) started by the venv's
+    interpreter: the tool is built (its sandbox proven by one start from that interpreter) and training ends.
+    Before issue 20 it stopped at once: the sandbox's /tmp hid the interpreter."""
     folder, _ = venv_under_tmp
-    model = tmp_path / "model"
-    build = ("import sys; sys.path.insert(0, sys.argv[1]); import test_quickstart as q, torch\n"
-             "from appo.models import tiny_model\n"
-             "tokenizer = q.tiny_tokenizer()\n"
-             "model = tiny_model('llama', vocab_size=len(tokenizer), hidden_size=32, layers=2, heads=2,\n"
-             "                   kv_heads=1)\n"
-             "model.config.eos_token_id = tokenizer.eos_token_id\n"
-             "model.config.pad_token_id = tokenizer.pad_token_id\n"
-             "model.save_pretrained(sys.argv[2]); tokenizer.save_pretrained(sys.argv[2])\n")
-    python = str(folder / "bin" / "python")
-    subprocess.run([python, "-c", build, str(REPO / "tests"), str(model)], check=True, timeout=600,
-                   cwd=tmp_path)
-    overrides = [f"model.name_or_path={model}", "device=cpu", "threads=1", "steps=1", "prompts_per_step=2",
-                 "optim.minibatches_per_step=1", "data.train_size=4", "data.eval_size=2", "data.few_shot=1",
-                 "data.tool=python", "rollout.max_prompt_tokens=1500", "rollout.max_total_tokens=1540",
-                 "rollout.max_new_tokens_per_turn=8"]
+    overrides = [f"model.name_or_path={tiny_model_dir}", "device=cpu", "threads=1", "steps=1",
+                 "prompts_per_step=2", "optim.minibatches_per_step=1", "data.train_size=4", "data.eval_size=2",
+                 "data.few_shot=1", "data.tool=python", "rollout.max_prompt_tokens=1500",
+                 "rollout.max_total_tokens=1540", "rollout.max_new_tokens_per_turn=8"]
     env = {k: v for k, v in os.environ.items() if k != ALLOW_UNCONFINED_ENV}
-    done = subprocess.run([python, "-m", "appo.cli", "train", *overrides], capture_output=True, text=True,
-                          timeout=1200, cwd=tmp_path, env=env)
+    done = subprocess.run([str(folder / "bin" / "python"), "-m", "appo.cli", "train", *overrides],
+                          capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "appo train: appo, 1 steps -> runs/" in done.stdout, done.stdout[-2000:]
