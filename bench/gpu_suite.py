@@ -21,7 +21,6 @@ the return limits. --dry-run runs the same code at tiny sizes on the CPU (Triton
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -32,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +205,8 @@ def setup(out: Path, site: Path, wheels: Path | None) -> int:
     report = {"site": str(site), "wheels": sorted(p.name for p in wheels.glob("*.whl")) if wheels else []}
     if report["wheels"]:
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                   "--no-cache-dir", "--disable-pip-version-check", "--upgrade", "--target", str(site),
+                   "--no-cache-dir", "--disable-pip-version-check", "--root-user-action=ignore", "--upgrade",
+                   "--target", str(site),
                    *(str(wheels / name) for name in report["wheels"])]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         report["pip_rc"], report["pip_output"] = done.returncode, (done.stdout + done.stderr)[-2000:]
@@ -986,7 +985,7 @@ def pack(run: Path, target: Path, per_file: int = PACKED_FILE_BYTES) -> None:
     """``run`` as a .tar.gz at ``target``; a file longer than ``per_file`` travels as its last bytes."""
     with tarfile.open(target, "w:gz") as archive:
         for path in sorted(run.rglob("*")):
-            if not path.is_file() or path.suffix == ".part":
+            if not path.is_file() or path.suffix in (".part", ".lock"):
                 continue
             data = path.read_bytes()
             if len(data) > per_file:
@@ -1003,8 +1002,8 @@ def summary(run: Path, out: Path, packed: bool = False) -> int:
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
-    lock = Path(tempfile.gettempdir()) / f"appo-gpu-suite-{hashlib.sha1(str(out).encode()).hexdigest()[:12]}"
-    with open(lock, "w") as handle:
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".publish.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         if packed:
             part = out / "raw.tar.gz.part"
