@@ -150,11 +150,12 @@ def commit() -> str:
 
 
 def write_json(out: Path, name: str, payload: dict) -> Path:
-    """``out/name.json`` holding ``payload`` and the commit, written whole (a reader never sees half)."""
+    """``out/name.json`` holding ``payload`` and the commit (``payload``'s own, if it names one), written
+    whole (a reader never sees half)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     part = path.with_suffix(".json.part")
-    part.write_text(json.dumps({**payload, "commit": commit()}, indent=2, default=str) + "\n")
+    part.write_text(json.dumps({"commit": commit(), **payload}, indent=2, default=str) + "\n")
     os.replace(part, path)
     return path
 
@@ -537,8 +538,8 @@ TRAIN_MODEL = {"gpu": {"hidden_size": 576, "num_hidden_layers": 8, "num_attentio
 TRAIN_SETTINGS = {
     "common": ["data.task=arithmetic", "data.tool=calculator", "data.few_shot=1",
                "rollout.response_prefix=''", "rollout.max_prompt_tokens=224", "algo.algo=appo",
-               "optim.minibatches_per_step=2", "eval_at_end=false", "checkpoint_every=1", "keep_checkpoints=1",
-               "seed=0"],
+               "optim.minibatches_per_step=2", "eval_at_end=false", "checkpoint_every=1",
+               "keep_checkpoints=1", "seed=0"],
     "gpu": ["device=cuda", "bf16=true", "prompts_per_step=8", "algo.M=8", "algo.N=4", "algo.B=1",
             "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=320", "data.train_size=64"],
     "cpu": ["device=cpu", "threads=1", "prompts_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
@@ -824,6 +825,14 @@ def _nan(value):
     return float("nan") if value is None else value
 
 
+def run_commit(run: Path) -> str:
+    """The commit the run folder's records name (a summary rebuilt elsewhere keeps it), else this one's."""
+    for name in ("plan", "tools", "setup"):
+        if load_json(run, name).get("commit"):
+            return load_json(run, name)["commit"]
+    return commit()
+
+
 def summary_lines(run: Path, out: Path | None = None) -> list[str]:
     """At most 40 lines: the run and its plan, the ceilings, the checks, each target as a fraction of the
     ceilings this card measured, the training step, the GPU tests, the sanitizer (``run``: the run folder;
@@ -835,7 +844,7 @@ def summary_lines(run: Path, out: Path | None = None) -> list[str]:
     steps = read_steps(run)
     lines = [f"appo GPU suite: {tools_report.get('device', 'no GPU')} | torch {tools_report.get('torch')} "
              f"(CUDA {tools_report.get('torch_cuda')}) | triton {tools_report.get('triton')} | "
-             f"liger {tools_report.get('liger_kernel') or 'absent'} | commit {commit()[:12]}"
+             f"liger {tools_report.get('liger_kernel') or 'absent'} | commit {run_commit(run)[:12]}"
              + (" | DRY RUN (CPU, tiny sizes)" if dry else "")]
     done = {s["name"] for s in steps}
     lines.append("steps: " + ", ".join(f"{s['name']} {s['status']} {s['seconds']}s" for s in steps)
@@ -997,8 +1006,8 @@ def pack(run: Path, target: Path, per_file: int = PACKED_FILE_BYTES) -> None:
 
 def summary(run: Path, out: Path, packed: bool = False) -> int:
     """summary.txt and gpu-suite.json (plan, tools, checks, build, train, steps, every benchmark and test
-    row, the summary) into ``out``; with ``packed``, raw.tar.gz too. One writer at a time (a lock). Exit 1
-    when ``out`` would not come back whole from the GPU machine (``check_out``)."""
+    row, the summary) into ``out``; with ``packed`` (publish), raw.tar.gz too, and exit 1 when ``out`` would
+    not come back whole from the GPU machine (``check_out``). One writer at a time (a lock)."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -1011,10 +1020,11 @@ def summary(run: Path, out: Path, packed: bool = False) -> int:
             if part.stat().st_size > RETURN_LIMITS["file_bytes"]:
                 pack(run, part, per_file=PACKED_FILE_BYTES // 8)
             os.replace(part, out / "raw.tar.gz")
-        lines = summary_lines(run, out)
+        lines = summary_lines(run, out if packed else None)
         record = {name: load_json(run, name) for name in ("plan", "setup", "tools", "build", "checks-triton",
                                                            "checks-gather", "train")}
-        record.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), targets=TARGETS,
+        record.update(commit=run_commit(run), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      targets=TARGETS,
                       steps=read_steps(run), benchmarks=load_lines(run, "benchmark"),
                       tests=load_lines(run, "test", "gpu_tests"), summary=lines)
         sanitizer = run / "sanitizer.log"
@@ -1023,7 +1033,7 @@ def summary(run: Path, out: Path, packed: bool = False) -> int:
         write_json(out, "gpu-suite", record)
         (out / "summary.txt.part").write_text("\n".join(lines) + "\n")
         os.replace(out / "summary.txt.part", out / "summary.txt")
-    return 1 if check_out(out) else 0
+    return 1 if packed and check_out(out) else 0
 
 
 def main(argv=None) -> int:
