@@ -24,7 +24,7 @@ MARK = str(TOOL_OPTIONS["memory_mb"] * 2**20)
 # the wall clock is no bound for cpu_total; memory_forks can take seconds to fill its budget on a busy machine
 PROBE_OPTIONS = {"cpu_total": {"cpu_time_s": 1, "timeout_s": 10.0}, "memory_forks": {"timeout_s": 10.0}}
 OUTLIVE_TIMEOUT_S = 1.0
-OUTLIVE_CALLS = ("outlive", "outlive", "quick")  # more calls than the 2 uids the root run leaves
+OUTLIVE_CALLS = ("outlive", "outlive", "quick", "orphaned")  # more calls than the 2 uids the root run leaves
 
 PROBES = {
     "capabilities": """
@@ -288,6 +288,7 @@ while True:
     time.sleep(0.05)
 """,
     "quick": "print('quick')",
+    "orphaned": "import time\nprint('started', flush=True)\ntime.sleep(30)",  # bubblewrap is killed under it
     "namespaces": """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -370,6 +371,8 @@ def outlive(request: dict) -> list[dict]:
     tool = PythonTool(**{**TOOL_OPTIONS, "timeout_s": OUTLIVE_TIMEOUT_S})
     report = []
     for name in OUTLIVE_CALLS:
+        if name == "orphaned":  # bubblewrap dies first: its init becomes this process's child
+            threading.Timer(0.5, _kill_children_named, args=("bwrap",)).start()
         start = time.monotonic()
         result = tool.run(render(name, {}))
         report.append({"name": name, "result": result, "elapsed": time.monotonic() - start,
@@ -377,6 +380,16 @@ def outlive(request: dict) -> list[dict]:
     time.sleep(0.2)
     report.append({"name": "end", "left": leftovers(set(uids))})
     return report
+
+
+def _kill_children_named(name: str) -> None:
+    for pid in [p["pid"] for p in processes() if p["ppid"] == os.getpid()]:
+        try:
+            with open(f"/proc/{pid}/comm") as file:
+                if file.read().strip() == name:
+                    os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def _busy_trainer(threads: int = 21) -> None:

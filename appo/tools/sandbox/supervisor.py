@@ -9,8 +9,9 @@ end-of-file, the wall-clock deadline, the output cap or the CPU budget, then end
      dies the kernel kills every process left in the namespace (daemons, new sessions, ignored signals and
      forks in flight included), and init's exit completes only once they are all gone.
   2. bubblewrap, which sandboxed code can neither see nor signal, reaps init and exits; this process reaps
-     bubblewrap. Had bubblewrap died first, init would be reparented to this process where it is a subreaper
-     (or PID 1): it is then reaped here through its pidfd, so no zombie is left to hold the call's uid.
+     bubblewrap, then waits on init's pidfd until init is gone. Had bubblewrap died first, init would be
+     reparented to this process where it is a subreaper (or PID 1): it is then reaped here through its
+     pidfd, so no zombie is left to hold the call's uid.
 
 None of this depends on a cgroup, on what the code did, or on who reaps orphans in this process's tree.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -157,14 +159,19 @@ class Supervisor:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _reap_init_if_ours(self) -> None:
-        """Init reparented to this process (a subreaper, or PID 1) after bubblewrap died: reap it."""
+    def _init_gone(self, timeout_s: float) -> bool:
+        """Wait (bounded) until init has exited, which the kernel signals once its namespace is empty; reap it
+        if it was reparented to this process (a subreaper, or PID 1) because bubblewrap died first."""
         if self._init_pidfd is None:
-            return
+            return True
+        readable, _, _ = select.select([self._init_pidfd], [], [], timeout_s)
+        if not readable:
+            return False
         try:
             os.waitid(os.P_PIDFD, self._init_pidfd, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:
+        except ChildProcessError:  # bubblewrap's child, reaped by bubblewrap, as it should be
             pass
+        return True
 
     # ------------------------------------------------------------------ collecting
     def _collect(self, deadline, capture_bytes, cpu_limit_s, cpu_meter, cpu_poll_s):
@@ -219,8 +226,7 @@ class Supervisor:
             _wait_for_zombie(proc.pid, timeout_s)
         cpu_s = max(_total_cpu_seconds(proc.pid) or 0.0, self._cpu_seen)
         proc.wait()
-        if not clean:
-            self._reap_init_if_ours()
+        clean = self._init_gone(timeout_s) and clean
         if self._init_pidfd is not None:
             os.close(self._init_pidfd)
             self._init_pidfd = None
