@@ -20,7 +20,7 @@ class ToolCall:
 
     tag: str                    # "python", "search", ...
     query: str                  # text between the tags
-    result: str                 # text placed inside <result>...</result>
+    result: str                 # the tool's output as placed inside <result>...</result> (escaped)
     call_span: tuple[int, int]  # tokens of "<tag>...</tag>" (generated, mask 1)
     result_span: tuple[int, int]  # tokens of the appended "<result>...</result>" block (mask 0)
 
@@ -46,7 +46,9 @@ class RolloutBatch:
                     token, recorded while decoding (0 where not mask); None when the backend never sees the
                     whole distribution (vLLM returns top-k log-probs only).
     Per-rollout lists (length R): tool_calls, answers (None when the rollout gave none), finish_reasons
-    ("answer", "eos", "length", "tool_limit", "error"), texts (decoded response), correct (task metric).
+    ("answer", "eos", "length", "tool_limit", "error"), texts (the graded text of the response:
+    ``appo.rollout.tool_loop.graded_text``, the model's own tokens with each tool result an empty
+    ``<result></result>`` block; ``ToolCall.result`` keeps what the tool returned), correct (task metric).
     """
 
     tokens: torch.Tensor

@@ -5,19 +5,137 @@ sampled token it asks ``after_token`` what happens next: continue, finish (answe
 error) or run a tool call. ``run_calls`` runs the calls of a step grouped by tool and appends each result as
 masked tokens; ``to_batch`` turns the finished rows into the ``RolloutBatch`` bundle. Both backends therefore
 share every decision about tags, limits, masks and spans, and differ only in how tokens are produced.
+
+Two functions here are the reward path's guard for every backend (the TRL and verl integrations call them
+too): ``encode_plain`` turns a tool's output into tokens that are plain text (a special-token string in the
+output stays text, so a tool never puts a chat-role or control token into a rollout's context), and
+``graded_text`` builds the text a reward reads from the model's own tokens only, each tool result an empty
+block. Closing tags follow ``appo.tasks.parsing``'s one rule (``closing_tag_counts``): a ``</python>``
+inside a string literal of the code is code, while decoding as in grading.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 import torch
 
 from appo.rollout.batch import RolloutBatch, ToolCall
 from appo.rollout.sampling import check_sampling_args
+from appo.tasks.parsing import closing_tag_counts, escape_tool_output, extract_answer, tool_call_span
 from appo.tools.base import Tool
 
 _TAG_WINDOW = 16  # tokens decoded to detect a closing tag completed by the newest token
+RESULT_BLOCK = "<result></result>"  # what the graded text holds in place of each tool result
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """Every id a tool's output must never become: the tokenizer's special tokens (``all_special_ids``), every
+    added token (``added_tokens_decoder``: chat-role, control and reserved tokens) and its eos / bos / pad."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    ids.update(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return frozenset(int(i) for i in ids)
+
+
+def _special_strings(tokenizer) -> list[str]:
+    """The texts of the tokens in ``special_token_ids`` (longest first)."""
+    strings = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        strings.add(str(getattr(token, "content", token)))
+    return sorted((s for s in strings if s), key=len, reverse=True)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` with no special tokens added, special-token strings split where the tokenizer can."""
+    if not text:
+        return []
+    try:
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)]
+    except TypeError:  # a tokenizer without the option (the tests' character tokenizer)
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Token ids (list[int]) of ``text`` as plain text: no id is in ``special_token_ids(tokenizer)``.
+
+    For tool output, which is hostile: a string such as ``<|im_start|>`` or ``<|endoftext|>`` in it stays
+    ordinary text, never the special token. The text is encoded with ``split_special_tokens=True`` where the
+    tokenizer has it; if a special id still comes out (an added token that is not special, a tokenizer without
+    the option), the text is encoded in pieces cut inside every special-token string, and as a last resort
+    character by character (a character that alone is a special token becomes U+FFFD, or is dropped where the
+    vocabulary has no plain U+FFFD). Only the fallbacks can tokenize differently from the plain encoding (a
+    sentencepiece tokenizer may add a space per piece)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text: expected a string, got {type(text).__name__}")
+    forbidden = special_token_ids(tokenizer)
+    ids = _encode(tokenizer, text)
+    if forbidden.isdisjoint(ids):
+        return ids
+    cuts = {0, len(text)}
+    for special in _special_strings(tokenizer):
+        at = text.find(special)
+        while at >= 0:
+            cuts.add(at + 1)
+            at = text.find(special, at + 1)
+    bounds = sorted(cuts)
+    ids = [i for a, b in pairwise(bounds) for i in _encode(tokenizer, text[a:b])]
+    if forbidden.isdisjoint(ids):
+        return ids
+    ids, replacement = [], None
+    for character in text:
+        piece = _encode(tokenizer, character)
+        if not forbidden.isdisjoint(piece):
+            if replacement is None:
+                replacement = _plain_replacement(tokenizer, forbidden)
+            piece = replacement
+        ids += piece
+    return ids
+
+
+def _plain_replacement(tokenizer, forbidden: frozenset[int]) -> list[int]:
+    """Ids of U+FFFD if the tokenizer spells it without a special id, else [] (the character is dropped)."""
+    try:
+        ids = _encode(tokenizer, "\N{REPLACEMENT CHARACTER}")
+    except (KeyError, ValueError):  # a vocabulary without it
+        return []
+    return ids if forbidden.isdisjoint(ids) else []
+
+
+def graded_text(tokenizer, ids, model_mask, prefix_length: int = 0) -> str:
+    """The text a reward grades: what the model generated, with each tool result an empty block.
+
+    ids: the response's token ids (a list or a 1-D tensor: everything after the prompt, padding excluded);
+    model_mask: bool per id, True where the model generated it; prefix_length: leading ids that are a response
+    prefix the trainer wrote (``RolloutConfig.response_prefix``, mask False), decoded as text. After the
+    prefix, each run of generated ids is decoded (special tokens skipped) and each run of other ids (a tool's
+    result block, as the backend appended it) becomes ``RESULT_BLOCK``: tool output is never decoded into the
+    graded text, so it cannot give credit or write a tag there, whatever its tokens decode to. Every backend
+    grades this text (``appo.rollout``'s engines, the TRL and verl integrations)."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    mask = model_mask.tolist() if hasattr(model_mask, "tolist") else list(model_mask)
+    if len(mask) != len(ids):
+        raise ValueError(f"model_mask: expected {len(ids)} entries like ids, got {len(mask)}")
+    if not 0 <= prefix_length <= len(ids) or any(mask[:prefix_length]):
+        raise ValueError(f"prefix_length: must count leading ids the model did not generate (0 to "
+                         f"{len(ids)}), got {prefix_length}")
+
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    pieces = [decode(ids[:prefix_length])] if prefix_length else []
+    start = prefix_length
+    while start < len(ids):
+        end = start
+        while end < len(ids) and bool(mask[end]) == bool(mask[start]):
+            end += 1
+        pieces.append(decode(ids[start:end]) if mask[start] else RESULT_BLOCK)
+        start = end
+    return "".join(pieces)
 
 
 @dataclass
@@ -31,7 +149,9 @@ class RolloutConfig:
     stop_tags: closing tags that end a turn: the tag of a tool in ``tools`` runs it, ``</answer>`` ends the
         rollout ("answer"), any other (a tool that is not available) ends it with "error". EOS always stops.
         A closing tool tag with no opening tag in the turn also ends the row with "error".
-    result_template: how a tool's output is appended (tokens masked 0); must contain "{result}".
+    result_template: how a tool's output is appended (tokens masked 0); must contain "{result}". The
+        template's own text is encoded as it is (it may hold chat tokens); the output goes in as plain text
+        (``encode_plain``).
     seed: seeds the engine's torch.Generator (None: nondeterministic).
     reuse_cache: False re-prefills every row's whole history after each tool turn (baseline for benchmarks).
     response_prefix: text appended to every prompt as the start of the response (e.g. "<python>" to make a
@@ -147,6 +267,9 @@ class ToolLoop:
         self.device = device
         self.prefix_ids = tokenizer.encode(self.config.response_prefix, add_special_tokens=False) \
             if self.config.response_prefix else []
+        marker = "\x00result\x00"  # where the tool output goes between the template's own pieces
+        self.template_ids = [tokenizer.encode(piece, add_special_tokens=False) if piece else []
+                             for piece in self.config.result_template.format(result=marker).split(marker)]
         self.stats = RolloutStats()
 
     # ------------------------------------------------------------------ rows
@@ -244,21 +367,27 @@ class ToolLoop:
         return None
 
     def _completed_stop_tag(self, row: Row) -> str | None:
-        """The stop tag that the newest token completes, if any (decodes a short tail of the turn only)."""
+        """The stop tag that the newest token completes and that counts, if any. A short tail of the turn is
+        decoded to see whether a tag was completed; only then is the whole turn read, for the closing-tag rule
+        (``appo.tasks.parsing.closing_tag_counts``: a tag in a string or comment of python code is code)."""
         window = row.tokens[max(row.turn_start, len(row.tokens) - _TAG_WINDOW):]
         now, before = self._decode_text(window), self._decode_text(window[:-1])
         done = [t for t in self.stop_tags if now.count(t) > before.count(t)]
-        return max(done, key=now.rfind) if done else None
+        if not done:
+            return None
+        text = self._decode_text(row.tokens[row.turn_start:])
+        counted = [t for t in done if closing_tag_counts(text, text.rfind(t))]
+        return max(counted, key=text.rfind) if counted else None
 
     def _locate_call(self, row: Row, tag: str) -> tuple[str, int] | None:
-        """(query, index of the token holding "<tag>") of the call the turn just closed; None if unopened."""
+        """(query, index of the token holding "<tag>") of the call the turn just closed, found by the parser
+        (``appo.tasks.parsing.tool_call_span``); None if it has no opening tag."""
         start = row.turn_start
         text = self._decode_text(row.tokens[start:])
-        opening, closing = f"<{tag}>", f"</{tag}>"
-        end = text.rfind(closing)
-        begin = text.rfind(opening, 0, end)
-        if begin < 0:
+        span = tool_call_span(text, (tag,))
+        if span is None or span[2] != text.rfind(f"</{tag}>"):
             return None
+        begin, end = span[1] - len(f"<{tag}>"), span[2]
         call_text = text[begin:end]
         lo, hi = start, len(row.tokens) - 1  # largest token index whose suffix still holds the call
         while lo < hi:
@@ -267,18 +396,17 @@ class ToolLoop:
                 lo = mid
             else:
                 hi = mid - 1
-        return text[begin + len(opening):end], lo
+        return text[span[1]:end], lo
 
     def run_calls(self, rows: list[Row], calls: list[tuple[int, str, str, int]]) -> dict[int, int]:
         """Run ``calls`` = [(row index, tag, query, call start)] grouped by tool (``Tool.run_batch``); append
         each result block (mask 0, log-prob 0) to its row. A result that would pass ``max_total_tokens`` ends
         the row with "length" instead. Returns {row index: index of its first result token}.
 
-        The result text is escaped first (``appo.tasks.parsing.escape_tool_output``): tool output is hostile
-        and must never open or close a tag, so a result block ends where this loop closed it and the grader
-        reads only the model's own tags. ``ToolCall.result`` holds the escaped text the model saw."""
-        from appo.tasks.parsing import escape_tool_output
-
+        Tool output is hostile: it is escaped (``appo.tasks.parsing.escape_tool_output``: it can neither open
+        nor close a tag in the text the model reads) and encoded as plain text (``encode_plain``: no special
+        token), between the template's own tokens. ``ToolCall.result`` holds the escaped text the model saw;
+        the graded text never holds it (``graded_text``)."""
         appended: dict[int, int] = {}
         for tag in dict.fromkeys(c[1] for c in calls):
             group = [c for c in calls if c[1] == tag]
@@ -289,8 +417,10 @@ class ToolLoop:
                 if not isinstance(result, str):
                     result = f"Error: the {tag} tool returned {type(result).__name__}, not text"
                 result = escape_tool_output(result, tags=self.tools)
-                ids = self.tokenizer.encode(self.config.result_template.format(result=result),
-                                            add_special_tokens=False)
+                output = encode_plain(self.tokenizer, result)
+                ids = list(self.template_ids[0])
+                for piece in self.template_ids[1:]:
+                    ids += output + piece
                 if len(row.tokens) + len(ids) >= self.config.max_total_tokens:
                     row.finish = "length"
                     continue
@@ -311,9 +441,8 @@ class ToolLoop:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
     def to_batch(self, rows: list[Row], score) -> RolloutBatch:
-        """Right-pad the compact rows into a RolloutBatch; decode texts, extract answers, score."""
-        from appo.tasks.parsing import extract_answer
-
+        """Right-pad the compact rows into a RolloutBatch; build each graded text (``graded_text``: the
+        response prefix and the model's tokens, tool results as empty blocks), extract answers, score."""
         width = max(len(r.tokens) for r in rows)
         n = len(rows)
         tokens = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -325,7 +454,8 @@ class ToolLoop:
             mask[i, :len(row.tokens)] = torch.tensor(row.mask)
             behaviour_logprobs[i, :len(row.tokens)] = torch.tensor(row.logprobs)
             entropy[i, :len(row.tokens)] = torch.tensor(row.entropy)
-        texts = [self._decode_text(r.tokens[r.response_start:], skip_special=True) for r in rows]
+        texts = [graded_text(self.tokenizer, r.tokens[r.response_start:], r.mask[r.response_start:],
+                             prefix_length=r.prompt_length - r.response_start) for r in rows]
         scored = [score(r.group_id, t) if score is not None else (0.0, 0.0) for r, t in zip(rows, texts)]
 
         def column(values, dtype):

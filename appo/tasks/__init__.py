@@ -1,8 +1,9 @@
-"""Tasks: datasets with gold answers, reward functions (math answers, QA F1, format) and prompts.
+"""Tasks: datasets with gold answers, rewards (math answers, QA token overlap, format) and prompts.
 
 ``get_task("gsm8k" | "arithmetic" | "hotpotqa", **options)`` builds one (``path=``: a local data file or
 folder for the tasks with data; ``appo.tasks.data`` says where data is looked for). Parsing helpers for the
-rollout engine live in ``appo.tasks.parsing`` (find_tool_call, extract_answer, check_format).
+rollout engine live in ``appo.tasks.parsing`` (find_tool_call, extract_answer, check_format, and the one
+closing-tag rule, closing_tag_counts).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from appo.tasks.base import Example, Reward, Task
 from appo.tasks.data import data_dir, load_rows, read_jsonl
 from appo.tasks.gsm8k import GSM8K
 from appo.tasks.hotpotqa import HotpotQA
-from appo.tasks.parsing import check_format, extract_answer, find_tool_call
+from appo.tasks.parsing import check_format, closing_tag_counts, extract_answer, find_tool_call, tool_call_span
 from appo.tasks.prompts import build_messages, render_prompt, system_prompt
-from appo.tasks.rewards import RewardConfig, exact_match, numbers_match, parse_number, token_f1
+from appo.tasks.rewards import (RewardConfig, exact_match, numbers_match, parse_number, precision_times_recall,
+                                token_f1)
 
 TASKS = {"gsm8k": GSM8K, "arithmetic": Arithmetic, "hotpotqa": HotpotQA}
 DATA_TASKS = ("gsm8k", "hotpotqa")  # the tasks that read data (appo.tasks.data.SOURCES)
 
 __all__ = ["Arithmetic", "Example", "GSM8K", "HotpotQA", "Reward", "RewardConfig", "TASKS", "Task",
-           "build_messages", "check_format", "data_dir", "exact_match", "extract_answer", "find_tool_call",
-           "get_task", "load_rows", "numbers_match", "parse_number", "read_jsonl", "render_prompt",
-           "system_prompt", "token_f1"]
+           "build_messages", "check_format", "closing_tag_counts", "data_dir", "exact_match", "extract_answer",
+           "find_tool_call", "get_task", "load_rows", "numbers_match", "parse_number", "precision_times_recall",
+           "read_jsonl", "render_prompt", "system_prompt", "token_f1", "tool_call_span"]
 
 
 def get_task(name: str, **options) -> Task:

@@ -57,8 +57,10 @@ class Task(ABC):
 
         The response is hostile: it is only scanned (never compiled or evaluated), in linear time, and no text
         makes this raise. Should a parse or the grader fail all the same, the response gets no credit and a
-        failed format check, with a warning naming the error. Tool output inside result blocks must have been
-        escaped (``escape_tool_output``, as the rollout engine does), so that it cannot close its block."""
+        failed format check, with a warning naming the error. Pass the text the model wrote, as
+        ``appo.rollout.tool_loop.graded_text`` builds it (every backend does): tool output never reaches the
+        grade there. Given a text that still holds tool output, the parser cuts result blocks out of the
+        answer, but only escaped output (``escape_tool_output``) is sure to stay inside its block."""
         if not isinstance(response, str):
             raise ValueError(f"response: expected a string, got {type(response).__name__}")
         try:

@@ -5,8 +5,9 @@ Data: ``path`` (a HotpotQA distractor .jsonl or a folder holding one), else
 ``hotpotqa/hotpot_qa`` (config "distractor", split "validation", 7,405 questions with the same fields); see
 ``appo.tasks.data``.
 
-The grade is token F1 of the answer against the gold (the score), with exact match reported as ``correct``
-(both after SQuAD normalisation). The search tool's corpus is the union of all questions' context paragraphs
+The grade is token precision x recall of the answer against the gold (the score: unlike token F1 it does not
+pay hedging, ``appo.tasks.rewards.precision_times_recall``), with exact match reported as ``correct`` (both
+after SQuAD normalisation). The search tool's corpus is the union of all questions' context paragraphs
 (``appo.tools.search.build_hotpotqa_corpus``), so every question's two gold paragraphs are retrievable.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from appo.tasks.base import Example, Task
 from appo.tasks.data import load_rows
-from appo.tasks.rewards import RewardConfig, exact_match, token_f1
+from appo.tasks.rewards import RewardConfig, exact_match, precision_times_recall
 
 
 class HotpotQA(Task):
@@ -38,4 +39,4 @@ class HotpotQA(Task):
                 for i, row in enumerate(load_rows("hotpotqa", self.path))]
 
     def grade(self, answer: str, example: Example) -> tuple[float, float]:
-        return token_f1(answer, example.answer), exact_match(answer, example.answer)
+        return precision_times_recall(answer, example.answer), exact_match(answer, example.answer)

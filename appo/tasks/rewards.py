@@ -1,8 +1,14 @@
-"""Answer grading: numeric equivalence for math, SQuAD-style token F1 / exact match for QA; the reward rule.
+"""Answer grading: numeric equivalence for math, token overlap / exact match for QA; the reward rule.
 
 Reward rule (``combine``): score = correct_weight * correctness - (format_penalty if the format is malformed),
-where correctness is 1/0 for math and token F1 in [0, 1] for QA. With the defaults a reward lies in
-[-0.1, 1.0]: a correct answer in a malformed response scores 0.9, a wrong or missing one -0.1.
+where correctness is 1/0 for math and ``precision_times_recall`` in [0, 1] for QA. With the defaults a reward
+lies in [-0.1, 1.0]: a correct answer in a malformed response scores 0.9, a wrong or missing one -0.1.
+
+Why not token F1 for QA: F1 pays hedging. Naming two one-word candidates ("Paris, London") scores F1 = 0.67
+against either gold, more than the 0.5 a model that is unsure between them can expect by committing to one.
+Precision x recall scores that hedge 0.5 ("Paris or London": 1/3), and in general listing candidates never
+scores above what committing to the likeliest one earns in expectation (see ``precision_times_recall``). F1 and exact match stay
+available (``token_f1``, ``exact_match``); the QA accuracy appo reports is exact match.
 """
 
 from __future__ import annotations
@@ -131,6 +137,28 @@ def normalize_answer(text: str) -> str:
 def exact_match(predicted: str | None, gold: str) -> float:
     """1.0 when the normalised strings are equal, else 0.0 (None counts as wrong)."""
     return float(predicted is not None and normalize_answer(predicted) == normalize_answer(gold))
+
+
+def precision_times_recall(predicted: str | None, gold: str) -> float:
+    """Token precision x recall of the normalised answers: the QA correctness appo rewards.
+
+    Same tokens as ``token_f1`` (SQuAD normalisation) and the same yes/no/noanswer rule; an exact match
+    scores 1. It does not pay hedging: for candidates with disjoint tokens c_1..c_k of which the gold is one,
+    with probabilities p_i, listing them all scores |c_i| / sum_j |c_j| when c_i is the gold (less with
+    words such as "or" between them), so its expectation sum_i p_i |c_i| / sum_j |c_j| is at most max_i p_i,
+    what committing to the likeliest candidate earns. Partial answers still earn partial credit ("Obama" for
+    "Barack Obama": 1/2; F1 gives 2/3).
+    """
+    if predicted is None:
+        return 0.0
+    pred, want = normalize_answer(predicted), normalize_answer(gold)
+    if (pred in ("yes", "no", "noanswer") or want in ("yes", "no", "noanswer")) and pred != want:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), want.split()
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    return (common / len(pred_tokens)) * (common / len(gold_tokens))
 
 
 def token_f1(predicted: str | None, gold: str) -> float:

@@ -1,9 +1,11 @@
 """Test doubles for the rollout engine: a character tokenizer with tag tokens, a model wrapper that steers
-sampling by adding a bias that depends only on the previous input token, and a small calculator tool."""
+sampling by adding a bias that depends only on the previous input token, a model that writes a fixed script
+of tokens (any tokenizer), a small calculator tool and a tool with a fixed output."""
 
 from __future__ import annotations
 
 import string
+from types import SimpleNamespace
 
 import torch
 
@@ -14,12 +16,15 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<python>", "</python>", "<answer>", "</a
 
 
 class CharTokenizer:
-    """Ids 0..10 are whole tags (pad 0, eos 2); the rest are single printable characters."""
+    """Ids 0..10 are whole tags (pad 0, eos 2): its special tokens, which ``encode`` always matches (it has no
+    ``split_special_tokens``); the rest are single printable characters."""
 
     def __init__(self):
         self.vocab = SPECIALS + list(string.printable[:95]) + ["\n"]
         self.ids = {tok: i for i, tok in enumerate(self.vocab)}
         self.pad_token_id, self.eos_token_id = 0, 2
+        self.all_special_tokens = list(SPECIALS)
+        self.all_special_ids = list(range(len(SPECIALS)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids, i = [], 0
@@ -80,3 +85,46 @@ class Calculator(Tool):
         except Exception as err:  # noqa: BLE001 - a tool returns its errors as text
             value = f"error: {err}"
         return value + " " * (3 * (self.calls % 4))
+
+
+class ScriptedModel(torch.nn.Module):
+    """A model whose k-th forward call forces the k-th token of ``script`` (then EOS): one rollout at a time
+    writes exactly the chosen tokens, with any tokenizer, at no compute. It keeps the KV cache the engine
+    hands it growing (zeros, one slot per fed token) like a real model. The engine calls the model once per
+    sampled token (a result block is fed in the call that samples the token after it), so the script reads as
+    the model's text with the tool results left out."""
+
+    def __init__(self, vocab_size: int, script: list[int], eos_id: int):
+        from transformers import LlamaConfig
+
+        super().__init__()
+        self.config = LlamaConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                  num_attention_heads=1, num_key_value_heads=1)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine takes its device from the parameters
+        self.script, self.eos_id, self.calls = list(script), eos_id, 0
+
+    def forward(self, input_ids, past_key_values=None, logits_to_keep=0, **kwargs):
+        rows, width = input_ids.shape
+        if past_key_values is not None:
+            slots = torch.zeros(rows, 1, width, 2)
+            past_key_values.update(slots, slots.clone(), 0)
+        token = self.script[self.calls] if self.calls < len(self.script) else self.eos_id
+        self.calls += 1
+        logits = torch.full((rows, 1, self.config.vocab_size), -1e4)
+        logits[..., token] = 0.0
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+class FixedOutput(Tool):
+    """A tool that returns ``output`` whatever it is asked (what model code can print, or a poisoned corpus
+    can hold), and records the queries it ran."""
+
+    parallel = False
+
+    def __init__(self, tag: str, output: str):
+        self.name = self.tag = tag
+        self.output, self.queries = output, []
+
+    def run(self, text: str) -> str:
+        self.queries.append(text)
+        return self.output

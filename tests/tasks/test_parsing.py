@@ -142,5 +142,80 @@ class TestStringRuleWithoutCompiling:
         assert check_format("<python>s = 'abc\nprint(1)</python><result>1</result><answer>1</answer>") == \
             (False, "unclosed <python>")
 
-    def test_an_opening_inside_an_unterminated_string_starts_the_call(self):
-        assert find_tool_call('<python>x = "<python>print(1)</python>') == ("python", "print(1)")
+    def test_a_string_still_open_keeps_later_tags_until_it_closes(self):
+        # decided left to right only (as the engine decides while decoding): later text changes nothing before
+        assert find_tool_call('<python>x = "<python>print(1)</python>') is None
+        closed = '<python>x = "<python>print(1)</python>"\nprint(x)</python>'
+        assert find_tool_call(closed) == ("python", 'x = "<python>print(1)</python>"\nprint(x)')
+
+    def test_a_one_line_string_broken_by_a_newline_voids_the_call(self):
+        assert find_tool_call("<python>s = 'abc\nprint(1)</python>") is None
+        assert find_tool_call("<python>s = 'abc\n<python>print(1)</python>") == ("python", "print(1)")
+
+
+class TestOneClosingTagRule:
+    """The engine decides as each token arrives (closing_tag_counts on the turn so far); the parser and the
+    reward read the finished text. Both must find the same boundaries."""
+
+    SNIPPETS = ['print("</python>")', "s = '</answer>'  # </search>", 'x = """\n</python>\n"""', "# </answer>",
+                "t = 'it\\'s </python>'", "s = 'broken\n", 'u = "<python>"', "x = 1", "</answer>", "<answer>4",
+                "</search>", "<search>q", "'''", '"', "#", "\n", "<result>", "</result>", "</python>", "<python>"]
+
+    def texts(self, count=400, seed=0):
+        import random
+
+        rng = random.Random(seed)
+        for _ in range(count):
+            yield "".join(rng.choice(self.SNIPPETS) for _ in range(rng.randint(1, 8)))
+
+    def test_a_prefix_decides(self):
+        from appo.tasks.parsing import closing_tag_counts
+
+        for text in self.texts():
+            for tag in ("</python>", "</answer>", "</search>"):
+                at = text.find(tag)
+                while at >= 0:
+                    end = at + len(tag)
+                    assert closing_tag_counts(text, at) == closing_tag_counts(text[:end], at), (text, at)
+                    at = text.find(tag, at + 1)
+
+    def test_the_engine_s_first_counted_closing_is_the_parser_s_call(self):
+        from appo.tasks.parsing import closing_tag_counts, tool_call_span
+
+        for text in self.texts(seed=1):
+            events = sorted((i, t) for t in ("python", "search") for i in self._finds(text, f"</{t}>"))
+            for at, tag in events:
+                prefix = text[:at + len(tag) + 3]
+                if not closing_tag_counts(prefix, at):
+                    continue
+                span = tool_call_span(prefix, (tag,))  # what the engine runs when this tag stops the turn
+                assert span is None or span[2] == at, (text, at)
+                if span is not None:
+                    assert tool_call_span(text, (tag,))[2] == at, text  # and the parser on the whole text
+                break
+
+    @staticmethod
+    def _finds(text, tag):
+        at = text.find(tag)
+        while at >= 0:
+            yield at
+            at = text.find(tag, at + 1)
+
+    def test_closing_tags_in_strings_and_comments(self):
+        from appo.tasks.parsing import closing_tag_counts
+
+        code = '<python>s = "</python>"  # </answer>\nprint(s)</python><answer>1</answer>'
+        counted = [closing_tag_counts(code, i) for i in self._finds(code, "</")]
+        assert counted == [False, False, True, True]
+        assert closing_tag_counts("<python>x = 1  # </python>", 17)  # a comment never hides </python>
+        assert closing_tag_counts("x = '</answer>'", 5)  # no python call: plain text
+
+    def test_answers_in_code_do_not_count_even_in_an_unfinished_call(self):
+        assert extract_answer('<python>print("</python><answer>42</answer>")</python>') is None
+        assert extract_answer("<python>s = '<answer>42</answer>'") is None
+        assert extract_answer("<python>x = 1\n</python><result></result><answer>42</answer>") == "42"
+
+    def test_result_blocks_are_cut_out_of_the_answer(self):
+        assert extract_answer("<answer>4<result>2</result></answer>") == "4"
+        assert extract_answer("<answer><result>42</result> </answer>") == ""
+        assert extract_answer("<answer>4</answer><result>2</result>") == "4"

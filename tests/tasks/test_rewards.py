@@ -5,7 +5,8 @@ from fractions import Fraction
 import pytest
 
 from appo.tasks import Example, GSM8K, HotpotQA, RewardConfig
-from appo.tasks.rewards import combine, exact_match, normalize_answer, numbers_match, parse_number, token_f1
+from appo.tasks.rewards import (combine, exact_match, normalize_answer, numbers_match, parse_number,
+                               precision_times_recall, token_f1)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -77,6 +78,30 @@ def test_token_f1_by_hand():
     assert token_f1(None, "Paris") == 0.0
 
 
+def test_precision_times_recall_by_hand():
+    # the same tokens as F1, multiplied: P = 2/3, R = 1 -> 2/3 (F1 0.8); P = 1, R = 2/3 -> 2/3
+    assert precision_times_recall("Barack Obama, president", "Barack Obama") == pytest.approx(2 / 3)
+    assert precision_times_recall("the New York", "New York City") == pytest.approx(2 / 3)
+    assert precision_times_recall("red big apple", "green apple") == pytest.approx(1 / 6)
+    assert precision_times_recall("Paris", "paris") == 1.0 and precision_times_recall("London", "Paris") == 0.0
+    assert precision_times_recall("yes it is", "yes") == 0.0 and precision_times_recall(None, "x") == 0.0
+
+
+def test_hedging_never_beats_committing_to_the_likeliest_candidate():
+    # k one-word candidates, the gold one of them with probability p_i: the hedge listing all scores 1/k
+    # (less with "or"), committing to candidate i earns p_i in expectation
+    candidates = ["Paris", "London", "Rome"]
+    for k in (2, 3):
+        hedge = " ".join(candidates[:k])
+        assert token_f1(hedge, "Paris") == pytest.approx(2 / (k + 1))  # F1 paid the hedge more than 1/k
+        assert precision_times_recall(hedge, "Paris") == pytest.approx(1 / k)
+        assert precision_times_recall(" or ".join(candidates[:k]), "London") < 1 / k
+    # candidates of different lengths: the expectation over the gold is a weighted mean, <= max p_i
+    prior = {"New York City": 0.5, "Boston": 0.5}
+    expected = sum(p * precision_times_recall("New York City Boston", gold) for gold, p in prior.items())
+    assert expected <= max(prior.values())
+
+
 def test_combine_rule():
     config = RewardConfig(correct_weight=1.0, format_penalty=0.1)
     assert combine(1.0, True, config) == 1.0
@@ -108,10 +133,10 @@ def test_math_reward(tmp_path):
     assert (missing.score, missing.correct, missing.answer) == (pytest.approx(-0.1), 0.0, None)
 
 
-def test_qa_reward_uses_f1_for_score_and_exact_match_for_correct():
+def test_qa_reward_uses_precision_times_recall_for_score_and_exact_match_for_correct():
     task = HotpotQA()
     partial = task.reward("<search>who</search><result>...</result><answer>Obama</answer>", QA)
-    assert partial.score == pytest.approx(2 / 3)  # P = 1, R = 1/2
+    assert partial.score == pytest.approx(1 / 2)  # P = 1, R = 1/2 (F1 would pay 2/3)
     assert partial.correct == 0.0 and partial.format_ok
     exact = task.reward("<answer>barack obama.</answer>", QA)
     assert (exact.score, exact.correct) == (1.0, 1.0)
