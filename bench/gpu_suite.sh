@@ -3,9 +3,9 @@
 # 8-minute budget that its plan adds up to (bench/gpu_suite.py PLAN: every step's time limit, installs, the
 # extension build and the summary included; `python bench/gpu_suite.py plan` prints it):
 #   1. setup: the carried wheels ($APPO_WHEELS, default .benchmarks/wheels, made by
-#      bench/prepare_gpu_carry.sh: Liger-Kernel) installed by pip offline, without dependencies or version check, into a private folder,
-#      and appo copied beside them as its wheel lays it out; every later process imports from there
-#      (PYTHONPATH, PYTHONSAFEPATH: the machine's own environment is left as it is);
+#      bench/prepare_gpu_carry.sh: Liger-Kernel) installed by pip offline, without dependencies or version
+#      check, into a private folder, and appo copied beside them as its wheel lays it out; every later
+#      process imports from there (PYTHONPATH, PYTHONSAFEPATH: the machine's own environment is left alone);
 #   2. tools: versions, the device, and which optional tools are there (xdist, pytest-timeout, Liger);
 #   3. build, in the background until step 8: appo._C with its CUDA kernel (nvcc for this device only). Every
 #      other process runs with APPO_BUILD_EXTENSION=0 meanwhile; when the build fails or runs out of time,
@@ -25,10 +25,10 @@
 #
 # Output. Logs and json go to the run folder ($APPO_SUITE_DIR, else one under $APPO_SUITE_WORK, a scratch
 # folder). $OUT (the only folder that comes back from the GPU machine, at most 8 files) receives three,
-# rebuilt after every step, so that a call cut short still returns what it measured: summary.txt, gpu-suite.json (the
-# merged record) and raw.tar.gz (the run folder; `python bench/gpu_suite.py summary --run-dir DIR --out DIR`
-# rebuilds the other two from it). Pytest steps write a json line per test as it ends. Every record carries
-# $APPO_COMMIT (no .git travels; bench/prepare_gpu_carry.sh prints the call with it).
+# rebuilt after every step, so that a call cut short still returns what it measured: summary.txt,
+# gpu-suite.json (the merged record) and raw.tar.gz (the run folder; `python bench/gpu_suite.py summary
+# --run-dir DIR --out DIR` rebuilds the other two from it). Pytest steps write a json line per test as it
+# ends. Every record carries $APPO_COMMIT (no .git travels; bench/prepare_gpu_carry.sh prints the call with it).
 #
 #   usage: bash bench/gpu_suite.sh [--dry-run]
 #   --dry-run: the same steps at tiny sizes on the CPU (Triton under TRITON_INTERPRET=1; the build step

@@ -30,7 +30,8 @@ elif ! git check-ignore -q "$CARRY/x.whl"; then
 fi
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
-  --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+  --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 \
   -d "$CARRY" "${WHEELS[@]}"
 # One version of each: a wheel left from an earlier preparation, not asked for now, would be installed too.
 "$PYTHON" - "$CARRY" "${WHEELS[@]}" <<'PY'
@@ -78,4 +79,5 @@ print(json.dumps({"command": f"APPO_COMMIT={commit} bash bench/gpu_suite.sh", "c
                   "timeout_s": timeout}, indent=2))
 PY
 echo "Environment there: APPO_COMMIT (above; no .git travels), OUT (set by the tool: summary.txt,"
-echo "gpu-suite.json and raw.tar.gz come back), APPO_WHEELS defaults to $CARRY; python3 is the interpreter that holds torch."
+echo "gpu-suite.json and raw.tar.gz come back), APPO_WHEELS defaults to $CARRY; python3 is the interpreter"
+echo "that holds torch."

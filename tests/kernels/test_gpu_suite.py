@@ -52,7 +52,8 @@ def test_the_plan_fits_the_budget_and_names_every_step_the_script_runs():
     for line in text.splitlines():
         for part in line.split("#")[0].split(";"):
             words = part.replace("(", " ").split()
-            if len(words) > 1 and words[0] in ("step", "bench") and re.fullmatch(r"[a-z][a-z0-9_]*", words[1]):
+            named = len(words) > 1 and re.fullmatch(r"[a-z][a-z0-9_]*", words[1])
+            if named and words[0] in ("step", "bench"):
                 called.add(words[1])
     assert called == {step.name for step in gpu_suite.PLAN} - {"summary"}
 
