@@ -28,7 +28,7 @@
 # rebuilt after every step, so that a call cut short still returns what it measured: summary.txt,
 # gpu-suite.json (the merged record) and raw.tar.gz (the run folder; `python bench/gpu_suite.py summary
 # --run-dir DIR --out DIR` rebuilds the other two from it). Pytest steps write a json line per test as it
-# ends. Every record carries $APPO_COMMIT (no .git travels; bench/prepare_gpu_carry.sh prints the call with it).
+# ends. Every record carries $APPO_COMMIT (no .git travels; bench/prepare_gpu_carry.sh prints the call).
 #
 #   usage: bash bench/gpu_suite.sh [--dry-run]
 #   --dry-run: the same steps at tiny sizes on the CPU (Triton under TRITON_INTERPRET=1; the build step
