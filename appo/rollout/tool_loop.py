@@ -440,6 +440,13 @@ class ToolLoop:
     def _decode_text(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
+    def graded_text_of(self, row: Row) -> str:
+        """The text a reward grades for ``row`` (``graded_text``: the response prefix, then the model's tokens
+        with each tool result an empty block). Backends that build their own output (verl's agent loop) call
+        this; ``to_batch`` does for the engines."""
+        return graded_text(self.tokenizer, row.tokens[row.response_start:], row.mask[row.response_start:],
+                           prefix_length=row.prompt_length - row.response_start)
+
     def to_batch(self, rows: list[Row], score) -> RolloutBatch:
         """Right-pad the compact rows into a RolloutBatch; build each graded text (``graded_text``: the
         response prefix and the model's tokens, tool results as empty blocks), extract answers, score."""
@@ -454,8 +461,7 @@ class ToolLoop:
             mask[i, :len(row.tokens)] = torch.tensor(row.mask)
             behaviour_logprobs[i, :len(row.tokens)] = torch.tensor(row.logprobs)
             entropy[i, :len(row.tokens)] = torch.tensor(row.entropy)
-        texts = [graded_text(self.tokenizer, r.tokens[r.response_start:], r.mask[r.response_start:],
-                             prefix_length=r.prompt_length - r.response_start) for r in rows]
+        texts = [self.graded_text_of(r) for r in rows]
         scored = [score(r.group_id, t) if score is not None else (0.0, 0.0) for r, t in zip(rows, texts)]
 
         def column(values, dtype):

@@ -154,13 +154,14 @@ class VLLMRolloutEngine(ToolLoop):
                 if isinstance(outcome, tuple):
                     calls.append((r, *outcome))
                 elif outcome is None:
-                    unfinished.append(r)  # vLLM stopped early (never seen): the next request goes on
+                    unfinished.append(r)  # e.g. a stop inside a python string: the next request goes on
             appended = self.run_calls(rows, calls)
             active = sorted(unfinished + list(appended))
 
     def _replay(self, row: Row, completion):
         """Feed vLLM's tokens through the shared per-token decisions; stop at the first one that ends the turn
-        (vLLM's own stop-string check can only stop at the same token or later)."""
+        (vLLM's own stop-string check can only stop at the same token or later, and also stops at a closing
+        tag inside a python string, which the tool loop's closing-tag rule does not end a turn on)."""
         if not completion.token_ids:
             row.finish = "length"
             return "length"
