@@ -41,18 +41,29 @@ class PolicyForward(NamedTuple):
     cache: object
 
 
+def _engine_is_current() -> bool:
+    return False
+
+
 @dataclass
 class StepContext:
     """What an algorithm may use during one step: the engine, the step's scorer (group id, response text) ->
-    (reward, correct), the no-grad policy forward (for backends that record no entropy), the step's ARPO
-    generator, the model's dtype, and a timer dict the algorithm adds its branching seconds to."""
+    (reward, correct), the no-grad policy forward (for backends that record no entropy), the step's generator
+    (ARPO's U(0,1) draws, APPO's ``uniform_points``), the model's dtype, the dtype the policy forward computes
+    in (bf16 under autocast: it sets the no-shift tolerance), ``prepare_branches`` (called right before branch
+    continuations are decoded: a backend that holds its own weights gets the trainer's current ones; returns
+    True when it decodes from stale weights instead, by the documented ``rollout.stale_branches`` switch), and
+    a timer dict the algorithm adds its branching seconds to (``branch``; ``branch_sync``: the weight syncs
+    inside it)."""
 
     engine: object
     score: Callable
     forward: Callable[[RolloutBatch, bool], PolicyForward]
     generator: torch.Generator
     model_dtype: torch.dtype
-    timings: dict = field(default_factory=lambda: {"branch": 0.0})
+    compute_dtype: torch.dtype = torch.float32
+    prepare_branches: Callable[[], bool] = _engine_is_current
+    timings: dict = field(default_factory=lambda: {"branch": 0.0, "branch_sync": 0.0})
 
 
 class Algorithm:
@@ -112,6 +123,7 @@ class ARPO(Algorithm):
                                       generator=ctx.generator)
         parts = [initial]
         if src.numel():
+            ctx.prepare_branches()  # a no-op: ARPO branches before any update of the step
             prefix_cache = None
             if cache is not None:
                 prefix_cache = gather_prefix_kv(cache, src.to(initial.tokens.device), pos.to(initial.tokens.device),
@@ -125,7 +137,7 @@ class ARPO(Algorithm):
         if extra:
             parts.append(engine.generate([by_group[g] for g in extra], extra, score=ctx.score))
         batch = concat(parts)
-        return batch, {"trajectories": batch.num_rollouts, "branches": int(src.numel())}
+        return batch, {"trajectories": batch.num_rollouts, "branches": int(src.numel()), "fresh": len(extra)}
 
 
 class APPO(Algorithm):
@@ -139,6 +151,7 @@ class APPO(Algorithm):
         self.settings = APPOSettings(
             branches_per_rollout=algo.B, bs_gamma=algo.bs_gamma, bs_clip=algo.bs_clip, candidates=algo.candidates,
             per=algo.per, min_gap=algo.min_gap, include_token=algo.include_token, entropy_only=algo.entropy_only,
+            uniform_points=algo.uniform_points, shift_tolerance=algo.shift_tolerance,
             fut_gamma=algo.fut_gamma, fut_clip=algo.fut_clip, future_scale=algo.b, combine=algo.combine,
             one_group=algo.one_group)
         self.keeps_cache = True
@@ -166,18 +179,30 @@ class APPO(Algorithm):
                                      mask=sub.mask)
         return advantages, info
 
+    def warmup_advantages(self, sub: RolloutBatch, forward: PolicyForward) -> torch.Tensor:
+        """Advantages of ``algo.warmup_update``, the update before any branching: the initial-group advantage
+        A_init (no branches yet) times (1 + b * A_fut), with A_fut = clip(1) since pi_theta == pi_old."""
+        base = dual_group_base(self.settings, rewards=sub.rewards, group_ids=sub.group_ids, parent=sub.parent,
+                               shared_prefix=torch.zeros_like(sub.parent), mask=sub.mask)
+        return scale_by_future(self.settings, base, logprobs=forward.logprobs, old_logprobs=forward.logprobs,
+                               mask=sub.mask)
+
     def _branch(self, ctx, sub, forward, old_logprobs) -> tuple[RolloutBatch | None, dict]:
         """Plan B * N branches per prompt from this forward and decode them (from its gathered KV cache)."""
         from appo.prefix_cache import gather_prefix_kv
 
         tick = time.perf_counter()
         plan = plan_branches(self.settings, tokens=sub.tokens, mask=sub.mask, group_ids=sub.group_ids,
-                             logprobs=forward.logprobs, old_logprobs=old_logprobs, entropy=forward.entropy)
+                             logprobs=forward.logprobs, old_logprobs=old_logprobs, entropy=forward.entropy,
+                             compute_dtype=ctx.compute_dtype, generator=ctx.generator)
         omega = plan.score.future_value[sub.mask]
-        info = {"bs_entropy_only": plan.entropy_only_fraction, "branches_filled": plan.filled,
-                "branches_fresh": plan.fresh, "omega_min": float(omega.min()), "omega_max": float(omega.max())}
+        info = {"bs_entropy_only": plan.entropy_only_fraction, "branches_chosen": plan.chosen,
+                "branches_filled": plan.filled, "branches_fresh": plan.fresh,
+                "branch_points_uniform": float(self.settings.uniform_points),
+                "omega_min": float(omega.min()), "omega_max": float(omega.max()), "branch_policy_stale": 0.0}
         branches = None
         if plan.src.numel():
+            info["branch_policy_stale"] = float(ctx.prepare_branches())
             prefix_cache = None
             if ctx.engine.accepts_gathered_cache:  # vLLM finds the prefixes in its own prefix cache instead
                 with torch.no_grad():

@@ -20,6 +20,13 @@ import torch
 GAMMA = 2.0 ** (-1.0 / 32.0)
 FUTURE_VALUE_CLIP = (1.0, 1.2)
 LOG_RATIO_SUM_BOUND = 20.0  # s is clamped to [-20, 20] before exp, so Omega is always finite
+# No shift: the largest |log pi_theta - log pi_old| over a rollout's generated tokens that rounding alone may
+# produce between two forwards of the same weights, by the dtype the forward computes in (docs/method.md,
+# section 5). Calibrated on SmolLM2-135M (tests/test_trainer_smollm2.py::test_smollm2_no_shift_tolerance...):
+# the same rollouts forwarded alone and inside a padded batch differ by at most ~1e-5 in fp32 and ~0.1 under
+# bf16 autocast, while one AdamW step at lr 1e-7 moves a token of every rollout by more than 3e-3 in fp32 and
+# 0.5 under bf16 autocast. Each bound sits between the two.
+NO_SHIFT_TOLERANCE = {torch.float32: 2.0 ** -12, torch.float16: 2.0 ** -5, torch.bfloat16: 2.0 ** -2}
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IMPLS = ("auto", "triton", "torch")
@@ -45,8 +52,10 @@ class BranchingScore:
     logprobs:     float32 log pi_theta of the sampled token.
     future_value: float32 Omega = exp(clamp(s, -20, 20)), not clipped to [lo, hi].
     candidates:   bool, where ``score`` is finite.
-    entropy_only: bool [B], rows whose clipped Omega is constant over the mask (e.g. pi_theta == pi_old on
-                  the first mini-batch): their score is z(H) alone, the documented fallback.
+    entropy_only: bool [B], rows that show no policy shift: their largest |log pi_theta - log pi_old|
+                  over the mask is within the no-shift tolerance (``no_shift_tolerance``; e.g. pi_theta ==
+                  pi_old on the first mini-batch, or only rounding noise between two forwards), or their
+                  clipped Omega is constant over the mask. Their score is z(H) alone, the documented fallback.
     """
 
     score: torch.Tensor
@@ -318,6 +327,15 @@ def _log_ratio_sum(logprobs, old_logprobs, mask, gamma, impl) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- branching score
+def no_shift_tolerance(dtype: torch.dtype) -> float:
+    """The no-shift tolerance of a forward computed in ``dtype`` (``NO_SHIFT_TOLERANCE``): a rollout whose
+    largest |log pi_theta - log pi_old| over its generated tokens is at most this shows no policy shift, only
+    rounding noise, and its Branching Score falls back to entropy alone. fp32 2^-12, fp16 2^-5, bf16 2^-2."""
+    if dtype not in NO_SHIFT_TOLERANCE:
+        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+    return NO_SHIFT_TOLERANCE[dtype]
+
+
 def _masked_zscore(x: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row z-score over masked positions (population std). Returns (z [B, T], std [B])."""
     m = mask.to(x.dtype)
@@ -340,7 +358,7 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
                     entropy: torch.Tensor | None = None, logprobs: torch.Tensor | None = None,
                     gamma: float = GAMMA, clip: tuple[float, float] = FUTURE_VALUE_CLIP,
                     candidates: str = "strict", temperature: float = 1.0, eps: float = 1e-6,
-                    impl: str = "auto") -> BranchingScore:
+                    shift_tolerance: float | None = None, impl: str = "auto") -> BranchingScore:
     """The Branching Score of METHOD.md Eq. 5 for every token of B rollouts.
 
     BS_{n,i} = Z(clip(Omega_{n,i}, lo, hi)) * Z(H_{n,i}), with Z the population z-score over the masked
@@ -350,8 +368,13 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
         logits [B, T, V] | hidden [B, T, H] + weight [V, H] (+ bias [V]) | entropy + logprobs [B, T].
     ``candidates``: "strict" (default) keeps tokens with z(Omega) > 0 and z(H) > 0; "all" keeps every masked
     token. Non-candidates, positions outside the mask and each row's last generated token get -inf.
-    Rows whose clipped Omega is constant over the mask (pi_theta == pi_old, or all ratios below ``lo``) are
-    scored by z(H) alone (``entropy_only`` says which; under "strict" they keep tokens with z(H) > 0).
+    Rows with no policy shift are scored by z(H) alone (``entropy_only`` says which; under "strict" they keep
+    tokens with z(H) > 0): rows whose largest |log pi_theta - log pi_old| over the mask is at most
+    ``shift_tolerance`` (rounding noise between two forwards must not drive the z-score of Omega, which would
+    turn it into a full-size signal), and rows whose clipped Omega is constant (every ratio below ``lo``).
+    ``shift_tolerance`` None: ``no_shift_tolerance`` of the dtype the statistics were computed in (logits' or
+    hidden's; with entropy=/logprobs=, the logprobs' dtype, so fp32 unless given in half precision): pass
+    the tolerance of your forward's dtype when the log-probs were computed under autocast. 0: exact equality.
     Raises ValueError when the mask selects no token at all.
     """
     if candidates not in ("strict", "all"):
@@ -360,6 +383,8 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     eps = float(eps)
     if not eps > 0:
         raise ValueError(f"eps: must be positive, got {eps}")
+    if shift_tolerance is not None and not float(shift_tolerance) >= 0:
+        raise ValueError(f"shift_tolerance: must be >= 0 (or None: from the dtype), got {shift_tolerance}")
     given_stats = entropy is not None or logprobs is not None
     sources = int(logits is not None) + int(hidden is not None or weight is not None) + int(given_stats)
     if sources != 1:
@@ -375,8 +400,10 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
         if tokens is None or tokens.shape != logprobs.shape:
             raise ValueError(f"tokens: expected shape {tuple(logprobs.shape)}, got "
                              f"{None if tokens is None else tuple(tokens.shape)}")
+        computed_in = logprobs.dtype
         stats = TokenStats(logprobs.detach().float(), entropy.detach().float())
     else:
+        computed_in = (logits if logits is not None else hidden).dtype
         stats = token_stats(logits, tokens, hidden=hidden, weight=weight, bias=bias,
                             temperature=temperature, impl=impl)
         if stats.logprobs.dim() != 2:
@@ -396,7 +423,10 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     z_entropy, _ = _masked_zscore(stats.entropy.double(), mask, eps)
     z_omega, _ = _masked_zscore(clipped, mask, eps)
     spread = torch.where(mask, clipped, -torch.inf).amax(1) - torch.where(mask, clipped, torch.inf).amin(1)
-    entropy_only = mask.any(dim=1) & (spread == 0)
+    tolerance = no_shift_tolerance(computed_in) if shift_tolerance is None else float(shift_tolerance)
+    log_ratio = (stats.logprobs.double() - old_logprobs.detach().double()).abs()
+    largest_shift = torch.where(mask, log_ratio, 0.0).amax(1)
+    entropy_only = mask.any(dim=1) & ((spread == 0) | (largest_shift <= tolerance))
 
     product = torch.where(entropy_only[:, None], z_entropy, z_omega * z_entropy)
     keep = mask.clone()

@@ -307,11 +307,14 @@ class Trainer:
         # Group ids are step-local (0..P-1), so an example drawn twice in one step still forms two groups.
         groups = list(range(len(examples)))
         self.score = lambda group_id, response: self.data.score(examples[group_id], response)
-        self._sync_engine()
+        counted = (self.engine.stats.generated_tokens, self.engine.stats.tool_calls)
+        timings = {"rollout_sync": self._sync_engine()}
         ctx = StepContext(engine=self.engine, score=self.score, forward=self._forward,
-                          generator=self.arpo_generator, model_dtype=self.model_dtype)
+                          generator=self.arpo_generator, model_dtype=self.model_dtype,
+                          compute_dtype=self._compute_dtype())
+        ctx.prepare_branches = lambda: self._prepare_branches(ctx)
         batch, rollout_info = self.algorithm.rollouts(ctx, prompts, groups)
-        timings = {"rollout": time.perf_counter() - started}
+        timings["rollout"] = time.perf_counter() - started
 
         per_micro = len(groups) // (config.optim.minibatches_per_step * config.optim.grad_accumulation)
         micro = [take_rows(batch, rows_of_groups(batch, groups[i:i + per_micro]))
@@ -331,6 +334,9 @@ class Trainer:
 
         self.micro_records, grad_norms, branch_batches = [], [], []
         tick = time.perf_counter()
+        if config.algo.warmup_update:  # one update before any branching: every mini-batch then sees a shift
+            grad_norms.append(self._warmup_update(micro[:config.optim.grad_accumulation], old_logprobs,
+                                                  rollouts_per_update))
         for i, sub in enumerate(micro):
             forward = self._forward(sub, self._keep_cache)
             old = old_logprobs.pop(i) if i in old_logprobs else forward.logprobs.detach()
@@ -350,9 +356,30 @@ class Trainer:
                 grad_norms.append(self._optimizer_step())
         timings["update"] = time.perf_counter() - tick - (ctx.timings["branch"] - branched_before_updates)
         timings["branch"] = ctx.timings["branch"]
+        timings["branch_sync"] = ctx.timings["branch_sync"]
         self.step_count += 1
+        counts = {"tokens/generated": self.engine.stats.generated_tokens - counted[0],
+                  "tokens/optimised": sum(int(sub.mask.sum()) for sub in micro),
+                  "tool_calls/run": self.engine.stats.tool_calls - counted[1]}
         return self._step_metrics(batch, branch_batches, rollout_info, grad_norms, timings,
-                                  time.perf_counter() - started, len(groups))
+                                  time.perf_counter() - started, len(groups), counts)
+
+    def _warmup_update(self, subs: list[RolloutBatch], old_logprobs: dict, rollouts_per_update: int) -> float:
+        """``algo.warmup_update``: one optimizer update over the first mini-batch's micro-batches ``subs``
+        before any branching, with the algorithm's warm-up advantages; their pi_old (this forward, detached)
+        goes into ``old_logprobs`` for their later update. Returns the gradient norm."""
+        algo = self.config.algo
+        for i, sub in enumerate(subs):
+            forward = self._forward(sub, False)
+            old_logprobs[i] = forward.logprobs.detach()
+            advantages = self.algorithm.warmup_advantages(sub, forward)
+            loss, _ = ppo_clip_loss(forward.logprobs, old_logprobs[i], advantages, sub.mask,
+                                    num_rollouts_total=rollouts_per_update, eps_low=algo.eps_low,
+                                    eps_high=algo.eps_high, ref_logprobs=self._reference_logprobs(sub),
+                                    kl_coef=algo.kl_coef, behaviour_logprobs=sub.behaviour_logprobs,
+                                    is_cap=algo.tis_cap)
+            loss.backward()
+        return self._optimizer_step()
 
     @property
     def _keep_cache(self) -> bool:
@@ -377,14 +404,39 @@ class Trainer:
         self.engine_stale = True
         return float(norm)
 
-    def _sync_engine(self) -> None:
-        """Give a vLLM engine the current weights before it samples (the transformers engine shares them)."""
+    def _sync_engine(self) -> float:
+        """Give a vLLM engine the current weights before it samples (the transformers engine shares them);
+        a no-op unless an optimizer step came since the last sync. Returns the seconds it took."""
+        tick = time.perf_counter()
         if self.engine_stale and hasattr(self.engine, "load_weights"):
             self.engine.load_weights(self.model)
         self.engine_stale = False
+        return time.perf_counter() - tick
+
+    def _prepare_branches(self, ctx: StepContext) -> bool:
+        """Right before branch continuations are decoded: sync the engine's weights when they are stale (once
+        per branching mini-batch after an update; seconds added to ``time/branch_sync``), unless
+        ``rollout.stale_branches``. Returns True when the branches decode from weights older than the
+        trainer's (metric ``branch_policy_stale``)."""
+        holds_own_weights = hasattr(self.engine, "load_weights")
+        if self.engine_stale and holds_own_weights and self.config.rollout.stale_branches:
+            return True
+        ctx.timings["branch_sync"] += self._sync_engine()
+        return False
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the policy forward computes in, which sets the no-shift tolerance (docs/method.md,
+        section 5): bf16 under autocast; fp32 matmuls that CUDA runs as TF32 round like fp16 (10-bit
+        mantissa)."""
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.bfloat16
+        if self.model_dtype == torch.float32 and self.device.type == "cuda" and \
+                torch.backends.cuda.matmul.allow_tf32:
+            return torch.float16
+        return self.model_dtype
 
     def _step_metrics(self, batch, branch_batches, rollout_info, grad_norms, timings, total_time,
-                      prompts) -> dict:
+                      prompts, counts) -> dict:
         initial = batch.parent < 0
         everything = concat([batch, *branch_batches]) if branch_batches else batch
         generated = batch.mask.sum(dim=1).float()
@@ -401,8 +453,10 @@ class Trainer:
             "tool_calls": sum(len(c) for c in everything.tool_calls) / everything.num_rollouts,
             "answered": sum(r == "answer" for r in everything.finish_reasons) / everything.num_rollouts,
             "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "updates": len(grad_norms),
             "time/step": total_time,
             **{f"time/{k}": v for k, v in timings.items()},
+            **counts,
         }
         records = self.micro_records
         metrics.update({f"loss/{k}": v for k, v in _average([r["loss"] for r in records]).items()})
@@ -410,8 +464,13 @@ class Trainer:
         if branching:
             metrics.update(_average(branching))
             metrics["branches"] = sum(r["branches"] for r in branching)
-        elif "branches" in rollout_info:
-            metrics["branches"] = rollout_info["branches"]
+            for part in ("chosen", "filled", "fresh"):  # step totals (branches_filled: per micro-batch)
+                metrics[f"branches/{part}"] = sum(r[f"branches_{part}"] for r in branching)
+        else:  # ARPO: its branches, and the fresh rollouts that filled its budget; GRPO: none
+            if "branches" in rollout_info:
+                metrics["branches"] = rollout_info["branches"]
+            metrics["branches/chosen"] = rollout_info.get("branches", 0)
+            metrics["branches/filled"] = metrics["branches/fresh"] = rollout_info.get("fresh", 0)
         return metrics
 
 

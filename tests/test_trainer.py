@@ -236,3 +236,119 @@ def test_resume_continues_exactly(tmp_path):
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     straight_lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["reward"] == json.loads(straight_lines[-1])["reward"]
+
+
+def with_forward_noise(trainer, size, seed=0):
+    """Every policy forward of ``trainer`` disagrees with the others by up to ``size`` in each log-prob, as two
+    GPU forwards of the same weights may (split-K, atomics, another batch layout). fp32 cannot move a log-prob
+    of magnitude > 1 by less than one ulp (1.2e-7 to 4.8e-7 here), so a step it would round away moves the
+    value by one ulp in the noise's direction instead: the smallest disagreement two forwards can show."""
+    forward, gen = trainer._forward, torch.Generator().manual_seed(seed)
+
+    def noisy(sub, use_cache):
+        out = forward(sub, use_cache)
+        values = out.logprobs.detach()
+        noise = size * (2 * torch.rand(values.shape, generator=gen, dtype=torch.float64) - 1)
+        moved = (values.double() + noise).float()
+        one_ulp = torch.nextafter(values, torch.where(noise > 0, torch.inf, -torch.inf).float())
+        moved = torch.where(moved == values, one_ulp, moved)
+        return out._replace(logprobs=out.logprobs + (moved - values))
+
+    trainer._forward = noisy
+    return trainer
+
+
+@pytest.mark.parametrize("lr, shifted", [(0.0, False), (3e-2, True)])
+def test_rounding_noise_is_no_policy_shift_but_an_update_is(tmp_path, lr, shifted):
+    """1e-7 of noise between the pi_old recompute and the loss forward: with lr = 0 every mini-batch still falls
+    back to entropy alone, exactly (the Branching Score's z(Omega) would blow the noise up to a full-size
+    signal); after a real update the second mini-batch measures the shift."""
+    trainer = with_forward_noise(make_trainer(tmp_path, [f"optim.lr={lr}", "optim.minibatches_per_step=2",
+                                                         "optim.grad_accumulation=1", "algo.N=2", "algo.B=1",
+                                                         "algo.M=4"]), 1e-7)
+    metrics = trainer.step()
+    first, second = (r["branching"] for r in trainer.micro_records)
+    assert first["bs_entropy_only"] == 1.0
+    assert trainer.micro_records[1]["loss"]["ratio_max"] != 1.0  # the noise did reach the second mini-batch
+    if shifted:
+        assert second["bs_entropy_only"] < 1.0 and metrics["bs_entropy_only"] < 1.0
+    else:
+        assert second["bs_entropy_only"] == 1.0 and metrics["bs_entropy_only"] == 1.0
+
+
+def test_step_metrics_count_the_work_of_the_step(tmp_path):
+    """What a study reads per step: generated tokens (initial rollouts plus the branches' new tokens), the
+    tokens the loss optimised, tool calls run, branches chosen / filled / fresh and the seconds of each phase."""
+    trainer = make_trainer(tmp_path, ["optim.lr=1e-3", "optim.minibatches_per_step=2", "optim.grad_accumulation=1",
+                                      "algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4"])
+    seen = []
+    advantages = trainer.algorithm.advantages
+
+    def spy(ctx, index, sub, forward, old):
+        out, info = advantages(ctx, index, sub, forward, old)
+        seen.append((sub, info["branch_batch"]))
+        return out, info
+
+    trainer.algorithm.advantages = spy
+    metrics = trainer.step()
+    initial = sum(int(sub.mask.sum()) for sub, _ in seen)
+    branched = sum(int(b.mask[k, int(b.branch_pos[k]):].sum()) for _, b in seen for k in range(b.num_rollouts))
+    assert metrics["tokens/optimised"] == initial > 0
+    assert metrics["tokens/generated"] == initial + branched
+    assert metrics["tool_calls/run"] == trainer.engine.stats.tool_calls
+    assert metrics["branches/chosen"] + metrics["branches/filled"] == metrics["branches"] == 4 * 2 * 3
+    assert metrics["branches/filled"] >= metrics["branches/fresh"] and metrics["branches/filled"] > 0
+    for phase in ("rollout", "old_logprobs", "branch", "update", "branch_sync", "rollout_sync"):
+        assert metrics[f"time/{phase}"] >= 0.0
+    assert metrics["time/branch"] > 0 and metrics["updates"] == 2
+    assert metrics["branch_policy_stale"] == 0.0 and metrics["branch_points_uniform"] == 0.0
+    grpo = make_trainer(tmp_path / "grpo", ["algo.algo=grpo", "algo.M=4", "optim.minibatches_per_step=2",
+                                            "optim.grad_accumulation=1"]).step()
+    assert grpo["tokens/optimised"] == grpo["tokens/generated"] > 0 and grpo["branches/chosen"] == 0
+
+
+def test_uniform_points_ablation_in_the_trainer(tmp_path):
+    """algo.uniform_points: the same budget (exactly B * N branches per prompt), points drawn from the step's
+    seeded generator (the same run twice draws the same points), recorded in the metrics."""
+    overrides = ["algo.uniform_points=true", "optim.lr=1e-3", "optim.minibatches_per_step=2",
+                 "optim.grad_accumulation=1", "algo.N=2", "algo.B=2", "algo.M=6"]
+    runs = []
+    for name in ("a", "b"):
+        trainer = make_trainer(tmp_path / name, overrides)
+        points = []
+        plan = trainer.engine.continue_branches
+        trainer.engine.continue_branches = lambda batch, src, pos, **kw: points.append(
+            (src.tolist(), pos.tolist())) or plan(batch, src, pos, **kw)
+        runs.append((trainer.step(), points))
+    (metrics, points), (_, again) = runs
+    assert metrics["branch_points_uniform"] == 1.0 and metrics["branches"] == 4 * 2 * 2
+    assert points == again
+    scored = make_trainer(tmp_path / "scored", overrides[1:])
+    chosen = []
+    plan = scored.engine.continue_branches
+    scored.engine.continue_branches = lambda batch, src, pos, **kw: chosen.append(
+        (src.tolist(), pos.tolist())) or plan(batch, src, pos, **kw)
+    scored.step()
+    assert chosen != points  # not the Branching Score's choice
+
+
+@pytest.mark.parametrize("lr", [0.0, 3e-2])
+def test_warmup_update_makes_every_minibatch_branch_after_an_update(tmp_path, lr):
+    trainer = make_trainer(tmp_path, [f"optim.lr={lr}", "algo.warmup_update=true", "optim.minibatches_per_step=2",
+                                      "optim.grad_accumulation=1", "algo.N=2", "algo.B=1", "algo.M=4"])
+    metrics = trainer.step()
+    assert metrics["updates"] == 3 and metrics["branches"] == 4 * 2 * 1 and metrics["rollouts_per_prompt"] == 4
+    fallback = [r["branching"]["bs_entropy_only"] for r in trainer.micro_records]
+    if lr == 0.0:
+        assert fallback == [1.0, 1.0]
+    else:
+        assert all(f < 1.0 for f in fallback), fallback   # the first mini-batch too
+        assert trainer.micro_records[0]["loss"]["ratio_max"] != 1.0
+
+
+def test_warmup_update_is_refused_where_it_cannot_apply(tmp_path):
+    from appo.config import ConfigError
+
+    for extra in (["algo.algo=grpo"], ["algo.branch_when=once_per_step"]):
+        with pytest.raises(ConfigError, match="algo.warmup_update"):
+            load_config(None, ["algo.warmup_update=true", *extra])

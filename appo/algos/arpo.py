@@ -38,7 +38,8 @@ def arpo_branch_points(entropy: torch.Tensor, mask: torch.Tensor, result_spans: 
     of the U(0,1) draws, one per tool result in (rollout, span) order. A result followed by no generated token
     is skipped (no draw). Returns (src, pos), int64 [K] each, sorted by (src, pos): branch from row ``src``
     keeping positions < ``pos`` (pos = the first position after the result block). Per prompt at most budget -
-    (its initial rollouts) points are kept, the earliest rows first.
+    (its initial rollouts) points are kept, the earliest tool calls first: every rollout's first call before
+    any rollout's second (ARPO branches round by round), rows in order within a round.
     """
     if entropy.dim() != 2 or mask.shape != entropy.shape:
         raise ValueError(f"mask: expected the shape of entropy [R, T], got {tuple(mask.shape)} vs "
@@ -55,6 +56,7 @@ def arpo_branch_points(entropy: torch.Tensor, mask: torch.Tensor, result_spans: 
     device = entropy.device
     rows = [r for r, spans in enumerate(result_spans) for _ in spans]
     ends = [end for spans in result_spans for _, end in spans]
+    rounds = [call for spans in result_spans for call in range(len(spans))]  # which call of its rollout
     if any(not 0 <= e <= width for e in ends):
         raise ValueError(f"result_spans: an end position lies outside [0, {width}]")
     empty = torch.empty(0, dtype=torch.long, device=device)
@@ -69,25 +71,30 @@ def arpo_branch_points(entropy: torch.Tensor, mask: torch.Tensor, result_spans: 
 
     src = torch.tensor(rows, dtype=torch.long, device=device)
     pos = torch.tensor(ends, dtype=torch.long, device=device)
+    call_round = torch.tensor(rounds, dtype=torch.long, device=device)
     start_rank = rank[src, pos]
     end_rank = torch.minimum(start_rank + k, total[src])
     window = end_rank - start_rank
     entropy_now = (sums[src, end_rank] - sums[src, start_rank]) / window.clamp(min=1)
     measurable = window > 0
     src, pos, delta = src[measurable], pos[measurable], (entropy_now - entropy_init[src])[measurable]
+    call_round = call_round[measurable]
 
     uniform = torch.rand(src.shape[0], generator=generator, dtype=torch.float64,
                          device=generator.device).to(device)
     chosen = (uniform - beta * delta).clamp(0.0, 1.0) <= tau
-    src, pos = src[chosen], pos[chosen]
-    order = torch.argsort(src * (width + 1) + pos)
-    src, pos = src[order], pos[order]
+    src, pos, call_round = src[chosen], pos[chosen], call_round[chosen]
+    by_round = torch.argsort(call_round * num_rows + src, stable=True)  # earliest calls first (then rows)
+    src, pos = src[by_round], pos[by_round]
     keep = _within_budget(group_ids, src, budget)
-    return src[keep], pos[keep]
+    src, pos = src[keep], pos[keep]
+    order = torch.argsort(src * (width + 1) + pos)
+    return src[order], pos[order]
 
 
 def _within_budget(group_ids: torch.Tensor, src: torch.Tensor, budget: int) -> torch.Tensor:
-    """bool [K]: keep the first (budget - initial rollouts of the prompt) branch points of each prompt."""
+    """bool [K]: keep the first (budget - initial rollouts of the prompt) branch points of each prompt, in the
+    order given."""
     _, dense_ids = torch.unique(group_ids, return_inverse=True)
     initial_per_group = torch.bincount(dense_ids)
     allowance = (budget - initial_per_group).clamp(min=0)

@@ -25,7 +25,7 @@ import torch
 
 from appo.algos.advantages import dual_group_advantages, future_aware_scaling
 from appo.scoring import (FUTURE_VALUE_CLIP, GAMMA, BranchingScore, branching_score, future_value,
-                          select_branch_points)
+                          no_shift_tolerance, select_branch_points)
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,16 @@ class APPOSettings:
         B * N branches (see ``plan_branches`` for the fill rule), so every prompt costs M = (B + 1) * N.
     bs_gamma, bs_clip: the future value's discount and clip range inside the Branching Score (Eq. 5).
     candidates: "strict" (z(Omega) > 0 and z(H) > 0) or "all". per: "rollout" (top-B per rollout) or "group"
-        (top B * N pooled per prompt, the authors' code). min_gap: minimum distance between one row's points.
+        (top B * N pooled per prompt, the authors' code). min_gap: minimum distance between one row's points
+        (the fill rule keeps it too; see ``plan_branches``).
     include_token: the branch keeps the chosen token (authors' code) instead of re-sampling it.
     entropy_only: the "BS -> entropy" ablation (rank by z(H) alone).
+    uniform_points: the branch-point selection ablation: draw the points uniformly at random (from the
+        generator ``plan_branches`` is given) among the same candidates the Branching Score would rank, with
+        the same budget, min_gap and fill rule.
+    shift_tolerance: a rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted
+        and falls back to entropy (``appo.scoring.branching_score``); None: ``no_shift_tolerance`` of the
+        forward's dtype (``plan_branches``'s compute_dtype); 0: exact equality only.
     fut_gamma, fut_clip: discount and clip of A_fut = clip(exp(s), lo, hi) in the advantage (Eq. 7).
     future_scale: b in A = A_base * (1 + b * A_fut); 0 is the "w/o A_fut" ablation.
     combine: "avg" (appo's reading of the dual-group rule) or "sum" (authors' code); one_group: the
@@ -53,6 +60,8 @@ class APPOSettings:
     min_gap: int = 0
     include_token: bool = False
     entropy_only: bool = False
+    uniform_points: bool = False
+    shift_tolerance: float | None = None
     fut_gamma: float = GAMMA
     fut_clip: tuple[float, float] = FUTURE_VALUE_CLIP
     future_scale: float = 0.5
@@ -77,6 +86,8 @@ class APPOSettings:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.min_gap < 0:
             raise ValueError(f"min_gap: must be >= 0, got {self.min_gap}")
+        if self.shift_tolerance is not None and not self.shift_tolerance >= 0:
+            raise ValueError(f"shift_tolerance: must be >= 0 or None, got {self.shift_tolerance}")
         if self.future_scale < 0:
             raise ValueError(f"future_scale: must be >= 0, got {self.future_scale}")
 
@@ -97,9 +108,11 @@ class APPOSettings:
 class BranchPlan:
     """Where to branch. src, pos: int64 [K], sorted by (row, position), duplicates allowed (two branches
     from one point are two independent continuations); shared: int64 [K], ``settings.shared_prefix(pos)``;
-    score: the Branching Score of every token; chosen: points the Branching Score chose (per-row top-B);
-    filled: points added by the fill rule (next-best tokens of the prompt); fresh: of those, re-samples of a
-    whole response (the prompt had fewer branchable tokens than its budget)."""
+    score: the Branching Score of every token; chosen: points the selection chose (per-row top-B by the
+    Branching Score, or uniform draws among its candidates with ``uniform_points``); filled: points added by
+    the fill rule; fresh: of those, branches at a response's first generated token (the prompt had fewer
+    branchable tokens than its budget): re-samples of the whole response, or with ``include_token`` of all
+    but its first token."""
 
     src: torch.Tensor
     pos: torch.Tensor
@@ -111,40 +124,62 @@ class BranchPlan:
 
     @property
     def entropy_only_fraction(self) -> float:
-        """Share of rows scored by the entropy-only fallback (Omega constant: pi_theta == pi_old)."""
+        """Share of rows scored by the entropy-only fallback (no shift beyond the no-shift tolerance)."""
         return float(self.score.entropy_only.float().mean())
 
 
 def plan_branches(settings: APPOSettings, *, tokens: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor,
-                  logprobs: torch.Tensor, old_logprobs: torch.Tensor, entropy: torch.Tensor) -> BranchPlan:
+                  logprobs: torch.Tensor, old_logprobs: torch.Tensor, entropy: torch.Tensor,
+                  compute_dtype: torch.dtype = torch.float32,
+                  generator: torch.Generator | None = None) -> BranchPlan:
     """Branching Score (Eq. 5) and exactly ``B * n_g`` branch points for each prompt group of n_g rows.
 
     tokens int [R, T]; mask bool [R, T] (generated tokens); group_ids int64 [R]; logprobs float [R, T], pi_theta
     of the sampled tokens (detached here); old_logprobs float [R, T], pi_old in the trainer's numerics; entropy
-    float [R, T], pi_theta's full-vocabulary entropy. With pi_theta == pi_old every row falls back to entropy
-    alone, bit for bit.
+    float [R, T], pi_theta's full-vocabulary entropy. compute_dtype: the dtype the forwards behind logprobs
+    and old_logprobs computed in (torch.bfloat16 under bf16 autocast); it sets the no-shift tolerance unless
+    ``settings.shift_tolerance`` is given: a row whose largest |logprobs - old_logprobs| is within it falls
+    back to entropy alone, so pi_theta == pi_old, bit for bit or up to rounding noise, never drives the
+    selection.
+    generator: the source of the draws of ``settings.uniform_points`` (required then, unused otherwise).
 
-    Fill rule [appo choice]: the Branching Score picks the top-B candidates of each row (``per="rollout"``) or
-    the top B * n_g of the group (``per="group"``). When a row has fewer candidates, the prompt's budget is
-    filled with its next-best tokens: first the group's remaining candidates by score, then its other generated
-    tokens (never a row's last) by entropy, highest first. When even those run out (very short responses),
-    the rest re-sample whole responses: a branch at a row's first generated token shares no generated token
-    with its parent, i.e. it is a fresh rollout of the prompt (rows taken in turn). Only a group none of whose
-    rows holds a generated token gets fewer than its budget (none).
+    Selection: the top-B candidates of each row by the Branching Score (``per="rollout"``) or the top B * n_g
+    of the group (``per="group"``), at least ``min_gap`` positions apart within a row; with
+    ``uniform_points``, the same candidates ranked by uniform random keys instead of the score.
+
+    Fill rule [appo choice]: when a row has fewer candidates, the prompt's budget is filled with its next-best
+    tokens: first the group's remaining candidates in the selection's order (by score, or by the random keys),
+    then its other generated tokens (never a row's last) by entropy, highest first, always keeping ``min_gap``
+    from the points a row already has. When even those run out (very short responses, or a large min_gap),
+    the rest are fresh branches at a row's first generated token (rows taken in turn; min_gap does not apply
+    to them): without ``include_token`` such a branch shares no generated token with its parent, i.e. it is a
+    fresh rollout of the prompt; with ``include_token`` it keeps that first token and re-samples the rest.
+    Only a group none of whose rows holds a generated token gets fewer than its budget (none).
     """
+    if settings.uniform_points and generator is None:
+        raise ValueError("generator: settings.uniform_points draws the branch points at random; pass a "
+                         "torch.Generator (the trainer passes the step's)")
     logprobs = logprobs.detach()
     reference = logprobs if settings.entropy_only else old_logprobs.detach()
+    tolerance = settings.shift_tolerance
+    if tolerance is None:
+        tolerance = no_shift_tolerance(compute_dtype)
     score = branching_score(tokens=tokens, old_logprobs=reference, mask=mask, entropy=entropy.detach(),
                             logprobs=logprobs, gamma=settings.bs_gamma, clip=settings.bs_clip,
-                            candidates=settings.candidates)
+                            candidates=settings.candidates, shift_tolerance=tolerance)
+    ranking = score.score
+    if settings.uniform_points:  # the same candidates ranked by uniform keys: a draw without replacement
+        keys = torch.rand(ranking.shape, generator=generator, device=generator.device)
+        ranking = torch.where(score.candidates, keys.to(ranking.device), -torch.inf)
     budget = settings.branches_per_rollout
-    src, pos = select_branch_points(score.score, budget, group_ids=group_ids, per=settings.per,
+    src, pos = select_branch_points(ranking, budget, group_ids=group_ids, per=settings.per,
                                     min_gap=settings.min_gap, allow_fewer=True)
     chosen = src.numel()
     points = list(zip(src.tolist(), pos.tolist()))
     fresh = 0
     if budget > 0:
-        extra, fresh = _fill_budget(score, mask.bool(), group_ids, budget, set(points))
+        extra, fresh = _fill_budget(ranking, score.entropy, mask.bool(), group_ids, budget, points,
+                                    settings.min_gap)
         points += extra
     points.sort()
     device = tokens.device
@@ -153,27 +188,41 @@ def plan_branches(settings: APPOSettings, *, tokens: torch.Tensor, mask: torch.T
     return BranchPlan(src, pos, settings.shared_prefix(pos), score, chosen, len(points) - chosen, fresh)
 
 
-def _fill_budget(score: BranchingScore, mask: torch.Tensor, group_ids: torch.Tensor, budget: int,
-                 taken: set[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
-    """The points each group still needs to reach ``budget`` per row (rule in ``plan_branches``)."""
-    values = score.score.detach().float().cpu().tolist()
-    entropy = score.entropy.detach().float().cpu().tolist()
+def _fill_budget(ranking: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor,
+                 budget: int, taken: list[tuple[int, int]],
+                 min_gap: int) -> tuple[list[tuple[int, int]], int]:
+    """The points each group still needs to reach ``budget`` per row (rule in ``plan_branches``); ranking
+    [R, T]: the selection's order (-inf off the candidates); taken: the points already chosen."""
+    values = ranking.detach().float().cpu().tolist()
+    entropy = entropy.detach().float().cpu().tolist()
     generated = [torch.nonzero(row).flatten().tolist() for row in mask.cpu()]
     groups: dict[int, list[int]] = {}
     for r, g in enumerate(group_ids.cpu().tolist()):
         groups.setdefault(g, []).append(r)
+    placed: dict[int, list[int]] = {}
+    for r, p in taken:
+        placed.setdefault(r, []).append(p)
+    taken_set = set(taken)
     extra, fresh = [], 0
     for rows in groups.values():
-        missing = budget * len(rows) - sum(1 for r, _ in taken if r in rows)
+        missing = budget * len(rows) - sum(len(placed.get(r, ())) for r in rows)
         if missing <= 0:
             continue
-        # candidates first (by score), then the other generated tokens by entropy; never a row's last token
+        # candidates first (in the selection's order), then the other generated tokens by entropy; never a
+        # row's last token; ties toward the earlier row and position
         ranked = sorted((values[r][p] == float("-inf"),
                          -(entropy[r][p] if values[r][p] == float("-inf") else values[r][p]), r, p)
-                        for r in rows for p in generated[r][:-1] if (r, p) not in taken)
-        extra += [(r, p) for _, _, r, p in ranked[:missing]]
+                        for r in rows for p in generated[r][:-1] if (r, p) not in taken_set)
+        for _, _, r, p in ranked:
+            if missing == 0:
+                break
+            if min_gap and any(abs(p - q) < min_gap for q in placed.get(r, ())):
+                continue
+            extra.append((r, p))
+            placed.setdefault(r, []).append(p)
+            missing -= 1
         starts = [r for r in rows if generated[r]]  # a fully masked row (e.g. TRL's truncated) has no start
-        for k in range(missing - min(missing, len(ranked)) if starts else 0):  # fresh responses
+        for k in range(missing if starts else 0):  # fresh branches at a response's first generated token
             r = starts[k % len(starts)]
             extra.append((r, generated[r][0]))
             fresh += 1

@@ -19,15 +19,15 @@ def reference_points(entropy, mask, spans, group_ids, budget, uniforms, k, beta,
             u = uniforms[draw]
             draw += 1
             if min(max(u - beta * (h_now - h_init), 0.0), 1.0) <= tau:
-                chosen.append((r, end))
+                chosen.append((row_spans.index((_, end)), r, end))
     kept, used = [], {}
-    for r, end in chosen:
+    for _, r, end in sorted(chosen):  # round by round: every rollout's first call, then the second calls...
         g = int(group_ids[r])
         initial = int((group_ids == g).sum())
         if used.get(g, 0) < budget - initial:
             kept.append((r, end))
             used[g] = used.get(g, 0) + 1
-    return kept
+    return sorted(kept)
 
 
 def random_rollouts(seed=0, rows=6, width=57):
@@ -75,9 +75,11 @@ def test_same_seed_same_points_and_budget_cap():
     assert torch.equal(src, again[0]) and torch.equal(pos, again[1])
     per_group = torch.bincount(group_ids[src], minlength=10)
     assert per_group[4] == 2 and per_group[9] == 2  # budget 5 - 3 initial rollouts
-    # The kept points are the earliest (row, position) of each prompt.
-    first_group = [(r, p) for r, p in zip(uncapped[0].tolist(), uncapped[1].tolist()) if r < 3][:2]
-    assert [(r, p) for r, p in zip(src.tolist(), pos.tolist()) if r < 3] == first_group
+    # The kept points are each prompt's earliest tool calls: the first call of rows 0 and 1 (every row has
+    # several calls here), not two calls of row 0.
+    for rows in ([0, 1, 2], [3, 4, 5]):
+        kept = [(r, p) for r, p in zip(src.tolist(), pos.tolist()) if r in rows]
+        assert kept == [(rows[0], spans[rows[0]][0][1]), (rows[1], spans[rows[1]][0][1])]
     prompt_ids, fresh = fresh_rollouts_to_fill(group_ids, src, budget=5)
     assert prompt_ids.tolist() == [4, 9] and fresh.tolist() == [0, 0]
 

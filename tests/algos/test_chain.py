@@ -22,9 +22,9 @@ def bundle(seed=0, rows=4, width=23, groups=(0, 0, 1, 1)):
     return tokens, mask, torch.tensor(groups), old + shift, old, entropy
 
 
-def plan(settings, tokens, mask, groups, logprobs, old, entropy):
+def plan(settings, tokens, mask, groups, logprobs, old, entropy, **options):
     return plan_branches(settings, tokens=tokens, mask=mask, group_ids=groups, logprobs=logprobs,
-                         old_logprobs=old, entropy=entropy)
+                         old_logprobs=old, entropy=entropy, **options)
 
 
 @pytest.mark.parametrize("per", ["rollout", "group"])
@@ -92,9 +92,50 @@ def test_no_policy_shift_falls_back_to_entropy_only_bit_for_bit():
     tokens, mask, groups, _, old, entropy = bundle()
     result = plan(APPOSettings(branches_per_rollout=2), tokens, mask, groups, old.clone(), old, entropy)
     assert result.entropy_only_fraction == 1.0
-    shifted = plan(APPOSettings(branches_per_rollout=2), tokens, mask, groups, old + 1e-6 * torch.randn_like(old),
-                   old, entropy)
-    assert shifted.entropy_only_fraction < 1.0   # any difference, even noise, would drive the score
+
+
+def uniform_noise(like, size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return size * (2 * torch.rand(like.shape, generator=gen) - 1)
+
+
+def test_rounding_noise_never_drives_the_selection_but_a_real_shift_does():
+    """1e-7 of noise on the log-ratio (two forwards that disagree in the last bits) is no policy shift: every
+    row falls back to entropy alone and the points are exactly the no-shift ones; z(Omega) would otherwise
+    blow the noise up to a full-size signal (shift_tolerance=0 shows it). A real update still drives it."""
+    tokens, mask, groups, shifted, old, entropy = bundle()
+    settings = APPOSettings(branches_per_rollout=2)
+    exact = plan(settings, tokens, mask, groups, old.clone(), old, entropy)
+    noisy = plan(settings, tokens, mask, groups, old + uniform_noise(old, 1e-7), old, entropy)
+    assert noisy.entropy_only_fraction == 1.0
+    assert torch.equal(noisy.src, exact.src) and torch.equal(noisy.pos, exact.pos)
+    assert torch.equal(noisy.score.score, exact.score.score)
+    bit_exact = APPOSettings(branches_per_rollout=2, shift_tolerance=0.0)
+    driven = plan(bit_exact, tokens, mask, groups, old + uniform_noise(old, 1e-7), old, entropy)
+    assert driven.entropy_only_fraction < 1.0 and not torch.equal(driven.score.score, exact.score.score)
+    real = plan(settings, tokens, mask, groups, shifted, old, entropy)
+    assert real.entropy_only_fraction < 1.0 and not torch.equal(real.score.score, exact.score.score)
+
+
+def test_no_shift_tolerance_follows_the_forwards_dtype():
+    """The tolerance is per compute dtype: 0.05 of disagreement is rounding noise for a bf16 forward, a shift
+    for an fp32 one; just above a dtype's tolerance the row counts as shifted."""
+    from appo.scoring import NO_SHIFT_TOLERANCE, no_shift_tolerance
+
+    assert no_shift_tolerance(torch.float32) < no_shift_tolerance(torch.float16) < no_shift_tolerance(torch.bfloat16)
+    tokens, mask, groups, _, old, entropy = bundle()
+    settings = APPOSettings(branches_per_rollout=2)
+    noise = uniform_noise(old, 0.05)
+    as_bf16 = plan(settings, tokens, mask, groups, old + noise, old, entropy, compute_dtype=torch.bfloat16)
+    as_fp32 = plan(settings, tokens, mask, groups, old + noise, old, entropy, compute_dtype=torch.float32)
+    assert as_bf16.entropy_only_fraction == 1.0 and as_fp32.entropy_only_fraction == 0.0
+    for dtype, tolerance in NO_SHIFT_TOLERANCE.items():
+        one_token = torch.zeros_like(old)
+        one_token[0, 5] = 1.5 * tolerance                       # one token of row 0 moved a little past it
+        result = plan(settings, tokens, mask, groups, old + one_token, old, entropy, compute_dtype=dtype)
+        assert result.score.entropy_only.tolist() == [False, True, True, True], dtype
+    with pytest.raises(ValueError, match="dtype"):
+        no_shift_tolerance(torch.int32)
 
 
 def test_branching_score_settings_and_future_value_settings_are_independent():
@@ -150,3 +191,77 @@ def test_settings_reject_bad_values():
                          ({"future_scale": -0.5}, "future_scale"), ({"combine": "max"}, "combine")):
         with pytest.raises(ValueError, match=name):
             APPOSettings(**kwargs)
+
+
+def test_the_fill_rule_keeps_min_gap_and_only_fresh_branches_are_exempt():
+    tokens, mask, groups, logprobs, old, entropy = bundle()
+    for B, gap in ((3, 3), (6, 4), (25, 2)):
+        result = plan(APPOSettings(branches_per_rollout=B, min_gap=gap), tokens, mask, groups, logprobs, old,
+                      entropy)
+        assert result.filled > 0 and result.src.numel() == B * 4             # the budget, filled
+        for r in range(4):
+            start = int(mask[r].nonzero()[0])
+            points = [p for s, p in zip(result.src.tolist(), result.pos.tolist()) if s == r]
+            inside = sorted(set(points) - {start})  # fresh branches sit at the start, exempt from the gap
+            assert len(inside) == len([p for p in points if p != start])   # no point twice
+            assert all(b - a >= gap for a, b in zip(inside, inside[1:])), (B, gap, r, points)
+    dense = plan(APPOSettings(branches_per_rollout=6), tokens, mask, groups, logprobs, old, entropy)
+    spaced = plan(APPOSettings(branches_per_rollout=6, min_gap=4), tokens, mask, groups, logprobs, old, entropy)
+    assert spaced.fresh > dense.fresh  # fewer spaced-out tokens: more fresh branches make up the budget
+
+
+def test_fresh_branches_share_no_generated_token_unless_the_token_is_kept():
+    """The fill rule's last resort branches at a response's first generated token: without include_token the
+    branch shares no generated token with its parent (a fresh rollout); with include_token it keeps exactly
+    that one token."""
+    tokens, mask, groups, logprobs, old, entropy = bundle()
+    for include_token, kept in ((False, 0), (True, 1)):
+        settings = APPOSettings(branches_per_rollout=25, include_token=include_token)
+        result = plan(settings, tokens, mask, groups, logprobs, old, entropy)
+        assert result.fresh > 0
+        starts = {r: int(mask[r].nonzero()[0]) for r in range(4)}
+        fresh = [(s, shared) for s, p, shared in zip(result.src.tolist(), result.pos.tolist(),
+                                                      result.shared.tolist()) if p == starts[s]]
+        assert len(fresh) >= result.fresh
+        assert all(int(mask[s, :shared].sum()) == kept for s, shared in fresh)
+
+
+@pytest.mark.parametrize("per", ["rollout", "group"])
+def test_uniform_points_draw_among_the_same_candidates_with_the_same_budget(per):
+    tokens, mask, groups, logprobs, old, entropy = bundle(seed=2)
+    settings = APPOSettings(branches_per_rollout=2, per=per, uniform_points=True)
+    scored = plan(APPOSettings(branches_per_rollout=2, per=per), tokens, mask, groups, logprobs, old, entropy)
+    draws = [plan(settings, tokens, mask, groups, logprobs, old, entropy,
+                  generator=torch.Generator().manual_seed(seed)) for seed in range(40)]
+    candidates = scored.score.candidates
+    for result in draws:
+        assert torch.equal(result.score.score, scored.score.score)         # the same Branching Score ...
+        for g in (0, 1):                                                   # ... the same budget ...
+            assert int((groups[result.src] == g).sum()) == 2 * 2
+        chosen = list(zip(result.src.tolist(), result.pos.tolist()))
+        assert all(bool(candidates[s, p]) for s, p in chosen[:result.chosen] if result.filled == 0)
+        assert result.chosen == scored.chosen and result.filled == scored.filled
+    again = plan(settings, tokens, mask, groups, logprobs, old, entropy, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.src, draws[3].src) and torch.equal(again.pos, draws[3].pos)   # seeded
+    assert len({tuple(d.pos.tolist()) for d in draws}) > 20                                 # random
+    # uniform over the candidates: every candidate is drawn, none far more often than its share
+    counts = torch.zeros_like(old)
+    for result in draws:
+        counts[result.src, result.pos] += 1
+    picked = counts[candidates]
+    assert bool((picked > 0).all()) and float(picked.max()) < 4 * float(picked.mean())
+    assert float(counts[~candidates].sum()) == sum(d.filled for d in draws)             # only the fill leaves them
+    with pytest.raises(ValueError, match="generator"):
+        plan(settings, tokens, mask, groups, logprobs, old, entropy)
+
+
+def test_uniform_points_fill_and_min_gap_as_the_branching_score_does():
+    tokens, mask, groups, logprobs, old, entropy = bundle(seed=4)
+    settings = APPOSettings(branches_per_rollout=5, min_gap=2, uniform_points=True)
+    result = plan(settings, tokens, mask, groups, logprobs, old, entropy, generator=torch.Generator().manual_seed(0))
+    scored = plan(APPOSettings(branches_per_rollout=5, min_gap=2), tokens, mask, groups, logprobs, old, entropy)
+    assert result.src.numel() == scored.src.numel() == 5 * 4 and result.filled > 0
+    for r in range(4):
+        start = int(mask[r].nonzero()[0])
+        points = sorted(set(p for s, p in zip(result.src.tolist(), result.pos.tolist()) if s == r) - {start})
+        assert all(b - a >= 2 for a, b in zip(points, points[1:]))
