@@ -70,8 +70,14 @@ class RolloutSettings:
     tool call (``<python>``, ``<search>``, ``<calculator>``), and no other tag or special-token-like text (no
     closing tag, no ``<answer>``, no ``<result>``; ``check_response_prefix``). max_batch_rows: rollouts decoded
     together at most (bounds memory; None: all at once). backend: "transformers" (appo.rollout.engine) or
-    "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM after
-    every optimizer step); vllm: extra keyword arguments for ``vllm.LLM`` (e.g. gpu_memory_utilization)."""
+    "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM before
+    it samples after an optimizer step: at the start of a step and before each mini-batch's branches, so
+    branches decode from the policy the trainer holds); vllm: extra keyword arguments for ``vllm.LLM`` (e.g.
+    gpu_memory_utilization). stale_branches: vLLM only, off by default: skip the weight sync before branching,
+    so the branches of every mini-batch after the step's first update decode from the step's starting weights
+    (pi_old), not pi_theta; saves the sync and its prefix cache reset (README, step cost) at the price of
+    APPO's definition; the metric ``branch_policy_stale`` is the share of a step's branching mini-batches
+    that did so."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -84,6 +90,7 @@ class RolloutSettings:
     max_batch_rows: int | None = 32
     backend: Literal["transformers", "vllm"] = "transformers"
     vllm: dict = field(default_factory=dict)
+    stale_branches: bool = False
 
 
 @dataclass
@@ -101,6 +108,17 @@ class AlgoConfig:
     keep the chosen token in the branch prefix (the authors' code) instead of re-sampling it. tis_cap: the
     truncated importance-sampling weight min(pi_old / pi_behaviour, tis_cap) on the loss, correcting for the
     rollout engine / trainer mismatch (null disables it). arpo_*: ARPO's rule.
+    uniform_points: the branch-point selection ablation: each row's (per group: each group's) branch points
+    drawn uniformly at random, from the step's seeded generator, among the candidates the Branching Score
+    would rank, with the same budget, min_gap and fill rule (metric branch_points_uniform). shift_tolerance: a
+    rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted and falls back to
+    entropy; null (default): from the dtype the forward computes in (fp32 2^-12, fp16 or TF32 2^-5, bf16
+    2^-2; docs/method.md section 5); 0: bit equality only.
+    warmup_update: with ``optim.minibatches_per_step`` updates per step, the first mini-batch branches while
+    pi_theta == pi_old, so its prompts never use Omega (half of them at the default 2 mini-batches). true: one
+    warm-up update on the first mini-batch's initial rollouts (advantage A_init, no branches) before any
+    branching, so every mini-batch branches after an update; it costs one more forward, backward and
+    optimizer step per step and trains the first mini-batch twice. Default false (the paper's loop).
     """
 
     algo: Literal["appo", "grpo", "arpo"] = "appo"
@@ -127,6 +145,9 @@ class AlgoConfig:
     arpo_k: int = 20
     arpo_beta: float = 0.2
     arpo_tau: float = 0.5
+    uniform_points: bool = False
+    shift_tolerance: float | None = None
+    warmup_update: bool = False
 
 
 @dataclass
@@ -251,6 +272,7 @@ RANGES: dict[str, Range] = {
     "algo.eps_high": Range(0, 10), "algo.tis_cap": Range(0, 1000, open_lo=True),
     "algo.kl_coef": Range(0, 100), "algo.min_gap": Range(0, _TOKENS),
     "algo.arpo_k": Range(1, _TOKENS), "algo.arpo_beta": Range(0, 100), "algo.arpo_tau": Range(0, 1),
+    "algo.shift_tolerance": Range(0, 20),
     "optim.lr": Range(0, 1),  # 0 is a real diagnostic: no update, so no mini-batch may see a policy shift
     "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": Range(0, 10),
     "optim.grad_clip": Range(0, 10**6, open_lo=True), "optim.minibatches_per_step": Range(1, _GROUP),
@@ -536,6 +558,9 @@ def _check_rules(config: TrainConfig) -> None:
                           f"has advantage 0, so nothing is learned), got {algo.M}")
     if algo.algo == "arpo" and algo.N > algo.M:
         raise ConfigError("algo.N", f"ARPO needs N <= M, got N={algo.N}, M={algo.M}")
+    if algo.warmup_update and (algo.algo != "appo" or algo.branch_when != "per_minibatch"):
+        raise ConfigError("algo.warmup_update", "needs algo.algo=appo with algo.branch_when=per_minibatch "
+                          "(it makes APPO's per-mini-batch branching see a policy shift)")
     for item in dataclasses.fields(algo):  # every clip pair (lo, hi), however many the algorithm has
         value = getattr(algo, item.name)
         if item.name.endswith("clip") and isinstance(value, tuple) and not value[0] <= value[1]:
