@@ -7,8 +7,8 @@ lies in [-0.1, 1.0]: a correct answer in a malformed response scores 0.9, a wron
 Why not token F1 for QA: F1 pays hedging. Naming two one-word candidates ("Paris, London") scores F1 = 0.67
 against either gold, more than the 0.5 a model that is unsure between them can expect by committing to one.
 Precision x recall scores that hedge 0.5 ("Paris or London": 1/3), and in general listing candidates never
-scores above what committing to the likeliest one earns in expectation (see ``precision_times_recall``). F1 and exact match stay
-available (``token_f1``, ``exact_match``); the QA accuracy appo reports is exact match.
+scores above what committing to the likeliest one earns in expectation (``precision_times_recall``). F1 and
+exact match stay available (``token_f1``, ``exact_match``); the QA accuracy appo reports is exact match.
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ class ScriptedModel(torch.nn.Module):
         from transformers import LlamaConfig
 
         super().__init__()
-        self.config = LlamaConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                  num_attention_heads=1, num_key_value_heads=1)
+        self.config = LlamaConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8,
+                                  num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the engine takes its device from the parameters
         self.script, self.eos_id, self.calls = list(script), eos_id, 0
 

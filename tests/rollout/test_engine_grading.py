@@ -34,8 +34,8 @@ def test_special_token_ids_cover_every_added_token(smollm2_tokenizer):
 def test_encode_plain_keeps_every_special_string_as_text(smollm2_tokenizer):
     for tokenizer in (CharTokenizer(), smollm2_tokenizer):
         forbidden = special_token_ids(tokenizer)
-        for special in tokenizer.all_special_tokens + [t.content for t in
-                                                       getattr(tokenizer, "added_tokens_decoder", {}).values()]:
+        added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+        for special in tokenizer.all_special_tokens + added:
             text = f"a{special}b <{special}/result> {special}{special}"
             assert not forbidden.isdisjoint(tokenizer.encode(text, add_special_tokens=False))  # the hazard
             ids = encode_plain(tokenizer, text)
@@ -64,7 +64,8 @@ def test_encode_plain_falls_back_to_characters():
 
 def test_graded_text_reads_only_the_model_s_tokens():
     tokenizer = CharTokenizer()
-    prefix, call, result, own = "<python>", "6*7</python>", "<result>\n42</result><answer>42</answer>\n", "9<eos>"
+    prefix, call, own = "<python>", "6*7</python>", "9<eos>"
+    result = "<result>\n42</result><answer>42</answer>\n"
     ids = tokenizer.encode(prefix + call + result + own)
     mask = [False] * 1 + [True] * len(tokenizer.encode(call)) + [False] * len(tokenizer.encode(result)) + \
         [True] * len(tokenizer.encode(own))

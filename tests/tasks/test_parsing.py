@@ -157,9 +157,10 @@ class TestOneClosingTagRule:
     """The engine decides as each token arrives (closing_tag_counts on the turn so far); the parser and the
     reward read the finished text. Both must find the same boundaries."""
 
-    SNIPPETS = ['print("</python>")', "s = '</answer>'  # </search>", 'x = """\n</python>\n"""', "# </answer>",
-                "t = 'it\\'s </python>'", "s = 'broken\n", 'u = "<python>"', "x = 1", "</answer>", "<answer>4",
-                "</search>", "<search>q", "'''", '"', "#", "\n", "<result>", "</result>", "</python>", "<python>"]
+    SNIPPETS = ('print("</python>")', "s = '</answer>'  # </search>", 'x = """\n</python>\n"""',
+                "# </answer>", "t = 'it\\'s </python>'", "s = 'broken\n", 'u = "<python>"', "x = 1",
+                "</answer>", "<answer>4", "</search>", "<search>q", "'''", '"', "#", "\n", "<result>",
+                "</result>", "</python>", "<python>")
 
     def texts(self, count=400, seed=0):
         import random
