@@ -13,7 +13,8 @@ forward of each micro-batch, the PPO loss and the optimizer. An algorithm decide
                                                      ``branch_when="once_per_step"`` branches there);
   keeps_cache                                        whether the loss forward must keep the KV cache (APPO's
                                                      branches decode from it);
-  branches_before_updates                            whether the pi_old forward must keep it too.
+  branches_before_updates                            whether the pi_old forward must keep it too;
+  warmup_advantages(sub, forward)                    APPO only: the advantages of ``algo.warmup_update``.
 
 Nothing here switches on an algorithm's name: ``make_algorithm`` looks the class up once.
 """
@@ -41,8 +42,8 @@ class PolicyForward(NamedTuple):
     cache: object
 
 
-def _engine_is_current() -> bool:
-    return False
+def _engine_shares_weights() -> None:
+    """The default ``prepare_branches``: an engine that shares the trainer's weights needs nothing."""
 
 
 @dataclass
@@ -51,10 +52,9 @@ class StepContext:
     (reward, correct), the no-grad policy forward (for backends that record no entropy), the step's generator
     (ARPO's U(0,1) draws, APPO's ``uniform_points``), the model's dtype, the dtype the policy forward computes
     in (bf16 under autocast: it sets the no-shift tolerance), ``prepare_branches`` (called right before branch
-    continuations are decoded: a backend that holds its own weights gets the trainer's current ones; returns
-    True when it decodes from stale weights instead, by the documented ``rollout.stale_branches`` switch), and
-    a timer dict the algorithm adds its branching seconds to (``branch``; ``branch_sync``: the weight syncs
-    inside it)."""
+    continuations are decoded: a backend that holds its own weights, vLLM, gets the trainer's current ones, so
+    branches decode from the policy the trainer holds), and a timer dict the algorithm adds its branching
+    seconds to (``branch``; ``branch_sync``: the weight syncs inside it)."""
 
     engine: object
     score: Callable
@@ -62,7 +62,7 @@ class StepContext:
     generator: torch.Generator
     model_dtype: torch.dtype
     compute_dtype: torch.dtype = torch.float32
-    prepare_branches: Callable[[], bool] = _engine_is_current
+    prepare_branches: Callable[[], None] = _engine_shares_weights
     timings: dict = field(default_factory=lambda: {"branch": 0.0, "branch_sync": 0.0})
 
 
@@ -199,10 +199,10 @@ class APPO(Algorithm):
         info = {"bs_entropy_only": plan.entropy_only_fraction, "branches_chosen": plan.chosen,
                 "branches_filled": plan.filled, "branches_fresh": plan.fresh,
                 "branch_points_uniform": float(self.settings.uniform_points),
-                "omega_min": float(omega.min()), "omega_max": float(omega.max()), "branch_policy_stale": 0.0}
+                "omega_min": float(omega.min()), "omega_max": float(omega.max())}
         branches = None
         if plan.src.numel():
-            info["branch_policy_stale"] = float(ctx.prepare_branches())
+            ctx.prepare_branches()  # vLLM: the trainer's current weights before it decodes
             prefix_cache = None
             if ctx.engine.accepts_gathered_cache:  # vLLM finds the prefixes in its own prefix cache instead
                 with torch.no_grad():

@@ -73,11 +73,7 @@ class RolloutSettings:
     "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM before
     it samples after an optimizer step: at the start of a step and before each mini-batch's branches, so
     branches decode from the policy the trainer holds); vllm: extra keyword arguments for ``vllm.LLM`` (e.g.
-    gpu_memory_utilization). stale_branches: vLLM only, off by default: skip the weight sync before branching,
-    so the branches of every mini-batch after the step's first update decode from the step's starting weights
-    (pi_old), not pi_theta; saves the sync and its prefix cache reset (README, step cost) at the price of
-    APPO's definition; the metric ``branch_policy_stale`` is the share of a step's branching mini-batches
-    that did so."""
+    gpu_memory_utilization)."""
 
     temperature: float = 0.7
     top_p: float = 1.0
@@ -90,7 +86,6 @@ class RolloutSettings:
     max_batch_rows: int | None = 32
     backend: Literal["transformers", "vllm"] = "transformers"
     vllm: dict = field(default_factory=dict)
-    stale_branches: bool = False
 
 
 @dataclass

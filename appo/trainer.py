@@ -15,8 +15,15 @@ One step (``Trainer.step``; the per-algorithm parts are objects in ``appo.algori
      algorithm's advantages (APPO: Branching Score -> B * N branch points per prompt -> continuations decoded
      from the gathered prefix caches -> branch rewards -> dual-group advantages * (1 + b * A_fut)) -> PPO loss
      (1/M per prompt) -> backward; an optimizer step per update. ``algo.branch_when="once_per_step"`` (the
-     authors' code) branches every micro-batch before the first update instead.
-  4. metrics (JSONL, optional TensorBoard), atomic checkpoints, a PNG of the curves at the end.
+     authors' code) branches every micro-batch before the first update instead; ``algo.warmup_update`` adds
+     one update on the first mini-batch before any branching, so every mini-batch branches after an update.
+     A vLLM engine holds its own weights: it is synced at the start of a step and before a mini-batch's
+     branches whenever an optimizer step came since, so branches decode from the policy the trainer holds.
+  4. metrics (JSONL, optional TensorBoard), atomic checkpoints, a PNG of the curves at the end. Per step,
+     besides reward and accuracy: tokens/generated (sampled tokens: rollouts, branches, fresh rollouts),
+     tokens/optimised (generated tokens in the loss), tool_calls/run, branches and branches/chosen | filled |
+     fresh, updates, weight_syncs, and seconds per phase: time/rollout (time/rollout_sync inside it),
+     time/old_logprobs, time/branch (time/branch_sync inside it), time/update, time/step.
 Resume: a run directory holding a checkpoint continues from it exactly (weights, AdamW, RNGs, data cursor).
 """
 
@@ -230,6 +237,7 @@ class Trainer:
         self.cursor = 0
         self.step_count = 0
         self.engine_stale = False  # the vLLM engine holds weights older than self.model's
+        self.weight_syncs = 0  # copies of the weights into the engine (vLLM), cumulative
         self.score = self.data.score  # replaced each step by a scorer over that step's group ids
         self.micro_records: list[dict] = []  # the last step's {"loss": ..., "branching": ...} per micro-batch
 
@@ -307,7 +315,7 @@ class Trainer:
         # Group ids are step-local (0..P-1), so an example drawn twice in one step still forms two groups.
         groups = list(range(len(examples)))
         self.score = lambda group_id, response: self.data.score(examples[group_id], response)
-        counted = (self.engine.stats.generated_tokens, self.engine.stats.tool_calls)
+        counted = (self.engine.stats.generated_tokens, self.engine.stats.tool_calls, self.weight_syncs)
         timings = {"rollout_sync": self._sync_engine()}
         ctx = StepContext(engine=self.engine, score=self.score, forward=self._forward,
                           generator=self.arpo_generator, model_dtype=self.model_dtype,
@@ -360,7 +368,8 @@ class Trainer:
         self.step_count += 1
         counts = {"tokens/generated": self.engine.stats.generated_tokens - counted[0],
                   "tokens/optimised": sum(int(sub.mask.sum()) for sub in micro),
-                  "tool_calls/run": self.engine.stats.tool_calls - counted[1]}
+                  "tool_calls/run": self.engine.stats.tool_calls - counted[1],
+                  "weight_syncs": self.weight_syncs - counted[2]}
         return self._step_metrics(batch, branch_batches, rollout_info, grad_norms, timings,
                                   time.perf_counter() - started, len(groups), counts)
 
@@ -407,22 +416,19 @@ class Trainer:
     def _sync_engine(self) -> float:
         """Give a vLLM engine the current weights before it samples (the transformers engine shares them);
         a no-op unless an optimizer step came since the last sync. Returns the seconds it took."""
-        tick = time.perf_counter()
+        seconds = 0.0
         if self.engine_stale and hasattr(self.engine, "load_weights"):
+            tick = time.perf_counter()
             self.engine.load_weights(self.model)
+            seconds = time.perf_counter() - tick
+            self.weight_syncs += 1
         self.engine_stale = False
-        return time.perf_counter() - tick
+        return seconds
 
-    def _prepare_branches(self, ctx: StepContext) -> bool:
+    def _prepare_branches(self, ctx: StepContext) -> None:
         """Right before branch continuations are decoded: sync the engine's weights when they are stale (once
-        per branching mini-batch after an update; seconds added to ``time/branch_sync``), unless
-        ``rollout.stale_branches``. Returns True when the branches decode from weights older than the
-        trainer's (metric ``branch_policy_stale``)."""
-        holds_own_weights = hasattr(self.engine, "load_weights")
-        if self.engine_stale and holds_own_weights and self.config.rollout.stale_branches:
-            return True
+        per branching mini-batch after an update; seconds added to ``time/branch_sync``)."""
         ctx.timings["branch_sync"] += self._sync_engine()
-        return False
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the policy forward computes in, which sets the no-shift tolerance (docs/method.md,

@@ -127,28 +127,111 @@ def run_checks(spec: dict) -> dict:
     return report
 
 
-def run_trainer(spec: dict) -> dict:
-    """Two APPO steps with ``rollout.backend=vllm`` (arithmetic task, 2 prompts x M=4); then the vLLM engine must
-    sample from the trained weights (its recorded log-probs match the trained model's forward)."""
+def tiny_model_dir(folder) -> str:
+    """Save a tiny random Llama (2 layers, hidden 128, head size 64) with SmolLM2's tokenizer and chat
+    template into ``folder``; return its path. Both vLLM (CPU) and appo load it (``model.name_or_path``), in seconds:
+    the quickest model for driving appo's trainer on the vLLM backend in a test. Its text is random, so give
+    it a reward that varies (``spec["reward"] = "length"`` in ``run_trainer``) when an update must move it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from appo.models import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def continuation_error(model, branches, temperature: float, include_token: bool) -> tuple[float, int]:
+    """(max |recorded - recomputed| log-prob, tokens compared) over the tokens each branch decoded itself
+    (after its shared prefix, whose log-probs are copied from the parent), ``model``'s forward in fp64."""
     import torch
 
-    from appo.config import from_dict
-    from appo.trainer import Trainer
+    worst, count = 0.0, 0
+    with torch.inference_mode():
+        for r in range(branches.num_rollouts):
+            length, start = int(branches.lengths[r]), int(branches.branch_pos[r]) + int(include_token)
+            ids = branches.tokens[r:r + 1, :length]
+            logits = model(input_ids=ids).logits[0, :-1].double() / temperature
+            ref = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            decoded = branches.mask[r, 1:length].clone()
+            decoded[:max(start - 1, 0)] = False
+            diff = (ref - branches.behaviour_logprobs[r, 1:length].double())[decoded].abs()
+            if len(diff):
+                worst, count = max(worst, float(diff.max())), count + len(diff)
+    return worst, count
 
-    config = from_dict({"seed": 0, "steps": 2, "prompts_per_step": 2, "threads": 1,
-                        "data": {"task": "arithmetic", "tool": "python", "train_size": 8, "few_shot": 2},
-                        "algo": {"algo": "appo", "M": 4, "N": 2, "B": 1},
-                        "optim": {"lr": 1e-4},
-                        "rollout": {"backend": "vllm", "vllm": {"enforce_eager": True},
-                                    "max_new_tokens_per_turn": 32, "max_total_tokens": 512}})
-    trainer = Trainer(config)
+
+class LengthReward:
+    """Rewards that always differ between rollouts (the response's length), so every update has a gradient."""
+
+    def reward(self, response, example):
+        from appo.tasks.base import Reward
+
+        return Reward(len(response) / 100.0, 0.0, True, None)
+
+
+def run_trainer(spec: dict) -> dict:
+    """appo's trainer with ``rollout.backend=vllm`` (inside the vLLM venv). spec (every key optional):
+      model: a model folder (``tiny_model_dir``) or name, default SmolLM2-135M-Instruct;
+      overrides: config overrides after the defaults below (2 prompts x M = 4, APPO N = 2, B = 1, lr 1e-4);
+      steps: steps to run (default 2);
+      reward: "task" (the arithmetic task's) or "length" (always varied rewards, so updates move the weights).
+    Returns each step's metrics; per branching mini-batch, the branch continuations' recorded log-probs
+    against the trainer's policy at that moment and against the step's starting policy (pi_old); and the
+    engine's log-probs after the run against the trained weights."""
+    import copy
+
+    import torch
+
+    from appo.config import load_config
+    from appo.trainer import TaskData, Trainer, load_task_data, load_policy
+
+    overrides = ["seed=0", "prompts_per_step=2", "threads=1", "data.task=arithmetic", "data.tool=python",
+                 "data.train_size=8", "data.few_shot=2", "algo.algo=appo", "algo.M=4", "algo.N=2", "algo.B=1",
+                 "optim.lr=1e-4", "optim.minibatches_per_step=2", "rollout.backend=vllm",
+                 "rollout.vllm={enforce_eager: true}", "rollout.max_new_tokens_per_turn=32",
+                 "rollout.max_total_tokens=512", f"steps={spec.get('steps', 2)}", "eval_at_end=false",
+                 "output_dir=unused", "device=cpu"]
+    if "model" in spec:
+        overrides.append(f"model.name_or_path={spec['model']}")
+    config = load_config(None, overrides + list(spec.get("overrides", ())))
+    model, tokenizer = load_policy(config, torch.device("cpu"))
+    data = load_task_data(config, tokenizer, "train", config.data.train_size)
+    if spec.get("reward") == "length":
+        data = TaskData(LengthReward(), data.examples, data.prompts)
+    trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=data)
+    step_start = copy.deepcopy(trainer.model).eval()
+    temperature, include_token = config.rollout.temperature, config.algo.include_token
+    branch_policy = []
+    decode = trainer.engine.continue_branches
+
+    def checked(batch, src, pos, **options):
+        branches = decode(batch, src, pos, **options)
+        current, count = continuation_error(trainer.model, branches, temperature, include_token)
+        start, _ = continuation_error(step_start, branches, temperature, include_token)
+        branch_policy.append({"step": trainer.step_count + 1, "vs_current": current, "vs_step_start": start,
+                              "tokens": count})
+        return branches
+
+    trainer.engine.continue_branches = checked
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    metrics = [trainer.step() for _ in range(config.steps)]
+    metrics = []
+    for step in range(1, config.steps + 1):
+        step_start.load_state_dict(trainer.model.state_dict())
+        metrics.append(trainer.step())
     moved = max((p.detach() - before[name]).abs().max().item() for name, p in trainer.model.named_parameters())
     trainer._sync_engine()
     check = trainer.engine.generate(trainer.data.prompts[:2], [0, 1])
     return {"metrics": metrics, "weights_moved": moved, "engine": type(trainer.engine).__name__,
-            "logprob_error_vs_trained": logprob_error(trainer.model, dump(check), config.rollout.temperature),
+            "branch_policy": branch_policy,
+            "logprob_error_vs_trained": logprob_error(trainer.model, dump(check), temperature),
             "cached_prompt_tokens": trainer.engine.stats.cached_prompt_tokens,
             "torch_ok": bool(torch.isfinite(torch.tensor([m["loss/policy_loss"] for m in metrics])).all())}
 
@@ -198,12 +281,27 @@ else:
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out.read_text())
 
+    def run_trainer_in_venv(spec: dict, folder: Path) -> dict:
+        """``run_trainer(spec)`` in the vLLM venv (built on first use; the calling test skips when it cannot
+        be built); ``folder``: a scratch directory. Other suites (the conformance table) drive appo's trainer on
+        the vLLM backend through this, with ``tiny_model_dir`` for a model that loads in seconds."""
+        python = venv_python("vllm_env.sh", "vLLM", timeout=900)
+        (folder / "spec.json").write_text(json.dumps(spec))
+        return run_in_venv(python, folder / "spec.json", folder / "report.json", "trainer")
+
     @pytest.fixture(scope="module")
     def trainer_report(tmp_path_factory):
-        python = venv_python("vllm_env.sh", "vLLM", timeout=900)
-        folder = tmp_path_factory.mktemp("vllm-trainer")
-        (folder / "spec.json").write_text("{}")
-        return run_in_venv(python, folder / "spec.json", folder / "report.json", "trainer")
+        return run_trainer_in_venv({}, tmp_path_factory.mktemp("vllm-trainer"))
+
+    @pytest.fixture(scope="module")
+    def branch_policy_report(tmp_path_factory):
+        """Two steps of 2 mini-batches on the tiny model, with rewards that always differ (so each update
+        moves it) and a large lr."""
+        folder = tmp_path_factory.mktemp("vllm-branch-policy")
+        spec = {"model": tiny_model_dir(folder / "tiny"), "reward": "length", "steps": 2,
+                "overrides": ["optim.lr=3e-3", "rollout.response_prefix=''", "data.few_shot=0",
+                              "rollout.max_new_tokens_per_turn=24"]}
+        return run_trainer_in_venv(spec, folder)
 
     def transformers_engine(model, tokenizer, temperature):
         from appo.rollout.engine import RolloutEngine
@@ -261,3 +359,19 @@ else:
         assert all(m["branches"] > 0 for m in trainer_report["metrics"]), trainer_report["metrics"]
         assert trainer_report["torch_ok"] and trainer_report["weights_moved"] > 0
         assert trainer_report["logprob_error_vs_trained"] < 1e-3
+
+    def test_vllm_branches_decode_from_the_policy_the_trainer_holds(branch_policy_report):
+        """In every step, the second mini-batch's branch continuations (after the step's first update) carry
+        the behaviour log-probs of the policy the trainer holds, not pi_old's: vLLM was synced before it
+        decoded them (one sync per branching mini-batch after an update, timed in time/branch_sync), and the
+        first mini-batch's match both (no update yet). Exactly M trajectories per prompt throughout."""
+        report = branch_policy_report
+        assert [b["step"] for b in report["branch_policy"]] == [1, 1, 2, 2], report["branch_policy"]
+        assert all(b["tokens"] > 0 for b in report["branch_policy"])
+        for first, second in zip(report["branch_policy"][::2], report["branch_policy"][1::2]):
+            assert first["vs_current"] < 1e-3 and first["vs_step_start"] < 1e-3
+            assert second["vs_current"] < 1e-3 < second["vs_step_start"]      # pi_theta's, not pi_old's
+        one, two = report["metrics"]
+        assert one["weight_syncs"] == 1 and two["weight_syncs"] == 2          # + the sync before step 2
+        assert one["time/branch_sync"] > 0.0 and two["time/rollout_sync"] > 0.0
+        assert all(m["rollouts_per_prompt"] == 4 and m["branches"] == 2 * 2 for m in report["metrics"])
