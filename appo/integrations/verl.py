@@ -1,6 +1,6 @@
 """APPO inside verl 0.9.1, entered only through verl's own extension points (no line of verl is patched).
 
-Three pieces, all registered by name when verl itself loads ``appo.integrations.verl_plugin``
+Four pieces, all registered by name when verl itself loads ``appo.integrations.verl_plugin``
 (``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``, which verl imports in every process it starts):
 
 * ``algorithm.adv_estimator=appo`` -> :func:`appo_advantage` (``register_adv_est``): the dual-group base
@@ -8,9 +8,12 @@ Three pieces, all registered by name when verl itself loads ``appo.integrations.
 * ``actor_rollout_ref.actor.policy_loss.loss_mode=appo`` -> :func:`appo_policy_loss` (``register_policy_loss``):
   at every update, A = A_base * (1 + b * A_fut) with A_fut from the CURRENT log-probs against verl's recomputed
   ``old_log_prob`` (``appo.algos.chain.scale_by_future``), then verl's own clipped PPO loss ("vanilla");
+* ``actor_rollout_ref.rollout.agent.default_agent_loop=appo_agent`` -> ``appo.integrations.verl_agent``
+  (verl's agent-loop registry): appo's tool loop on verl's LLM servers, for the rollouts and their branches;
 * ``trainer.v1.trainer_mode=appo`` -> ``appo.integrations.verl_trainer.APPOTrainer`` (``register_trainer``):
-  verl's sync PPO trainer whose ``_compute_old_log_prob`` also branches (:func:`branch_requests`, verl's rollout
-  servers, :func:`merge_branches`, verl's reward workers) and whose ``_compute_advantage`` runs "appo".
+  verl's sync PPO trainer whose ``_update_actor`` branches each update part from the policy the actor holds
+  (:func:`plan`, verl's rollout servers and agent loop, :func:`agent_loop_requests`, verl's reward workers)
+  and runs "appo" on it before the update.
 
 This module needs only torch and numpy to import; verl is imported by :func:`register` and the functions that
 build ``DataProto`` objects.
@@ -19,12 +22,11 @@ The settings (an ``appo.algos.chain.APPOSettings``) come from :func:`register`'s
 object in ``$APPO_VERL_SETTINGS`` (field names of ``APPOSettings``, e.g. ``{"branches_per_rollout": 3,
 "combine": "sum"}``; environment variables reach every Ray worker), else METHOD.md's defaults.
 
-Omega in verl. verl branches after its actor's log-prob pass and before any update of the step, with the policy
-that sampled the step's rollouts: pi_theta == pi_old exactly, so the Branching Score falls back to entropy
-alone on every row (reported as ``appo/entropy_only_fraction`` = 1). The rollout engine's log-probs
-(``rollout_log_probs``) are never used as pi_old: their gap to the actor is engine mismatch, not a policy
-shift. The real shift enters through A_fut, recomputed at every PPO mini-batch update against verl's
-recomputed ``old_log_prob``.
+Omega in verl. ``APPOTrainer`` branches the step's first update part before any update (pi_theta == pi_old: the
+Branching Score falls back to entropy alone) and every later part after the updates before it, from a fresh
+log-prob pass of the actor against verl's ``old_log_prob`` (pi_old), so Omega measures the real shift. The
+rollout engine's log-probs (``rollout_log_probs``) are never used as pi_old: their gap to the actor is engine
+mismatch, not a policy shift. A_fut is recomputed at every PPO mini-batch update against the same pi_old.
 
 Data contract: one verl ``DataProto`` holds a step's initial rollouts AND their branches (R rows):
   batch["token_level_rewards"]         float [R, L] (summed over L: the rollout's reward, as verl's GRPO does)
@@ -227,36 +229,85 @@ def _response_tensors(data, log_probs) -> dict[str, torch.Tensor]:
     return out
 
 
-def branch_requests(data, *, log_probs=None, chain_settings: APPOSettings | None = None,
+def plan(data, *, current=None, chain_settings: APPOSettings | None = None,
+         compute_dtype: torch.dtype = torch.float32):
+    """APPO's branch points in verl's rows: ``appo.algos.chain.plan_branches`` on each prompt group.
+
+    data: a ``DataProto`` with batch ``responses`` int64 [R, L], ``response_mask`` [R, L] (1 = model token;
+      tool results 0), ``old_log_probs`` and ``entropys`` float [R, L] (pi_old: the actor's forward of the
+      policy that sampled), and non_tensor_batch ``uid`` (the prompt groups).
+    current: None before any update of the step (pi_theta == pi_old: every row falls back to entropy alone),
+      else the actor's pass of the policy it holds now: ``log_probs`` and ``entropys`` float [R, L] (a
+      ``DataProto`` or a dict), so Omega measures the shift of the step's updates so far.
+    compute_dtype: the dtype of the actor's forwards (verl's ``fsdp_config.dtype``, bf16 by default): it sets
+      the chain's no-shift tolerance (``appo.scoring.no_shift_tolerance``) unless the settings give one, so a
+      row whose log-ratios are within rounding noise of that dtype falls back to entropy alone.
+    Returns (plan, metrics) or (None, {}) when no row holds a model token or B = 0. Every prompt with N rows
+    gets exactly B * N points (the chain's fill rule). metrics: ``appo/branches``, ``branches_filled``,
+    ``branches_fresh``, ``entropy_only_fraction`` (rows scored by entropy alone: no shift beyond the
+    tolerance), ``mean_branch_position`` and ``log_ratio_max`` (the largest |log pi_theta - log pi_old| on a
+    model token: 0 when nothing moved).
+    """
+    chain = chain_settings if chain_settings is not None else settings()
+    t = _response_tensors(data, None)
+    mask = t["response_mask"].bool()
+    if not mask.any() or chain.branches_per_rollout == 0:
+        return None, {}
+    old = t["old_log_probs"].float()
+    logprobs, entropy = old, t["entropys"].float()
+    if current is not None:
+        stats = current.batch if hasattr(current, "batch") else current
+        for key in ("log_probs", "entropys"):
+            if key not in stats.keys() or tuple(stats[key].shape) != tuple(mask.shape):
+                raise ValueError(f"current: needs {key!r} float [R, L] = {tuple(mask.shape)} (the actor's pass "
+                                 "of the policy it holds now)")
+        logprobs, entropy = stats["log_probs"].float(), stats["entropys"].float()
+    branch_plan = plan_branches(chain, tokens=t["responses"], mask=mask,
+                                group_ids=_group_ids(data.non_tensor_batch["uid"]), logprobs=logprobs,
+                                old_logprobs=old, entropy=entropy, compute_dtype=compute_dtype)
+    if branch_plan.src.numel() == 0:
+        return None, {}
+    shift = ((logprobs - old).abs() * mask).max()
+    metrics = {"appo/branches": int(branch_plan.src.numel()), "appo/branches_filled": branch_plan.filled,
+               "appo/branches_fresh": branch_plan.fresh,
+               "appo/entropy_only_fraction": branch_plan.entropy_only_fraction,
+               "appo/mean_branch_position": float(branch_plan.pos.float().mean()),
+               "appo/log_ratio_max": float(shift)}
+    return branch_plan, metrics
+
+
+def branch_requests(data, *, log_probs=None, current=None, chain_settings: APPOSettings | None = None,
                     pad_token_id: int | None = None):
-    """Choose APPO's branch points in verl's initial rollouts and return their prefixes, ready to generate.
+    """Choose APPO's branch points in verl's initial rollouts and return their prefixes, ready to generate
+    with verl's HF rollout (``generate_sequences``).
 
     data: the step's ``DataProto`` after generation (R rows): batch ``prompts`` int64 [R, P] (left-padded),
       ``responses`` int64 [R, L] (right-padded), ``attention_mask`` [R, P + L], ``response_mask`` [R, L]
       (1 = model token; tool results 0); non_tensor_batch ``uid`` (the prompt groups) and whatever the reward
       needs.
-    log_probs: the actor's ``compute_log_prob`` output (``old_log_probs``, ``entropys`` float [R, L]), or None
-      to read both from ``data``.
-    The branch points are ``appo.algos.chain.plan_branches`` with pi_theta = pi_old = the actor's log-probs:
-      verl branches before any update, so the Branching Score is the entropy-only fallback on every row (see
-      the module docstring); every prompt with N rows gets exactly B * N branches (the chain's fill rule).
+    log_probs: the actor's ``compute_log_prob`` output for pi_old (``old_log_probs``, ``entropys`` float
+      [R, L]), or None to read both from ``data``.
+    current: pi_theta, as in :func:`plan` (None: branching before any update, entropy-only).
     Returns None when there is nothing to branch, else a ``DataProto`` of K rows (HF-rollout style input):
       batch ``input_ids`` / ``attention_mask`` / ``position_ids`` int64 [K, P'] = prompt + response[:shared],
       left-padded with ``pad_token_id`` (default meta_info's, else 0); non_tensor_batch: the parent's fields
       (``uid``, ``data_source``, ...), ``appo_parent`` (parent row in ``data``), ``appo_branch_pos`` (length
       of the shared response prefix) and ``raw_prompt_ids`` (each prefix as a list of ids); meta_info
       ``do_sample=True``, ``response_length`` = L - the shortest shared prefix, verl's eos/pad ids and
-      temperature when ``data`` has them, and ``appo_metrics`` (branches, filled, fresh, entropy-only share).
+      temperature when ``data`` has them, and ``appo_metrics`` (:func:`plan`'s metrics).
+    A plain continuation of a prefix runs no tool loop: for tool tasks, branch through verl's agent loop
+    (:func:`agent_loop_requests`, as ``APPOTrainer`` does).
     """
     chain = chain_settings if chain_settings is not None else settings()
-    t = _response_tensors(data, log_probs)
-    mask = t["response_mask"].bool()
-    if not mask.any() or chain.branches_per_rollout == 0:
-        return None
-    current = t["old_log_probs"].float()
-    plan = plan_branches(chain, tokens=t["responses"], mask=mask, group_ids=_group_ids(data.non_tensor_batch["uid"]),
-                         logprobs=current, old_logprobs=current, entropy=t["entropys"].float())
-    if plan.src.numel() == 0:
+    if log_probs is not None:
+        _response_tensors(data, log_probs)
+        data = type(data)(batch=data.batch.clone(), non_tensor_batch=data.non_tensor_batch,
+                          meta_info=data.meta_info)
+        for key in ("old_log_probs", "entropys"):
+            data.batch[key] = log_probs.batch[key]
+    t = _response_tensors(data, None)
+    branch_plan, metrics = plan(data, current=current, chain_settings=chain)
+    if branch_plan is None:
         return None
     if pad_token_id is None:
         pad_token_id = data.meta_info.get("pad_token_id", 0)
@@ -270,11 +321,11 @@ def branch_requests(data, *, log_probs=None, chain_settings: APPOSettings | None
         max=prompt_width + width - 1)
     tokens = tokens.gather(1, index)
     lengths = prompt_len + t["attention_mask"][:, prompt_width:].long().sum(1)
-    rows, positions = plan.src.to(tokens.device), plan.pos.to(tokens.device)
+    rows, positions = branch_plan.src.to(tokens.device), branch_plan.pos.to(tokens.device)
     prefix = build_branch_batch(tokens, lengths, rows, prompt_len[rows] + positions, pad_id=int(pad_token_id),
                                 include_token=chain.include_token)
 
-    shared = plan.shared.cpu().numpy()
+    shared = branch_plan.shared.cpu().numpy()
     parent = rows.cpu().numpy()
     non_tensors = {key: np.asarray(value)[parent] for key, value in data.non_tensor_batch.items()}
     prefix_ids = np.empty(len(parent), dtype=object)
@@ -283,13 +334,52 @@ def branch_requests(data, *, log_probs=None, chain_settings: APPOSettings | None
     non_tensors.update({PARENT_KEY: parent.astype(np.int64), BRANCH_POS_KEY: shared.astype(np.int64),
                         PREFIX_IDS_KEY: prefix_ids})
     meta = {key: data.meta_info[key] for key in _META_KEYS if key in data.meta_info}
-    meta.update(do_sample=True, response_length=int(width - shared.min()), appo_metrics={
-        "appo/branches": int(rows.numel()), "appo/branches_filled": plan.filled,
-        "appo/branches_fresh": plan.fresh, "appo/entropy_only_fraction": plan.entropy_only_fraction,
-        "appo/mean_branch_position": float(positions.float().mean())})
+    meta.update(do_sample=True, response_length=int(width - shared.min()), appo_metrics=metrics)
     tensors = {"input_ids": prefix.input_ids, "attention_mask": prefix.attention_mask,
                "position_ids": prefix.position_ids}
     return type(data).from_dict(tensors=tensors, non_tensors=non_tensors, meta_info=meta)
+
+
+BRANCH_KEY = "appo_branch"             # the agent loop's input: the prefix a branch continues
+# fields an agent loop wrote for its rollout (verl stores them beside the dataset's): never inputs of a branch
+_AGENT_OUTPUT_FIELDS = ("extra_fields", "num_turns", "metrics", "mm_processor_kwargs", "mm_processor_output",
+                        "multi_modal_inputs", "multi_modal_data", "reward_extra_info", "session_id",
+                        "__num_turns__", "priority", PARENT_KEY, BRANCH_POS_KEY, PREFIX_IDS_KEY, BRANCH_KEY)
+
+
+def agent_loop_requests(data, branch_plan, *, agent_names):
+    """The inputs of verl's ``AgentLoopManager.generate_sequences`` for the K branch points of ``branch_plan``
+    (:func:`plan` on ``data``): one row per branch, non_tensor_batch only.
+
+    data: the rows :func:`plan` read, with batch ``prompts`` [R, P] (left-padded), ``responses`` /
+      ``response_mask`` [R, L] and ``attention_mask`` [R, P + L], and the dataset's fields (``raw_prompt``,
+      ``data_source``, ``reward_model``, ``extra_info``, ``uid``, ...) in non_tensor_batch.
+    agent_names: per row of ``data``, the registered name of the agent loop that sampled it: the branch runs
+      through that same loop (it must continue a prefix, as ``appo.integrations.verl_agent`` does).
+    Each request: the parent's dataset fields (not its agent loop's outputs), ``agent_name``, ``appo_parent``
+    (parent row), ``appo_branch_pos`` (the shared prefix length s) and ``appo_branch`` = {"prompt_ids",
+    "response_ids", "response_mask", "include_token"}: the parent's prompt and its response[:s] with its mask.
+    """
+    if len(agent_names) != len(data):
+        raise ValueError(f"agent_names: expected one name per row ({len(data)}), got {len(agent_names)}")
+    prompts = _batch_tensor(data, "prompts", "data")
+    responses = _batch_tensor(data, "responses", "data")
+    response_mask = _batch_tensor(data, "response_mask", "data")
+    prompt_mask = _batch_tensor(data, "attention_mask", "data")[:, :prompts.shape[1]].bool()
+    parent = branch_plan.src.cpu().numpy().astype(np.int64)
+    shared = branch_plan.shared.cpu().numpy().astype(np.int64)
+    keep_token = (branch_plan.shared - branch_plan.pos).cpu().tolist()
+    branches = np.empty(len(parent), dtype=object)
+    for k, (r, s) in enumerate(zip(parent.tolist(), shared.tolist())):
+        branches[k] = {"prompt_ids": prompts[r][prompt_mask[r]].tolist(),
+                       "response_ids": responses[r, :s].tolist(), "response_mask": response_mask[r, :s].tolist(),
+                       "include_token": bool(keep_token[k])}
+    non_tensors = {key: np.asarray(value, dtype=object)[parent] for key, value in data.non_tensor_batch.items()
+                   if key not in _AGENT_OUTPUT_FIELDS}
+    names = np.empty(len(parent), dtype=object)
+    names[:] = [str(agent_names[r]) for r in parent.tolist()]
+    non_tensors.update({"agent_name": names, PARENT_KEY: parent, BRANCH_POS_KEY: shared, BRANCH_KEY: branches})
+    return type(data)(batch=None, non_tensor_batch=non_tensors, meta_info={})
 
 
 def _with_branch_fields(data):

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,8 @@ PLUGIN = "appo.integrations.verl_plugin"
 VOCAB, PAD, EOS = 96, 0, 2
 PROMPT_WIDTH, RESPONSE_LENGTH = 6, 10
 ROLLOUTS, BRANCHES = 3, 2
+TRAINER_LRS = (0.0, 0.5)          # APPOTrainer steps: lr = 0 (nothing moves), then a real update
+TRAINER_PROMPTS, TRAINER_N = 4, 2  # _verl_cpu's config: 4 prompts x N = 2, two parts of 2 prompts
 
 
 # ------------------------------------------------------------------------------ checks run inside the venv
@@ -333,9 +336,9 @@ def worker_group_checks() -> dict:
 
 
 def transfer_queue_checks() -> dict:
-    """APPO's v1 trainer against a real TransferQueue: rows as verl's agent loop writes them ->
-    ``_appo_branch`` (HFRollout for the rollout server, a toy reward for the reward workers) ->
-    ``_appo_advantages`` -> advantages read back from TransferQueue."""
+    """APPO's v1 trainer pieces against a real TransferQueue: rows written the way verl's agent loop writes
+    them (plus a balancing padding row) -> ``rows_to_dataproto`` -> ``plan`` -> ``split_parts`` ->
+    ``_compute_advantage`` and ``_appo_advantages`` (hand-made branch rewards) -> advantages read back."""
     import transfer_queue as tq
 
     tq.init()
@@ -351,12 +354,10 @@ def _transfer_queue_run(tq) -> dict:
     import torch
     from omegaconf import OmegaConf
     from transfer_queue import KVBatchMeta
-    from verl import DataProto
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     from appo.integrations import verl as appo_verl
-    from appo.integrations.verl_trainer import APPOTrainer, rows_to_dataproto
-    from appo.models import tiny_model
+    from appo.integrations.verl_trainer import APPOTrainer, rows_to_dataproto, split_parts
 
     gen = torch.Generator().manual_seed(4)
     keys, fields, tags = [], [], []
@@ -386,62 +387,51 @@ def _transfer_queue_run(tq) -> dict:
     tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields), tags=tags)
     batch = KVBatchMeta(keys=keys, tags=tags, partition_id="train")
 
-    model = tiny_model("llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4, kv_heads=2, seed=5)
-    rollout = _hf_rollout(model)
-    scored = []
-
-    class Rewards:                                                       # verl's reward workers' interface
-        @staticmethod
-        def compute_rm_score(data):
-            width = data.batch["prompts"].shape[1]
-            scores = _toy_rewards(data.batch["responses"], data.batch["attention_mask"][:, width:])
-            scored.append(data)
-            return DataProto.from_dict(tensors={"rm_scores": scores})
-
-    class TestTrainer(APPOTrainer):
-        def _appo_generate(self, requests):                             # verl's HFRollout, not a server
-            out = rollout.generate_sequences(requests)
-            return DataProto(batch=out.batch)
-
-    trainer = TestTrainer.__new__(TestTrainer)
-    trainer.config = OmegaConf.create({"algorithm": {"rollout_correction": None},
-                                       "actor_rollout_ref": {"rollout": {"response_length": RESPONSE_LENGTH,
-                                                                         "temperature": 1.0}}})
-    trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
-    trainer.appo_settings = appo_verl.settings()
-    trainer.reward_loop_manager = Rewards()
-    trainer.timing_raw = {}
-    torch.manual_seed(0)
-    metrics: dict = {}
-    pending = trainer._appo_branch(batch, metrics)
-    trainer._appo_advantages(batch, pending, metrics)
-    back = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages", "returns"])
-    advantages = [row.tolist() for row in back["advantages"].unbind()]
-
     rows = tq.kv_batch_get(keys=keys[:-1], partition_id="train")
     data = rows_to_dataproto(rows, pad_token_id=PAD)
-    report = {"metrics": metrics, "branches": len(pending["parent"]), "scored_rows": len(scored[0]),
-              "padding_advantage": advantages[-1],
-              "row_lengths_kept": [len(a) for a in advantages[:-1]] == [len(f["responses"]) for f in fields[:-1]],
+    branch_plan, metrics = appo_verl.plan(data)
+    report = {"metrics": metrics, "branches": int(branch_plan.src.numel()),
               "prompt_left_padded": bool((data.batch["attention_mask"][:, -RESPONSE_LENGTH - 1] >= 0).all()
-                                         and data.batch["prompts"][0, 0] == PAD)}
+                                         and data.batch["prompts"][0, 0] == PAD),
+              "tool_tokens_not_branched": all(s not in (1, 2) for p, s in
+                                              zip(branch_plan.src.tolist(), branch_plan.pos.tolist()) if p == 3),
+              "parts": split_parts([f"p{i // 2}_{i % 2}_0" for i in range(8)], [{}] * 8, prompts_per_part=2,
+                                   dp_size=2),
+              "parts_padded": split_parts([f"p{i // 3}_{i % 3}_0" for i in range(9)] + ["padY_0_0"],
+                                          [{}] * 9 + [{"is_padding": True}], prompts_per_part=1, dp_size=2)}
+
+    trainer = APPOTrainer.__new__(APPOTrainer)
+    trainer.config = OmegaConf.create({"algorithm": {"rollout_correction": None}})
+    trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
+    trainer._compute_advantage(batch, {})
+    zeros = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+    report["advantages_zeroed"] = all(float(a.abs().sum()) == 0 for a in zeros["advantages"].unbind())
+    rewards = torch.rand(branch_plan.src.numel(), generator=gen)
+    pending = {"keys": keys[:-1], "parent": branch_plan.src.numpy(), "shared": branch_plan.shared.numpy(),
+               "rewards": rewards}
+    trainer._appo_advantages(batch, pending)
+    back = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages", "returns"])
+    advantages = [row.tolist() for row in back["advantages"].unbind()]
+    report["padding_advantage"] = advantages[-1]
+    report["row_lengths_kept"] = [len(a) for a in advantages[:-1]] == [len(f["responses"]) for f in fields[:-1]]
     # reference: the same bundle through the fp64 loop
-    rewards = [float(f["rm_scores"].sum()) for f in fields[:-1]] + pending["rewards"].tolist()
+    totals = [float(f["rm_scores"].sum()) for f in fields[:-1]] + rewards.tolist()
     uids = [f["uid"] for f in fields[:-1]]
-    parent = [-1] * len(uids) + pending["parent"].tolist()
-    shared = [0] * len(uids) + pending["shared"].tolist()
-    uids = uids + [uids[p] for p in pending["parent"].tolist()]
+    parent = [-1] * len(uids) + branch_plan.src.tolist()
+    shared = [0] * len(uids) + branch_plan.shared.tolist()
+    uids = uids + [uids[p] for p in branch_plan.src.tolist()]
     width = data.batch["response_mask"].shape[1]
     mask = torch.zeros(len(parent), width, dtype=torch.bool)
     mask[:len(fields) - 1] = data.batch["response_mask"].bool()
-    reference = _reference_dual_group(rewards, uids, parent, shared, mask)
-    err = 0.0
-    for r, values in enumerate(advantages[:-1]):
-        err = max(err, max(abs(v - float(reference[r, i])) for i, v in enumerate(values)))
-    report["adv_max_err"] = err
+    reference = _reference_dual_group(totals, uids, parent, shared, mask)
+    report["adv_max_err"] = max(abs(v - float(reference[r, i])) for r, values in enumerate(advantages[:-1])
+                                for i, v in enumerate(values))
     report["adv_uses_branches"] = bool((reference[:6] != reference[:6, :1]).any())
-    report["tool_tokens_not_branched"] = all(s not in (1, 2) for p, s in
-                                             zip(pending["parent"].tolist(), pending["shared"].tolist()) if p == 3)
+    try:
+        trainer._appo_advantages(batch, {**pending, "keys": keys[:2]})
+        report["changed_part_error"] = ""
+    except RuntimeError as error:
+        report["changed_part_error"] = str(error)
     try:
         rows_to_dataproto(rows.exclude("entropy"), pad_token_id=PAD)
         report["missing_field_error"] = ""
@@ -616,13 +606,21 @@ def run_checks() -> dict:
     report["unit"] = unit_checks()
     report["config"] = config_checks()
     _progress("ray.init")
-    # logical CPUs: the worker group holds 2, TransferQueue's controller and storage units want theirs
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    # logical CPUs for scheduling only: worker groups, TransferQueue, agent-loop / reward workers, servers
+    ray.init(num_cpus=32, include_dashboard=False, log_to_driver=False)
     try:
         report["worker_group"] = worker_group_checks()
         _progress("worker group done")
         report["transfer_queue"] = transfer_queue_checks()
         _progress("transfer queue done")
+        import _verl_cpu  # this directory: on PYTHONPATH for the Ray workers too (the fixture sets it)
+
+        with tempfile.TemporaryDirectory() as root:
+            report["appo_trainer"] = _verl_cpu.run_trainer(root, steps_lr=TRAINER_LRS)
+        _progress("trainer steps done")
+        with tempfile.TemporaryDirectory() as root:
+            report["agent_loop"] = _verl_cpu.run_agent_loop(root)
+        _progress("agent loop done")
     finally:
         ray.shutdown()
     return report
@@ -644,9 +642,10 @@ if __name__ != "__main__":
     @pytest.fixture(scope="module")
     def verl_report():
         python = venv_python("verl_env.sh", "verl", timeout=900)
-        env = dict(os.environ, PYTHONPATH=str(REPO), VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1",
+        env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}",
+                   VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1",
                    RAY_AUTH_MODE="disabled", APPO_VERL_SETTINGS=json.dumps({"branches_per_rollout": BRANCHES}))
-        done = subprocess.run([python, __file__], check=False, capture_output=True, text=True, timeout=600,
+        done = subprocess.run([python, __file__], check=False, capture_output=True, text=True, timeout=1500,
                               env=env, cwd=REPO)
         assert done.returncode == 0, done.stderr[-4000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -699,14 +698,24 @@ if __name__ != "__main__":
 
     def test_trainer_mode_reads_and_writes_transfer_queue(verl_report):
         tq_report = verl_report["transfer_queue"]
-        assert tq_report["branches"] == BRANCHES * 6 and tq_report["scored_rows"] == BRANCHES * 6
+        assert tq_report["branches"] == BRANCHES * 6
         assert tq_report["metrics"]["appo/branches"] == BRANCHES * 6
-        assert tq_report["metrics"]["appo/entropy_only_fraction"] == 1.0
+        assert tq_report["metrics"]["appo/entropy_only_fraction"] == 1.0   # pi_old as pi_theta: entropy only
+        assert tq_report["metrics"]["appo/log_ratio_max"] == 0.0
+        assert tq_report["advantages_zeroed"]                     # _compute_advantage: 0 until a part's turn
         assert tq_report["adv_max_err"] <= 1e-5 and tq_report["adv_uses_branches"]
         assert tq_report["padding_advantage"] == [0.0]            # verl's padding row: no group, no branch
         assert tq_report["row_lengths_kept"] and tq_report["prompt_left_padded"]
         assert tq_report["tool_tokens_not_branched"]
+        assert "changed" in tq_report["changed_part_error"]
         assert "entropy" in tq_report["missing_field_error"]
+
+    def test_update_parts_are_whole_prompt_groups_divisible_by_dp(verl_report):
+        tq_report = verl_report["transfer_queue"]
+        assert tq_report["parts"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        # 3 prompts x 3 rows + 1 padding row, 1 prompt per part, dp 2: the padding row completes the first
+        # part; the second cannot be completed and joins the third
+        assert tq_report["parts_padded"] == [[0, 1, 2, 9], [3, 4, 5, 6, 7, 8]]
 
     def test_estimator_matches_appo_advantages_on_a_dataproto(verl_report):
         unit = verl_report["unit"]
@@ -732,6 +741,96 @@ if __name__ != "__main__":
     def test_bad_input_names_the_key(verl_report):
         for key, message in verl_report["unit"]["bad_input_errors"].items():
             assert key in message, (key, message)
+
+    # --------------------------------------------- APPOTrainer on verl's step, CPU stand-ins (_verl_cpu)
+    def _steps(verl_report):
+        steps = verl_report["appo_trainer"]["steps"]
+        assert [s["lr"] for s in steps] == list(TRAINER_LRS)
+        return steps
+
+    def _part_weights(verl_report):
+        """Per branch generation: the server's weights for its requests, and the actor's weights before each
+        of the step's updates (part u branches after u updates)."""
+        trainer = verl_report["appo_trainer"]
+        served = [r["weights"] for r in trainer["server"]["requests"]]
+        updates = [e for e in trainer["actor_events"] if e[0] == "update"]
+        return [(sorted(set(served[slice(*call["server_requests"])])), updates[i][1])
+                for i, call in enumerate(trainer["calls"])]
+
+    def test_conformance_verl_exact_M(verl_report):
+        """exact_M: every prompt has N initial rollouts and exactly B * N branches, M = (B + 1) * N."""
+        trainer = verl_report["appo_trainer"]
+        for step in _steps(verl_report):
+            assert sorted(step["rows_per_prompt"].values()) == [TRAINER_N] * TRAINER_PROMPTS
+            assert step["metrics"]["appo/branches"] == BRANCHES * TRAINER_N * TRAINER_PROMPTS
+        for call in trainer["calls"]:
+            counts = {uid: call["parents"].count(uid) for uid in call["parents"]}
+            assert set(counts.values()) == {BRANCHES * TRAINER_N}      # each prompt of the part: B * N
+
+    def test_conformance_verl_lr0_entropy_only(verl_report):
+        """lr0_entropy_only: with lr = 0 the second part's log-prob pass equals pi_old bit for bit: Omega is
+        exactly 1 and every row of every part falls back to entropy alone."""
+        metrics = _steps(verl_report)[0]["metrics"]
+        assert metrics["appo/log_ratio_max"] == 0.0
+        assert metrics["appo/entropy_only_fraction"] == 1.0
+        assert metrics["appo/entropy_only_fraction_after_update"] == 1.0
+
+    def test_conformance_verl_omega_after_update(verl_report):
+        """omega_after_update: after the first part's update, the second part's Omega measures the shift."""
+        metrics = _steps(verl_report)[1]["metrics"]
+        assert metrics["appo/entropy_only_fraction_before_update"] == 1.0   # part 0: before any update
+        assert metrics["appo/log_ratio_max"] > 1e-3
+        assert metrics["appo/entropy_only_fraction_after_update"] < 1.0
+
+    def test_conformance_verl_branch_policy_current(verl_report):
+        """branch_policy_current: every branch request of part u was sampled by the server with the weights the
+        actor held at part u (weight fingerprints), and those moved after the real update."""
+        parts = _part_weights(verl_report)
+        assert len(parts) == 2 * len(TRAINER_LRS)
+        for served, actor_weights in parts:
+            assert served == [actor_weights]
+        (_, lr0_first), (_, lr0_second), (_, first), (_, second) = parts
+        assert lr0_first == lr0_second                      # lr = 0: nothing moved
+        assert first != second                              # lr > 0: part 1 branches from the updated policy
+
+    def test_verl_replicas_wake_for_branches_and_sleep_after(verl_report):
+        events = [e[0] for e in verl_report["appo_trainer"]["server"]["events"]]
+        # per step: verl's sampling (sleep after), then per part: load + wake, branches, sleep
+        assert events.count("sleep") >= 3 * len(TRAINER_LRS)
+        assert verl_report["appo_trainer"]["steps"][1]["metrics"]["appo/weight_syncs"] == 2
+
+    def test_verl_step_costs_are_measured(verl_report):
+        for step in _steps(verl_report):
+            timing = step["timing"]
+            print(f"lr {step['lr']}: step {step['seconds']:.2f} s, appo_sync {timing['appo_sync']:.3f} s, "
+                  f"appo_logprob {timing['appo_logprob']:.3f} s, old_log_prob {timing['old_log_prob']:.3f} s")
+            assert timing["appo_sync"] > 0 and timing["appo_logprob"] > 0
+            assert step["advantage_nonzero"] > 0
+
+    def test_conformance_verl_branch_tools_run(verl_report):
+        """branch_tools_run: a branch that closes a call runs the tool; the calls in its prefix count."""
+        loop = verl_report["agent_loop"]
+        for name in ("initial", "branch"):
+            assert "<result>\n42\n</result>" in loop[name]["tool_text"], loop[name]
+            assert [c["query"] for c in loop[name]["calls"] if not c["in_prefix"]] == ["6*7"]
+            assert loop[name]["finish"] == "answer" and loop[name]["prefix_kept"]
+        assert loop["branch"]["text"].startswith("<calculator>1+1</calculator><result>\n2\n</result>\n"
+                                                 "<calculator>6*7</calculator><result>\n42\n</result>")
+        assert loop["limit"]["finish"] == "tool_limit" and "42" not in loop["limit"]["text"]
+        assert loop["branch"]["server_turns"] == 2                 # the answer came from a second request
+
+    def test_conformance_verl_no_tool_credit(verl_report):
+        """no_tool_credit: a fake result and answer the model wrote after closing a call never enter the row,
+        so the reward (gold = the fake answer) gives nothing; the control gets credit for its own answer."""
+        loop = verl_report["agent_loop"]
+        for name in ("initial", "branch"):
+            assert "<result>\n1\n</result>" not in loop[name]["text"]
+            assert "<answer>1</answer>" not in loop[name]["text"]
+            assert "<result>" not in loop[name]["model_text"]
+            assert loop[name]["reward"] <= 0.0                     # gold "1": the fake answer earned nothing
+            # the reward graded appo_graded_text: model tokens, each tool result an empty block
+            assert "42" not in loop[name]["graded_text"] and "<result></result>" in loop[name]["graded_text"]
+        assert loop["credit"]["reward"] == 1.0                     # its own answer, right: full credit
 
     @pytest.mark.parametrize("key", ["algorithm.adv_estimator", "policy_loss.loss_mode", "use_kl_in_reward",
                                      "bypass_mode", "rollout.n"])
