@@ -1,156 +1,286 @@
-"""The learning study's report: intervals (bench/study_stats.py), a markdown table, a plot and one json.
+"""The learning study's report: contrasts (bench/study_stats.py), a markdown table, a plot and one json, from
+whatever records bench/study.py has written (a folder of records, or an older study's single json).
 
-``analyse(starts, runs)`` works on the plain dicts bench/study.py writes (``start_eval`` / ``run_one``), so it
-can be tested on synthetic runs. Two comparisons:
+    python bench/study_report.py          # bench/results/study/ -> report.md, report.png, analysis.json
+    python bench/study_report.py bench/results/study-20261130T200658Z.json     # the 3-seed study, re-analysed
 
-- **equal trajectories**: every run's last evaluation (the same steps x prompts x M trajectories for all);
-- **equal wall time**: every run at T*, the shortest training time of all runs, its per-question scores
-  interpolated linearly between the two evaluations around T* (``study_stats.at_time``; the start model is
-  the evaluation at time 0). An algorithm with cheaper steps has trained more steps by T*.
-
-Each gives the mean held-out accuracy per variant with its 95% interval, the paired difference to GRPO and
-the gain over the start model (paired by seed and question, over the same bootstrap resamples).
+Each contrast (arm A minus arm B, ``PRIMARY`` and ``SECONDARY`` as pre-registered in docs/study.md) is taken
+at four equal budgets: trajectories sampled, sequences optimised, generated tokens and seconds of training.
+At a budget x* (the largest every run of both arms reached) each run's per-question scores are interpolated
+linearly between its two evaluations around x* (the start model is the evaluation at 0;
+``study_stats.at_budget``). Seconds come from the idle step-cost records (``study.py --step-cost``: each arm's
+cumulative seconds at step k, mean over the measured seeds) when both arms have them, else from the runs' own
+``time/step`` (labelled: shared cores). Every contrast reports the mean difference over seeds, the per-seed
+paired t-interval, p, the MDD at 80% power and the crossed seeds x questions interval (the check).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import study_stats as stats
 
-
-def _fmt(interval: dict, digits: int = 3, sign: bool = False) -> str:
-    plus = "+" if sign else ""
-    return (f"{interval['mean']:{plus}.{digits}f} [{interval['lo']:{plus}.{digits}f}, "
-            f"{interval['hi']:{plus}.{digits}f}]")
-
-
-def _check(starts: list[dict], runs: list[dict]) -> tuple[list[int], list[str], list[str]]:
-    """(seeds, variants in first-seen order, question ids) of a complete study, or a ValueError saying what
-    is missing or does not match: every variant has a run for every seed that has a start evaluation, every
-    evaluation covers the same questions in the same order, and every run had the same budget."""
-    if not runs:
-        raise ValueError("runs: need at least one finished run")
-    variants = list(dict.fromkeys(r["variant"] for r in runs))
-    if "grpo" not in variants:
-        raise ValueError(f"runs: the report compares with grpo, which has no run (got {variants})")
-    seeds = sorted(s["seed"] for s in starts)
-    have = {(r["variant"], r["seed"]) for r in runs}
-    missing = [f"{v}-s{s}" for s in seeds for v in variants if (v, s) not in have]
-    extra = sorted({r["seed"] for r in runs} - set(seeds))
-    if missing or extra or not seeds:
-        raise ValueError(f"runs: an incomplete study (missing runs {missing}, seeds without a start "
-                         f"evaluation {extra}); finish it or pass only complete seeds")
-    ids = starts[0]["ids"]
-    for item in [*starts, *(e for r in runs for e in r["evals"])]:
-        if item["ids"] != ids:
-            raise ValueError("runs: the evaluations did not all use the same held-out questions")
-    budgets = {(r["steps"], r["prompts_per_step"], r["M"], r["evals"][-1]["trajectories"]) for r in runs}
-    if len(budgets) != 1:
-        raise ValueError(f"runs: unequal budgets (steps, prompts per step, M, trajectories): {sorted(budgets)}")
-    return seeds, variants, ids
-
-
-def analyse(starts: list[dict], runs: list[dict], draws: int = stats.DRAWS) -> dict:
-    """Intervals of the study: {"seeds", "questions", "t_star", "start": interval, "variants": [per variant:
-    final (equal trajectories) and at_time (equal wall time) intervals, their paired differences to GRPO and
-    gains over the start, the curve of held-out accuracy per evaluation point, mean training seconds]}."""
-    seeds, variants, ids = _check(starts, runs)
-    w = stats.weights(len(seeds), len(ids), draws=draws)
-    start = np.array([next(s for s in starts if s["seed"] == seed)["correct"] for seed in seeds])
-    by = {(r["variant"], r["seed"]): r for r in runs}
-    t_star = min(r["evals"][-1]["train_s"] for r in runs)
-
-    def matrix(variant: str, pick) -> np.ndarray:
-        return np.array([pick(by[variant, seed], start[i]) for i, seed in enumerate(seeds)])
-
-    def final(run, _start):
-        return run["evals"][-1]["correct"]
-
-    def at_t_star(run, start_row):
-        times = [0.0, *(e["train_s"] for e in run["evals"])]
-        return stats.at_time(times, [start_row, *(e["correct"] for e in run["evals"])], t_star)
-
-    grpo = {"final": matrix("grpo", final), "time": matrix("grpo", at_t_star)}
-    entries = []
-    for variant in variants:
-        own = {"final": matrix(variant, final), "time": matrix(variant, at_t_star)}
-        group = [by[variant, seed] for seed in seeds]
-        curve = []
-        for k in range(len(group[0]["evals"])):
-            points = [r["evals"][k] for r in group]
-            curve.append({"step": points[0]["step"], "trajectories": points[0]["trajectories"],
-                          "train_s": float(np.mean([p["train_s"] for p in points])),
-                          "accuracy": stats.interval([p["correct"] for p in points], w).as_dict()})
-        steps_by_t = [float(np.interp(t_star, [0.0, *(e["train_s"] for e in r["evals"])],
-                                      [0, *(e["step"] for e in r["evals"])])) for r in group]
-        entries.append({
-            "variant": variant, "algo": group[0]["algo"], "seeds": seeds,
-            "final": stats.interval(own["final"], w).as_dict(),
-            "final_vs_grpo": stats.paired_difference(own["final"], grpo["final"], w).as_dict(),
-            "final_gain": stats.paired_difference(own["final"], start, w).as_dict(),
-            "at_time": stats.interval(own["time"], w).as_dict(),
-            "at_time_vs_grpo": stats.paired_difference(own["time"], grpo["time"], w).as_dict(),
-            "at_time_gain": stats.paired_difference(own["time"], start, w).as_dict(),
-            "steps_by_t_star": float(np.mean(steps_by_t)), "curve": curve,
-            "train_s": float(np.mean([r["train_s"] for r in group])),
-            "train_s_per_step": float(np.mean([r["train_s"] / r["steps"] for r in group])),
-            "trajectories": group[0]["evals"][-1]["trajectories"], "steps": group[0]["steps"],
-            "phases_per_step": _phases(group),
-        })
-    return {"seeds": seeds, "questions": len(ids), "draws": draws, "t_star": t_star,
-            "start": stats.interval(start, w).as_dict(), "variants": entries}
-
-
+REPO = Path(__file__).resolve().parents[1]
+PRIMARY = (("appo", "grpo-m4"), ("appo", "appo-uniform"))
+SECONDARY = (("appo", "grpo"), ("appo", "appo-entropy"), ("appo-entropy", "appo-uniform"))
+ORDER = ("appo", "grpo", "grpo-m4", "appo-entropy", "appo-uniform")
+BUDGETS = {"trajectories": "trajectories", "optimised": "optimised sequences",
+           "generated_tokens": "generated tokens", "time": "s of training"}
 PHASES = ("rollout", "old_logprobs", "branch", "update")
 
 
-def _phases(group: list[dict]) -> dict:
-    """Mean seconds per step of each trainer phase (``time/<phase>`` in the runs' histories; 0 where a
-    variant has no such phase, e.g. GRPO's branch)."""
-    steps = [h for r in group for h in r.get("history", [])]
-    return {p: float(np.mean([h.get(f"time/{p}") or 0.0 for h in steps])) if steps else None for p in PHASES}
+# ---------------------------------------------------------------------------------------------- records
+def load(source: str | Path) -> list[dict]:
+    """The records of ``source``: a folder of study.py records (start-*, run-*, step-cost-*.json) or one
+    older study json (its "start" and "run" rows)."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for pattern in ("start-s*.json", "run-*.json", "step-cost-*.json")
+                       for p in source.glob(pattern))
+        return [json.loads(p.read_text()) for p in paths]
+    if source.is_file():
+        return [r for r in json.loads(source.read_text())["rows"] if r.get("kind") in ("start", "run")]
+    raise ValueError(f"source: no records folder or study json at {source}")
+
+
+def _questions(record: dict) -> str:
+    """What names the held-out questions a record was evaluated on."""
+    heldout = record.get("heldout")
+    return heldout["sha256"] if heldout else json.dumps(record.get("ids") or record["evals"][0]["ids"])
+
+
+def _split(records: list[dict]):
+    """(starts {seed: record}, runs {(variant, seed): record}, costs {variant: [records]}), checked: one
+    held-out set, one question count, one steps x prompts schedule."""
+    starts = {r["seed"]: r for r in records if r["kind"] == "start"}
+    runs = {(r["variant"], r["seed"]): r for r in records if r["kind"] == "run"}
+    costs: dict[str, list[dict]] = {}
+    for r in records:
+        if r["kind"] == "step_cost":
+            costs.setdefault(r["variant"], []).append(r)
+    if not runs:
+        raise ValueError("records: no finished run")
+    evaluated = [*starts.values(), *runs.values()]
+    if len({_questions(r) for r in evaluated}) != 1:
+        raise ValueError("records: the evaluations did not all use the same held-out questions")
+    counts = {len(r["correct"]) for r in starts.values()} | {len(e["correct"]) for r in runs.values()
+                                                             for e in r["evals"]}
+    if len(counts) != 1:
+        raise ValueError(f"records: evaluations of different sizes {sorted(counts)}")
+    schedules = {(r["steps"], r["prompts_per_step"]) for r in runs.values()}
+    if len(schedules) != 1:
+        raise ValueError(f"records: runs of different schedules (steps, prompts per step): "
+                         f"{sorted(schedules)}")
+    return starts, runs, costs
+
+
+def _cost_curve(records: list[dict]) -> dict[int, float] | None:
+    """{step k: cumulative seconds of steps 1..k}, mean over the step-cost records of one arm."""
+    if not records:
+        return None
+    steps = min(len(r["history"]) for r in records)
+    per_step = [np.mean([r["history"][k]["time/step"] for r in records]) for k in range(steps)]
+    return {k + 1: float(sum(per_step[:k + 1])) for k in range(steps)}
+
+
+def _budgets(run: dict, axis: str, cost: dict[int, float] | None) -> list[float] | None:
+    """The run's budget on ``axis`` at each of its evaluations (None when a run did not record it)."""
+    if axis == "time" and cost is not None:
+        return [cost.get(e["step"]) for e in run["evals"]] if all(e["step"] in cost for e in run["evals"]) \
+            else None
+    key = "train_s" if axis == "time" else axis
+    values = [e.get(key) for e in run["evals"]]
+    return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def contrasts_for(variants: list[str]) -> list[tuple[str, str, str]]:
+    """(A, B, role) of every contrast whose two arms have runs: the pre-registered ones, then every other
+    variant against GRPO (role "extra")."""
+    chosen = [(a, b, role) for role, pairs in (("primary", PRIMARY), ("secondary", SECONDARY))
+              for a, b in pairs if a in variants and b in variants]
+    covered = {v for a, b, _ in chosen for v in (a, b)}
+    if "grpo" in variants:
+        chosen += [(v, "grpo", "extra") for v in variants if v not in covered and v != "grpo"]
+    return chosen
+
+
+def analyse(records: list[dict]) -> dict:
+    """The study's numbers from its records: {"questions", "seeds", "start", "variants": [per variant: seeds,
+    final accuracy, gain over the start, spend per run, step cost, curve], "contrasts": [per contrast and
+    budget: x*, seeds, the study_stats.Contrast fields, mean steps of each arm by x*]}."""
+    starts, runs, costs = _split(records)
+    seen = list(dict.fromkeys(v for v, _ in runs))
+    variants = [v for v in ORDER if v in seen] + [v for v in seen if v not in ORDER]
+    curves = {v: _cost_curve(costs.get(v, [])) for v in variants}
+    start_seeds = sorted(starts)
+    entries = [_variant(v, starts, runs, curves[v]) for v in variants]
+    contrasts = []
+    for a, b, role in contrasts_for(variants):
+        for axis in BUDGETS:
+            contrasts.append({"a": a, "b": b, "role": role, "budget": axis,
+                              **_contrast(a, b, axis, starts, runs, curves)})
+    questions = len(next(iter(runs.values()))["evals"][0]["correct"])
+    start = stats.accuracy([starts[s]["correct"] for s in start_seeds]).as_dict() if starts else None
+    return {"questions": questions, "seeds": start_seeds, "start": start, "variants": entries,
+            "contrasts": contrasts}
+
+
+def _variant(variant: str, starts: dict, runs: dict, cost: dict | None) -> dict:
+    group = [runs[v, s] for v, s in sorted(runs) if v == variant]
+    seeds = [r["seed"] for r in group]
+    final = np.array([r["evals"][-1]["correct"] for r in group])
+    paired = [s for s in seeds if s in starts]
+    gain = stats.contrast([runs[variant, s]["evals"][-1]["correct"] for s in paired],
+                          [starts[s]["correct"] for s in paired]).as_dict() if paired else None
+    spend_keys = ("trajectories", "optimised", "generated_tokens", "optimised_tokens", "tool_calls",
+                  "branches", "branches_filled", "branches_fresh", "train_s")
+    spend = {}
+    for key in spend_keys:
+        values = [r["evals"][-1].get(key) for r in group]
+        spend[key] = None if any(v is None for v in values) else float(np.mean(values))
+    history = [h for r in group for h in r.get("history", [])]
+    phases = {p: float(np.mean([h.get(f"time/{p}") or 0.0 for h in history])) if history else None
+              for p in ("step", *PHASES)}
+    curve = []
+    for k, point in enumerate(group[0]["evals"]):
+        at_k = [r["evals"][k] for r in group]
+        curve.append({"step": point["step"],
+                      "accuracy": stats.accuracy([p["correct"] for p in at_k]).as_dict(),
+                      **{axis: (float(np.mean([_budgets(r, axis, cost)[k] for r in group]))
+                                if all(_budgets(r, axis, cost) is not None for r in group) else None)
+                         for axis in BUDGETS}})
+    idle = None
+    if cost is not None:
+        idle = {"s_per_step": cost[max(cost)] / max(cost)}
+    return {"variant": variant, "algo": group[0]["algo"], "seeds": seeds, "steps": group[0]["steps"],
+            "final": stats.accuracy(final).as_dict(), "gain": gain, "spend": spend, "phases": phases,
+            "idle": idle, "curve": curve}
+
+
+def _contrast(a: str, b: str, axis: str, starts: dict, runs: dict, curves: dict) -> dict:
+    """One contrast at one budget (``analyse``); {"missing": why} when it cannot be taken."""
+    seeds = [s for s in sorted(starts) if (a, s) in runs and (b, s) in runs]
+    if not seeds:
+        return {"missing": "no seed with a start evaluation and runs of both arms"}
+    idle = curves[a] is not None and curves[b] is not None
+    source = {v: curves[v] if axis == "time" and idle else None for v in (a, b)}
+    budgets = {(v, s): _budgets(runs[v, s], axis, source[v]) for v in (a, b) for s in seeds}
+    if any(x is None for x in budgets.values()):
+        return {"missing": f"{BUDGETS[axis]} not recorded"}
+    x_star = min(x[-1] for x in budgets.values())
+
+    def scores(variant: str) -> tuple[np.ndarray, float]:
+        rows, steps = [], []
+        for s in seeds:
+            run, xs = runs[variant, s], [0.0, *budgets[variant, s]]
+            rows.append(stats.at_budget(xs, [starts[s]["correct"], *(e["correct"] for e in run["evals"])],
+                                        x_star))
+            steps.append(float(np.interp(x_star, xs, [0, *(e["step"] for e in run["evals"])])))
+        return np.array(rows), float(np.mean(steps))
+
+    (score_a, steps_a), (score_b, steps_b) = scores(a), scores(b)
+    result = stats.contrast(score_a, score_b).as_dict()
+    time_source = ("idle step cost" if idle else "the runs' own time/step (shared cores)") if axis == "time" \
+        else None
+    return {"x": x_star, "seeds": seeds, "steps_a": steps_a, "steps_b": steps_b, "time_source": time_source,
+            **{k: v for k, v in result.items() if k != "seeds"}}
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _pts(value: float | None, sign: bool = True) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{100 * value:{'+' if sign else ''}.1f}"
+
+
+def _interval(lo: float, hi: float, sign: bool = True) -> str:
+    return "n/a" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_pts(lo, sign)}, {_pts(hi, sign)}]"
+
+
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.2g}")
+
+
+def _amount(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}" if abs(x) >= 10 or x == round(x) else f"{x:.1f}"
+
+
+CONTRASTS_NOTE = ("Differences in points (A - B), mean over seeds; 95% t-interval over the per-seed paired "
+                  "differences (S - 1 degrees of freedom), two-sided p; MDD: the smallest true difference "
+                  "the test detects with 80% power at this spread; crossed: the seeds x questions "
+                  "random-effects interval (a check). x*: the largest budget every run of both arms reached; "
+                  "scores there are interpolated between evaluations.")
+ARMS_NOTE = ("Per arm, mean over its seeds; spend per run; branches filled / fresh: points the fill rule "
+             "added / fresh re-samples among them.")
+COST_NOTE = ("Cost of a step (mean seconds per step by phase, the trainer's `time/*` metrics, in the study's "
+             "runs; idle: `study.py --step-cost`, one run at a time)")
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _head(*names) -> list[str]:
+    return [_row(*names), "|" + "---|" * len(names)]
 
 
 def markdown_table(analysis: dict) -> str:
-    """GitHub tables: equal trajectories and equal wall time (95% intervals in brackets), then the cost of a
-    step per phase when the runs carry their per-step times."""
-    entries = analysis["variants"]
-    first = entries[0]
-    head = (f"Held-out accuracy on {analysis['questions']} questions, mean over seeds {analysis['seeds']} "
-            f"[95% bootstrap interval over seeds and questions]. Start model: {_fmt(analysis['start'])}.\n\n")
-    lines = [f"**Equal trajectories** ({first['trajectories']} per run: {first['steps']} steps)\n",
-             "| variant | accuracy | gain over start | vs GRPO | training s / run | s / step |",
-             "|---|---|---|---|---|---|"]
-    for e in entries:
-        lines.append(f"| {e['variant']} | {_fmt(e['final'])} | {_fmt(e['final_gain'], sign=True)} "
-                     f"| {_fmt(e['final_vs_grpo'], sign=True) if e['variant'] != 'grpo' else '(baseline)'} "
-                     f"| {e['train_s']:.0f} | {e['train_s_per_step']:.1f} |")
-    lines += ["", (f"**Equal wall time** (T* = {analysis['t_star']:.0f} s of training, the shortest run; "
-                   "accuracy interpolated between evaluations)\n"),
-              "| variant | steps by T* | accuracy | gain over start | vs GRPO |", "|---|---|---|---|---|"]
-    for e in entries:
-        lines.append(f"| {e['variant']} | {e['steps_by_t_star']:.1f} | {_fmt(e['at_time'])} "
-                     f"| {_fmt(e['at_time_gain'], sign=True)} "
-                     f"| {_fmt(e['at_time_vs_grpo'], sign=True) if e['variant'] != 'grpo' else '(baseline)'} |")
-    if all(e.get("phases_per_step") and None not in e["phases_per_step"].values() for e in entries):
-        grpo = next((e["train_s_per_step"] for e in entries if e["variant"] == "grpo"), None)
-        lines += ["", "**Cost of a step** (mean seconds per step, from the trainer's `time/*` metrics)\n",
-                  "| variant | s / step | rollout | pi_old recompute | branch | update | vs GRPO |",
-                  "|---|---|---|---|---|---|---|"]
-        for e in entries:
-            ph = e["phases_per_step"]
-            ratio = f"{e['train_s_per_step'] / grpo:.2f}x" if grpo else ""
-            lines.append(f"| {e['variant']} | {e['train_s_per_step']:.1f} | {ph['rollout']:.1f} "
-                         f"| {ph['old_logprobs']:.1f} | {ph['branch']:.1f} | {ph['update']:.1f} | {ratio} |")
-    return head + "\n".join(lines) + "\n"
+    """GitHub tables: the contrasts (one row per contrast and budget), the arms (accuracy, gain, spend per
+    run) and the cost of a step by phase."""
+    lines = [f"Held-out accuracy on {analysis['questions']} questions. {CONTRASTS_NOTE}", "",
+             *_head("contrast", "role", "equal", "at x*", "seeds", "A - B", "95% t-interval", "p", "MDD",
+                    "crossed", "steps A / B")]
+    for c in analysis["contrasts"]:
+        name, budget = f"{c['a']} - {c['b']}", BUDGETS[c["budget"]]
+        if "missing" in c:
+            lines.append(_row(name, c["role"], budget, c["missing"], *[""] * 7))
+            continue
+        at = _amount(c["x"]) + (f" ({c['time_source']})" if c["time_source"] else "")
+        lines.append(_row(name, c["role"], budget, at, len(c["seeds"]), f"**{_pts(c['mean'])}**",
+                          _interval(c["lo"], c["hi"]), _p(c["p"]), _pts(c["mdd"], sign=False),
+                          _interval(c["re_lo"], c["re_hi"]), f"{c['steps_a']:.1f} / {c['steps_b']:.1f}"))
+    start = analysis["start"]
+    if start:
+        interval = _interval(start["lo"], start["hi"], False)
+        seeds = analysis["seeds"]
+        lines += ["", f"Start model: {_pts(start['mean'], sign=False)}% {interval} (seeds {seeds})."]
+    lines += ["", ARMS_NOTE, "",
+              *_head("arm", "seeds", "accuracy after all steps", "gain over start", "trajectories",
+                     "optimised sequences", "generated tokens", "optimised tokens", "tool calls",
+                     "branches (filled / fresh)")]
+    for e in analysis["variants"]:
+        f, g, s = e["final"], e["gain"], e["spend"]
+        gain = f"{_pts(g['mean'])} {_interval(g['lo'], g['hi'])}" if g else "n/a"
+        branches = "n/a"
+        if s["branches"] is not None and s["branches_filled"] is not None:
+            branches = (f"{_amount(s['branches'])} ({_amount(s['branches_filled'])} / "
+                        f"{_amount(s['branches_fresh'])})")
+        lines.append(_row(e["variant"], len(e["seeds"]), f"{_pts(f['mean'], False)}% "
+                          f"{_interval(f['lo'], f['hi'], False)}", gain, _amount(s["trajectories"]),
+                          *(_amount(s[k]) for k in ("optimised", "generated_tokens", "optimised_tokens",
+                                                    "tool_calls")), branches))
+    lines += ["", COST_NOTE, "",
+              *_head("arm", "s / step (runs)", "rollout", "pi_old recompute", "branch", "update",
+                     "s / step (idle)")]
+    for e in analysis["variants"]:
+        ph = e["phases"]
+        idle = f"{e['idle']['s_per_step']:.1f}" if e["idle"] else "not measured"
+        lines.append(_row(e["variant"], *(f"{ph[k]:.1f}" for k in ("step", *PHASES)), idle))
+    return "\n".join(lines) + "\n"
 
 
 def plot(analysis: dict, out_png: str | Path) -> Path:
-    """Left: held-out accuracy against trajectories sampled; middle: against training wall time (T* dashed);
-    right: each variant's difference to GRPO at equal trajectories and at equal wall time. Points are means
-    over seeds with their 95% intervals. Returns ``out_png``."""
+    """Left: held-out accuracy against trajectories sampled; middle: against seconds of training (idle step
+    cost where measured); right: every contrast at each budget with its 95% t-interval. Points are means over
+    seeds with their t-intervals. Returns ``out_png``."""
     import matplotlib
 
     from appo.metrics import save_figure
@@ -158,48 +288,82 @@ def plot(analysis: dict, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_traj, by_time, diffs) = plt.subplots(1, 3, figsize=(16, 4.4))
+    figure, (by_traj, by_time, forest) = plt.subplots(1, 3, figsize=(17, 4.8))
     start = analysis["start"]
     for e in analysis["variants"]:
-        acc = [start, *(p["accuracy"] for p in e["curve"])]
-        mean = [a["mean"] for a in acc]
-        err = np.array([[a["mean"] - a["lo"] for a in acc], [a["hi"] - a["mean"] for a in acc]])
-        for axis, xs in ((by_traj, [0, *(p["trajectories"] for p in e["curve"])]),
-                         (by_time, [0.0, *(p["train_s"] for p in e["curve"])])):
-            axis.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=e["variant"])
+        points = ([{"accuracy": start, "trajectories": 0.0, "time": 0.0}] if start else []) + e["curve"]
+        mean = np.array([p["accuracy"]["mean"] for p in points])
+        err = np.nan_to_num(np.array([[p["accuracy"]["mean"] - p["accuracy"]["lo"] for p in points],
+                                      [p["accuracy"]["hi"] - p["accuracy"]["mean"] for p in points]]))
+        for axis, key in ((by_traj, "trajectories"), (by_time, "time")):
+            xs = [p[key] for p in points]
+            if None not in xs:
+                axis.errorbar(xs, mean, yerr=err, marker="o", capsize=3, label=e["variant"])
     by_traj.set_xlabel("trajectories sampled per run")
-    by_time.set_xlabel("training wall time (s, mean over seeds)")
-    by_time.axvline(analysis["t_star"], color="k", linestyle="--", linewidth=1, label="T* (equal time)")
+    by_time.set_xlabel("seconds of training (idle step cost where measured)")
     for axis in (by_traj, by_time):
         axis.set_ylabel("held-out accuracy")
         axis.legend(fontsize=8)
-    by_traj.set_title(f"{analysis['questions']} held-out questions, seeds {analysis['seeds']}")
-    others = [e for e in analysis["variants"] if e["variant"] != "grpo"]
-    for offset, key, label in ((-0.15, "final_vs_grpo", "equal trajectories"),
-                               (0.15, "at_time_vs_grpo", "equal wall time")):
-        ys = [i + offset for i in range(len(others))]
-        means = [e[key]["mean"] for e in others]
-        err = np.array([[e[key]["mean"] - e[key]["lo"] for e in others],
-                        [e[key]["hi"] - e[key]["mean"] for e in others]])
-        diffs.errorbar(means, ys, xerr=err, fmt="o", capsize=3, label=label)
-    diffs.axvline(0.0, color="k", linewidth=1)
-    diffs.set_yticks(range(len(others)), [e["variant"] for e in others])
-    diffs.set_xlabel("accuracy minus GRPO's (95% interval)")
-    diffs.legend(fontsize=8)
+    by_traj.set_title(f"{analysis['questions']} held-out questions, mean over seeds (95% t-interval)")
+    rows = [c for c in analysis["contrasts"] if "missing" not in c]
+    labels = [f"{c['a']} - {c['b']}, equal {BUDGETS[c['budget']]}" for c in rows]
+    means = np.array([100 * c["mean"] for c in rows])
+    err = np.nan_to_num(np.array([[100 * (c["mean"] - c["lo"]) for c in rows],
+                                  [100 * (c["hi"] - c["mean"]) for c in rows]]))
+    colours = ["tab:red" if c["role"] == "primary" else "tab:blue" for c in rows]
+    for y, (m, lo, hi, colour) in enumerate(zip(means, err[0], err[1], colours)):
+        forest.errorbar([m], [y], xerr=[[lo], [hi]], fmt="o", capsize=3, color=colour)
+    forest.axvline(0.0, color="k", linewidth=1)
+    forest.set_yticks(range(len(rows)), labels, fontsize=7)
+    forest.invert_yaxis()
+    forest.set_xlabel("A - B, points (95% t-interval over seeds; red: primary)")
     figure.tight_layout()
     return save_figure(figure, out_png)
 
 
-def write_report(starts: list[dict], runs: list[dict], settings: dict, name: str = "study") -> dict:
-    """Record every start evaluation, run and interval (``_record.record``: <results>/<name>-<utc>.json),
-    then the table (.md) and plot (.png) beside it; returns their paths and the table."""
-    from _record import record
+def _plain(value):
+    """``value`` with every NaN as None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
-    analysis = analyse(starts, runs)
-    json_path = record(name, [*({"kind": "start", **s} for s in starts), *({"kind": "run", **r} for r in runs),
-                              {"kind": "analysis", **analysis}, {"kind": "settings", **settings}])
+
+def write_report(source: str | Path, out: str | Path | None = None) -> dict:
+    """Analyse the records of ``source`` and write report.md, report.png and analysis.json into ``out``
+    (default: the records folder itself; for a single study json, .benchmarks/appo/<its name>-reanalysis-*).
+    Returns their paths, the table and the analysis."""
+    source = Path(source)
+    analysis = analyse(load(source))
+    if out is None:
+        out = source if source.is_dir() else REPO / ".benchmarks" / "appo"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "report" if source.is_dir() else f"{source.stem}-reanalysis"
+    names = ("analysis.json", f"{prefix}.md", f"{prefix}.png") if source.is_dir() else \
+        (f"{prefix}.json", f"{prefix}.md", f"{prefix}.png")
+    json_path, md_path, png_path = (out / n for n in names)
+    json_path.write_text(json.dumps(_plain(analysis), indent=1) + "\n")
     table = markdown_table(analysis)
-    md_path = json_path.with_suffix(".md")
     md_path.write_text(table)
-    png_path = plot(analysis, json_path.with_suffix(".png"))
+    plot(analysis, png_path)
     return {"json": json_path, "md": md_path, "png": png_path, "table": table, "analysis": analysis}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", default=str(REPO / "bench" / "results" / "study"),
+                        help="a folder of study records (default bench/results/study) or an older study json")
+    parser.add_argument("--out", default=None, help="where report.md / .png / analysis.json go")
+    args = parser.parse_args(argv)
+    paths = write_report(args.source, args.out)
+    print(paths["table"])
+    print(f"wrote {paths['md']}, {paths['png']}, {paths['json']}", file=sys.stderr)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
