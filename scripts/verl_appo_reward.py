@@ -1,5 +1,5 @@
-"""verl custom reward function for appo's arithmetic task (correct answer + format rule, appo.tasks.Arithmetic),
-used by scripts/verl_main_ppo.sh and the CPU tests; verl loads it by path
+"""verl custom reward function for appo's arithmetic task (correct answer + format rule,
+appo.tasks.Arithmetic), used by scripts/verl_main_ppo.sh and the CPU tests; verl loads it by path
 (``reward.custom_reward_function.path=scripts/verl_appo_reward.py``) in its reward workers.
 
 It grades ``extra_info["appo_graded_text"]``: the text appo's agent loop (``appo.integrations.verl_agent``)

@@ -5,6 +5,8 @@
 # why and exits 77 (skipped). Two steps on appo's arithmetic task with a small instruct model:
 #   VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin   verl imports appo's plugin in every process
 #   trainer.v1.trainer_mode=appo                              APPO's trainer (branching + advantages)
+#   rollout.agent.default_agent_loop=appo_agent               appo's tool loop (calculator) for rollouts and
+#                                                             branches, configured by $OUT/agent_loops.yaml
 #   algorithm.adv_estimator=appo                              dual-group advantages
 #   actor_rollout_ref.actor.policy_loss.loss_mode=appo        A_fut at every update, then verl's PPO loss
 #   APPO_VERL_SETTINGS='{"branches_per_rollout": 3}'          APPO's settings (appo.algos.chain.APPOSettings)
@@ -37,13 +39,23 @@ from appo.tasks import Arithmetic
 
 out = sys.argv[1]
 task = Arithmetic(num_train=64, num_dev=16, max_operands=2, max_operand=20)
-instruction = " Think briefly, then give only the number inside <answer></answer>."
+instruction = (" You may compute with <calculator>expression</calculator>. Then give only the number inside "
+               "<answer></answer>.")
 for split, name in (("train", "train"), ("dev", "val")):
-    rows = [{"data_source": "appo/arithmetic", "prompt": [{"role": "user", "content": e.question + instruction}],
+    rows = [{"data_source": "appo/arithmetic",
+             "prompt": [{"role": "user", "content": e.question + instruction}],
              "ability": "math", "reward_model": {"style": "rule", "ground_truth": e.answer},
              "extra_info": {"index": i, "question": e.question}} for i, e in enumerate(task.examples(split))]
     pd.DataFrame(rows).to_parquet(f"{out}/{name}.parquet")
 PYEOF
+
+cat > "$OUT/agent_loops.yaml" <<'YAML'
+- name: appo_agent
+  _target_: appo.integrations.verl_agent.APPOAgentLoop
+  appo_tools: [calculator]
+  stop_tags: ["</calculator>", "</answer>"]
+  max_tool_calls: 2
+YAML
 
 export VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin
 export APPO_VERL_SETTINGS=${APPO_VERL_SETTINGS:-'{"branches_per_rollout": 3}'}
@@ -54,12 +66,14 @@ cd "$OUT"
   actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28 \
   actor_rollout_ref.model.path="$MODEL" \
   actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=4 \
+  actor_rollout_ref.rollout.agent.default_agent_loop=appo_agent \
+  actor_rollout_ref.rollout.agent.agent_loop_config_path="$OUT/agent_loops.yaml" \
   actor_rollout_ref.rollout.gpu_memory_utilization=0.4 \
   actor_rollout_ref.actor.ppo_mini_batch_size=4 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 \
   actor_rollout_ref.actor.optim.lr=1e-6 \
   data.train_files="$OUT/train.parquet" data.val_files="$OUT/val.parquet" \
-  data.train_batch_size=8 data.max_prompt_length=128 data.max_response_length=64 \
+  data.train_batch_size=8 data.max_prompt_length=128 data.max_response_length=96 \
   reward.custom_reward_function.path="$REPO/scripts/verl_appo_reward.py" \
   reward.custom_reward_function.name=compute_score \
   trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.total_training_steps=2 \

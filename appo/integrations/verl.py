@@ -5,15 +5,16 @@ Four pieces, all registered by name when verl itself loads ``appo.integrations.v
 
 * ``algorithm.adv_estimator=appo`` -> :func:`appo_advantage` (``register_adv_est``): the dual-group base
   advantages (METHOD.md Eqs. 6-7, ``appo.algos.chain.dual_group_base``) of the initial rows, 0 on branch rows;
-* ``actor_rollout_ref.actor.policy_loss.loss_mode=appo`` -> :func:`appo_policy_loss` (``register_policy_loss``):
-  at every update, A = A_base * (1 + b * A_fut) with A_fut from the CURRENT log-probs against verl's recomputed
-  ``old_log_prob`` (``appo.algos.chain.scale_by_future``), then verl's own clipped PPO loss ("vanilla");
-* ``actor_rollout_ref.rollout.agent.default_agent_loop=appo_agent`` -> ``appo.integrations.verl_agent``
-  (verl's agent-loop registry): appo's tool loop on verl's LLM servers, for the rollouts and their branches;
-* ``trainer.v1.trainer_mode=appo`` -> ``appo.integrations.verl_trainer.APPOTrainer`` (``register_trainer``):
-  verl's sync PPO trainer whose ``_update_actor`` branches each update part from the policy the actor holds
-  (:func:`plan`, verl's rollout servers and agent loop, :func:`agent_loop_requests`, verl's reward workers)
-  and runs "appo" on it before the update.
+* ``actor_rollout_ref.actor.policy_loss.loss_mode=appo`` -> :func:`appo_policy_loss`
+  (``register_policy_loss``): at every update, A = A_base * (1 + b * A_fut) with A_fut from the CURRENT
+  log-probs against verl's recomputed ``old_log_prob`` (``appo.algos.chain.scale_by_future``), then verl's own
+clipped PPO loss ("vanilla"); * ``actor_rollout_ref.rollout.agent.default_agent_loop=appo_agent`` ->
+  ``appo.integrations.verl_agent`` (verl's agent-loop registry): appo's tool loop on verl's LLM servers, for
+the rollouts and their branches; * ``trainer.v1.trainer_mode=appo`` ->
+  ``appo.integrations.verl_trainer.APPOTrainer`` (``register_trainer``): verl's sync PPO trainer whose
+  ``_update_actor`` branches each update part from the policy the actor holds (:func:`plan`, verl's rollout
+  servers and agent loop, :func:`agent_loop_requests`, verl's reward workers) and runs "appo" on it before the
+  update.
 
 This module needs only torch and numpy to import; verl is imported by :func:`register` and the functions that
 build ``DataProto`` objects.
@@ -22,11 +23,12 @@ The settings (an ``appo.algos.chain.APPOSettings``) come from :func:`register`'s
 object in ``$APPO_VERL_SETTINGS`` (field names of ``APPOSettings``, e.g. ``{"branches_per_rollout": 3,
 "combine": "sum"}``; environment variables reach every Ray worker), else METHOD.md's defaults.
 
-Omega in verl. ``APPOTrainer`` branches the step's first update part before any update (pi_theta == pi_old: the
-Branching Score falls back to entropy alone) and every later part after the updates before it, from a fresh
-log-prob pass of the actor against verl's ``old_log_prob`` (pi_old), so Omega measures the real shift. The
-rollout engine's log-probs (``rollout_log_probs``) are never used as pi_old: their gap to the actor is engine
-mismatch, not a policy shift. A_fut is recomputed at every PPO mini-batch update against the same pi_old.
+Omega in verl. ``APPOTrainer`` branches the step's first update part before any update (pi_theta == pi_old:
+the Branching Score falls back to entropy alone) and every later part after the updates before it, from a
+fresh log-prob pass of the actor against verl's ``old_log_prob`` (pi_old), so Omega measures the real shift.
+The rollout engine's log-probs (``rollout_log_probs``) are never used as pi_old: their gap to the actor is
+engine mismatch, not a policy shift. A_fut is recomputed at every PPO mini-batch update against the same
+pi_old.
 
 Data contract: one verl ``DataProto`` holds a step's initial rollouts AND their branches (R rows):
   batch["token_level_rewards"]         float [R, L] (summed over L: the rollout's reward, as verl's GRPO does)
@@ -72,7 +74,8 @@ def settings() -> APPOSettings:
         raise ValueError(f"{SETTINGS_ENV}: not a JSON object ({error})") from None
     known = {f.name for f in fields(APPOSettings)}
     if not isinstance(values, dict) or set(values) - known:
-        raise ValueError(f"{SETTINGS_ENV}: expected a JSON object with keys among {sorted(known)}, got {text!r}")
+        raise ValueError(f"{SETTINGS_ENV}: expected a JSON object with keys among {sorted(known)}, "
+                         f"got {text!r}")
     return APPOSettings(**{key: tuple(value) if isinstance(value, list) else value
                            for key, value in values.items()})
 
@@ -141,7 +144,8 @@ def appo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advanta
 
     chain = settings()
     mask = response_mask.bool()
-    scaled = scale_by_future(chain, advantages.float(), logprobs=log_prob, old_logprobs=old_log_prob, mask=mask)
+    scaled = scale_by_future(chain, advantages.float(), logprobs=log_prob, old_logprobs=old_log_prob,
+                             mask=mask)
     loss, metrics = get_policy_loss_fn("vanilla")(old_log_prob, log_prob, scaled.to(advantages.dtype),
                                                  response_mask, loss_agg_mode, config, rollout_is_weights)
     metrics = dict(metrics)
@@ -259,8 +263,8 @@ def plan(data, *, current=None, chain_settings: APPOSettings | None = None,
         stats = current.batch if hasattr(current, "batch") else current
         for key in ("log_probs", "entropys"):
             if key not in stats.keys() or tuple(stats[key].shape) != tuple(mask.shape):
-                raise ValueError(f"current: needs {key!r} float [R, L] = {tuple(mask.shape)} (the actor's pass "
-                                 "of the policy it holds now)")
+                raise ValueError(f"current: needs {key!r} float [R, L] = {tuple(mask.shape)} (the actor's "
+                                 "pass of the policy it holds now)")
         logprobs, entropy = stats["log_probs"].float(), stats["entropys"].float()
     branch_plan = plan_branches(chain, tokens=t["responses"], mask=mask,
                                 group_ids=_group_ids(data.non_tensor_batch["uid"]), logprobs=logprobs,
@@ -372,13 +376,15 @@ def agent_loop_requests(data, branch_plan, *, agent_names):
     branches = np.empty(len(parent), dtype=object)
     for k, (r, s) in enumerate(zip(parent.tolist(), shared.tolist())):
         branches[k] = {"prompt_ids": prompts[r][prompt_mask[r]].tolist(),
-                       "response_ids": responses[r, :s].tolist(), "response_mask": response_mask[r, :s].tolist(),
+                       "response_ids": responses[r, :s].tolist(),
+                       "response_mask": response_mask[r, :s].tolist(),
                        "include_token": bool(keep_token[k])}
-    non_tensors = {key: np.asarray(value, dtype=object)[parent] for key, value in data.non_tensor_batch.items()
-                   if key not in _AGENT_OUTPUT_FIELDS}
+    non_tensors = {key: np.asarray(value, dtype=object)[parent]
+                   for key, value in data.non_tensor_batch.items() if key not in _AGENT_OUTPUT_FIELDS}
     names = np.empty(len(parent), dtype=object)
     names[:] = [str(agent_names[r]) for r in parent.tolist()]
-    non_tensors.update({"agent_name": names, PARENT_KEY: parent, BRANCH_POS_KEY: shared, BRANCH_KEY: branches})
+    non_tensors.update({"agent_name": names, PARENT_KEY: parent, BRANCH_POS_KEY: shared,
+                        BRANCH_KEY: branches})
     return type(data)(batch=None, non_tensor_batch=non_tensors, meta_info={})
 
 

@@ -1,14 +1,15 @@
 """APPO's agent loop for verl 0.9.1: appo's tool loop on verl's LLM servers, registered in verl's agent-loop
 registry as ``appo_agent`` (``appo.integrations.verl_plugin`` imports this module in every verl process).
 
-The step's initial rollouts AND APPO's branches run through this loop, so a branch decodes with the same tools,
-stop tags, result blocks and limits as the rollout it continues. Every decision about tags, tool calls, masks
-and limits is ``appo.rollout.tool_loop.ToolLoop``'s, the code appo's transformers and vLLM engines share:
+The step's initial rollouts AND APPO's branches run through this loop, so a branch decodes with the same
+tools, stop tags, result blocks and limits as the rollout it continues. Every decision about tags, tool calls,
+masks and limits is ``appo.rollout.tool_loop.ToolLoop``'s, the code appo's transformers and vLLM engines
+share:
 
 * a turn is one ``LLMServerClient.generate`` request on the row's token ids so far (never re-tokenised text),
-  with the closing tags as stop strings; the tokens that come back are replayed through ``ToolLoop.add_token``,
-  so the turn ends at the very token where appo's engines end it. A stop the tool loop does not accept (e.g. a
-  ``</python>`` inside a string literal of the code) continues with a new request;
+  with the closing tags as stop strings; the tokens that come back are replayed through
+  ``ToolLoop.add_token``, so the turn ends at the very token where appo's engines end it. A stop the tool loop
+  does not accept (e.g. a ``</python>`` inside a string literal of the code) continues with a new request;
 * a closed call runs the tool (``Tool.run_batch``, in a thread) and its escaped result is appended as masked
   tokens (response_mask 0). Whatever the model wrote after the closing tag in the same server response is
   dropped: a rollout, or a branch, can never write its own result block and be graded on it;
@@ -24,10 +25,11 @@ arguments of :class:`APPOAgentLoop`, set through verl's own agent-loop config fi
       appo_tools: [python]
       max_tool_calls: 3
 
-A branch: the trainer (``appo.integrations.verl_trainer``) passes the dataset row's fields plus ``appo_branch``
-= {"prompt_ids", "response_ids", "response_mask", "include_token"}: the parent's prompt and the response prefix
-the branch shares with it. The loop continues that prefix instead of building the prompt: tool calls completed
-in the prefix count toward ``max_tool_calls`` and decoding resumes inside the prefix's turn.
+A branch: the trainer (``appo.integrations.verl_trainer``) passes the dataset row's fields plus
+``appo_branch`` = {"prompt_ids", "response_ids", "response_mask", "include_token"}: the parent's prompt and
+the response prefix the branch shares with it. The loop continues that prefix instead of building the prompt:
+tool calls completed in the prefix count toward ``max_tool_calls`` and decoding resumes inside the prefix's
+turn.
 
 Each output records, in ``extra_fields`` (which verl's reward managers pass to the reward function as
 ``extra_info``): ``appo_agent`` (the loop's registered name: the trainer branches through that same loop),
@@ -71,23 +73,25 @@ def _tool_set(names: tuple[str, ...], options: dict) -> tuple[dict, threading.Lo
 class APPOAgentLoop(AgentLoopBase):
     """verl agent loop running appo's tool loop (module docstring).
 
-    name: the name this loop is registered under (verl's agent-loop config passes it); recorded in each output so
-        the trainer branches through the same loop. appo_tools: tool names for ``appo.tools.make_tools``
+    name: the name this loop is registered under (verl's agent-loop config passes it); recorded in each output
+        so the trainer branches through the same loop. appo_tools: tool names for ``appo.tools.make_tools``
         ("python", "calculator", "search"; empty for single-turn tasks); tool_options: their constructor
         arguments per name. max_tool_calls, max_new_tokens_per_turn, stop_tags, result_template,
-        response_prefix: as in ``appo.rollout.tool_loop.RolloutConfig`` (the response prefix is appended to the
-        prompt and counted as prompt). verl's own keyword arguments (trainer_config, server_manager, tokenizer,
-        ..., and verl's ``tools``, which this loop does not use) go to ``AgentLoopBase``.
+        response_prefix: as in ``appo.rollout.tool_loop.RolloutConfig`` (the response prefix is appended to
+        the prompt and counted as prompt). verl's own keyword arguments (trainer_config, server_manager,
+        tokenizer, ..., and verl's ``tools``, which this loop does not use) go to ``AgentLoopBase``.
     """
 
     def __init__(self, *args, name: str = AGENT_NAME, appo_tools: list[str] | tuple[str, ...] = ("python",),
-                 tool_options: dict | None = None, max_tool_calls: int = 3, max_new_tokens_per_turn: int = 256,
+                 tool_options: dict | None = None, max_tool_calls: int = 3,
+                 max_new_tokens_per_turn: int = 256,
                  stop_tags: list[str] | tuple[str, ...] = ("</python>", "</search>", "</answer>"),
                  result_template: str = "<result>\n{result}\n</result>\n", response_prefix: str = "",
                  tools: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         if isinstance(appo_tools, str):
-            raise ValueError(f"appo_tools: expected a list of tool names, got the string {appo_tools!r}")  # noqa: TRY004
+            raise ValueError(  # noqa: TRY004 - appo reports bad arguments as ValueError, naming them
+                f"appo_tools: expected a list of tool names, got the string {appo_tools!r}")
         self.name = str(name)
         self.tools, self._tool_lock = _tool_set(tuple(appo_tools), dict(tool_options or {}))
         self.loop_settings = {"max_tool_calls": int(max_tool_calls),
@@ -131,7 +135,8 @@ class APPOAgentLoop(AgentLoopBase):
             response_logprobs=[float(v) for v in row.logprobs[start:]] if want_logprobs else None,
             num_turns=turns + 1, metrics={**timing, "num_preempted": -1},
             extra_fields={"appo_agent": self.name, "appo_finish": row.finish, "appo_tool_calls": calls,
-                          "appo_graded_text": loop.graded_text_of(row), "turn_scores": [], "tool_rewards": []})
+                          "appo_graded_text": loop.graded_text_of(row), "turn_scores": [],
+                          "tool_rewards": []})
 
     # ------------------------------------------------------------------------------------------ pieces
     def _prefix_ids(self) -> list[int]:
@@ -139,7 +144,8 @@ class APPOAgentLoop(AgentLoopBase):
         return self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
 
     def _tool_loop(self, start_length: int) -> ToolLoop:
-        """A ToolLoop for one row whose budget is ``rollout.response_length`` tokens after ``start_length``."""
+        """A ToolLoop for one row whose budget is ``rollout.response_length`` tokens after
+        ``start_length``."""
         config = RolloutConfig(max_total_tokens=start_length + self.response_length, **self.loop_settings)
         return ToolLoop(self.tokenizer, self.tools, config, "cpu")
 
@@ -149,8 +155,9 @@ class APPOAgentLoop(AgentLoopBase):
         prompt, response = [int(t) for t in branch["prompt_ids"]], [int(t) for t in branch["response_ids"]]
         mask = [bool(m) for m in branch["response_mask"]]
         if not prompt or len(mask) != len(response):
-            raise ValueError(f"{BRANCH_KEY}: needs a non-empty prompt and one response_mask value per response "
-                             f"token (got {len(prompt)} prompt ids, {len(response)} ids, {len(mask)} mask values)")
+            raise ValueError(f"{BRANCH_KEY}: needs a non-empty prompt and one response_mask value per "
+                             f"response token (got {len(prompt)} prompt ids, {len(response)} ids, "
+                             f"{len(mask)} mask values)")
         loop = self._tool_loop(len(prompt))
         start = len(prompt)
         calls, run_start = [], None

@@ -1,11 +1,12 @@
 """APPO as a trainer mode of verl 0.9.1's v1 trainer: ``trainer.v1.trainer_mode=appo``.
 
 Importing this module imports verl's v1 trainer (verl's full install: ray, transfer_queue, ...) and registers
-:class:`APPOTrainer` with verl's ``register_trainer("appo")``; ``appo.integrations.verl_plugin`` does that when
-verl loads it (``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``). Nothing of verl is patched: the
-class overrides three methods of verl's ``PPOTrainer`` that exist to be overridden (``_compute_old_log_prob``
-is left to verl, ``_compute_advantage`` and ``_update_actor`` are APPO's) and leaves every other step (sampling
-through verl's agent loops, rewards, balancing, reference, weight sync at the step's end) to verl's sync trainer.
+:class:`APPOTrainer` with verl's ``register_trainer("appo")``; ``appo.integrations.verl_plugin`` does that
+when verl loads it (``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``). Nothing of verl is patched:
+the class overrides three methods of verl's ``PPOTrainer`` that exist to be overridden
+(``_compute_old_log_prob`` is left to verl, ``_compute_advantage`` and ``_update_actor`` are APPO's) and
+leaves every other step (sampling through verl's agent loops, rewards, balancing, reference, weight sync at
+the step's end) to verl's sync trainer.
 
 One step of ``APPOTrainer`` (verl's ``_step_once``; APPO's additions marked +):
   sample the step's prompts x N rollouts (verl's agent loop: appo's ``appo_agent``, rewarded by verl's reward
@@ -29,13 +30,14 @@ Padding rows verl adds to balance the data-parallel split are neither branched n
 ride along in the parts (advantage 0) to keep each part divisible by the data-parallel size.
 
 Cost per step (timings ``appo_sync``, ``appo_logprob``, ``appo_branch_generate``, ``appo_branch_reward``,
-inside verl's ``update_actor`` timer): U weight syncs (the first also wakes the replicas verl put to sleep after
-sampling) and U - 1 log-prob passes over a part each.
+inside verl's ``update_actor`` timer): U weight syncs (the first also wakes the replicas verl put to sleep
+after sampling) and U - 1 log-prob passes over a part each.
 
-verl's rollouts need a GPU server (vLLM / SGLang); ``scripts/verl_main_ppo.sh`` runs the whole trainer on a GPU
-machine. tests/integrations/test_verl.py runs ``_compute_advantage`` and ``_update_actor`` as they are, on
-verl's Ray worker group with CPU workers standing in for the actor and the rollout server, a real TransferQueue,
-verl's ``AgentLoopManager`` / ``LLMServerClient`` / router / reward loop workers, and ``appo_agent``.
+verl's rollouts need a GPU server (vLLM / SGLang); ``scripts/verl_main_ppo.sh`` runs the whole trainer on a
+GPU machine. tests/integrations/test_verl.py runs ``_compute_advantage`` and ``_update_actor`` as they are, on
+verl's Ray worker group with CPU workers standing in for the actor and the rollout server, a real
+TransferQueue, verl's ``AgentLoopManager`` / ``LLMServerClient`` / router / reward loop workers, and
+``appo_agent``.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def rows_to_dataproto(rows: TensorDict, *, pad_token_id: int, response_width: in
     Missing fields are a ValueError naming them."""
     missing = [name for name in _BRANCH_FIELDS if name not in rows.keys()]
     if missing:
-        raise ValueError(f"rows: TransferQueue fields {missing} are missing (run after verl's old-log-prob pass)")
+        raise ValueError(f"rows: TransferQueue fields {missing} are missing (run after verl's "
+                         "old-log-prob pass)")
     prompts = _rows(rows["prompts"])
     responses = _rows(rows["responses"])
     width = max([len(r) for r in responses] + [response_width or 0])
@@ -185,8 +188,8 @@ class APPOTrainer(PPOTrainerSync):
         self._appo_branch_loop = None
         parts = config.data.train_batch_size // config.actor_rollout_ref.actor.ppo_mini_batch_size
         if parts < 2:
-            logger.warning("appo: data.train_batch_size == actor.ppo_mini_batch_size: one update per step, so "
-                           "every branch is planned before any update and Omega is 1 on every row "
+            logger.warning("appo: data.train_batch_size == actor.ppo_mini_batch_size: one update per step, "
+                           "so every branch is planned before any update and Omega is 1 on every row "
                            "(appo/entropy_only_fraction = 1)")
 
     # ------------------------------------------------------------------------------ verl's override points
@@ -260,8 +263,8 @@ class APPOTrainer(PPOTrainerSync):
         keys = [part.keys[i] for i in real]
         sessions = {key.rsplit("_", 1)[0] for key in keys}
         if len(sessions) != len(keys):
-            raise ValueError("APPOTrainer: a rollout produced several outputs (multi-output agent loop); APPO "
-                             "needs one output per rollout")
+            raise ValueError("APPOTrainer: a rollout produced several outputs (multi-output agent loop); "
+                             "APPO needs one output per rollout")
         empty = {"keys": keys, "parent": np.zeros(0, dtype=np.int64), "shared": np.zeros(0, dtype=np.int64),
                  "rewards": torch.zeros(0)}
         if not keys:
@@ -275,11 +278,12 @@ class APPOTrainer(PPOTrainerSync):
         info.update(plan_metrics)
         if branch_plan is None:
             return empty
-        names = [_agent_name(extra) for extra in data.non_tensor_batch.get("extra_fields", [None] * len(keys))]
+        extra_fields = data.non_tensor_batch.get("extra_fields", [None] * len(keys))
+        names = [_agent_name(extra) for extra in extra_fields]
         requests = appo_verl.agent_loop_requests(data, branch_plan, agent_names=names)
         requests.meta_info.update(global_steps=self.global_steps, validate=False)
         with marked_timer("appo_sync", self.timing_raw, color="red"):
-            self.checkpoint_manager.update_weights(self.global_steps)     # the actor's weights, replicas awake
+            self.checkpoint_manager.update_weights(self.global_steps)   # the actor's weights, replicas awake
         try:
             with marked_timer("appo_branch_generate", self.timing_raw, color="red"):
                 generated = self._appo_agent_loops().generate_sequences(requests)
@@ -293,8 +297,8 @@ class APPOTrainer(PPOTrainerSync):
         rewards = generated.batch["rm_scores"].float().sum(dim=-1)
         info["appo/branch_reward_mean"] = float(rewards.mean())
         info["appo/weight_syncs"] = 1
-        return {"keys": keys, "parent": branch_plan.src.cpu().numpy(), "shared": branch_plan.shared.cpu().numpy(),
-                "rewards": rewards}
+        return {"keys": keys, "parent": branch_plan.src.cpu().numpy(),
+                "shared": branch_plan.shared.cpu().numpy(), "rewards": rewards}
 
     def _appo_current_policy(self, part, real: list[int], data: DataProto) -> dict[str, torch.Tensor]:
         """pi_theta of the part's real rows (indices ``real``): verl's actor log-prob pass over the part with
@@ -324,7 +328,8 @@ class APPOTrainer(PPOTrainerSync):
             from verl.experimental.agent_loop import AgentLoopManager
 
             self._appo_branch_loop = AgentLoopManager.create(
-                config=self.config, llm_client=self.get_llm_client(), teacher_client=self.get_teacher_client(),
+                config=self.config, llm_client=self.get_llm_client(),
+                teacher_client=self.get_teacher_client(),
                 reward_loop_worker_handles=self.get_reward_handles())
         return self._appo_branch_loop
 
@@ -355,7 +360,8 @@ class APPOTrainer(PPOTrainerSync):
                 tensors={"token_level_rewards": torch.cat([rewards, branch_rewards]),
                          "response_mask": torch.cat([mask, torch.zeros(branches, width, dtype=mask.dtype)])},
                 non_tensors={"uid": np.concatenate([uids[real], uids[real][pending["parent"]]]),
-                             appo_verl.PARENT_KEY: np.concatenate([np.full(len(real), -1), pending["parent"]]),
+                             appo_verl.PARENT_KEY: np.concatenate([np.full(len(real), -1),
+                                                                   pending["parent"]]),
                              appo_verl.BRANCH_POS_KEY: np.concatenate([np.zeros(len(real), dtype=np.int64),
                                                                        pending["shared"]])})
             advantages[real] = appo_verl.compute_advantage(bundle).batch["advantages"]
@@ -365,8 +371,8 @@ class APPOTrainer(PPOTrainerSync):
                                fields=TensorDict(output, batch_size=len(part)))
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
 def actor_compute_dtype(config) -> torch.dtype:
@@ -378,7 +384,8 @@ def actor_compute_dtype(config) -> torch.dtype:
         name = part.get("dtype", None) if part is not None else None
         if name is not None:
             if str(name) not in _DTYPES:
-                raise ValueError(f"actor_rollout_ref.actor.{section}.dtype: {name!r} is not one of {sorted(_DTYPES)}")
+                raise ValueError(f"actor_rollout_ref.actor.{section}.dtype: {name!r} is not one of "
+                                 f"{sorted(_DTYPES)}")
             return _DTYPES[str(name)]
     return torch.bfloat16
 
@@ -439,25 +446,28 @@ def _check_config(config) -> None:
     """The settings APPOTrainer cannot run with, each a ValueError naming the key and the reason."""
     algorithm, actor = config.algorithm, config.actor_rollout_ref.actor
     if algorithm.adv_estimator != appo_verl.APPO_NAME:
-        raise ValueError(f"algorithm.adv_estimator: trainer_mode=appo needs 'appo', got {algorithm.adv_estimator!r}")
+        raise ValueError(f"algorithm.adv_estimator: trainer_mode=appo needs 'appo', got "
+                         f"{algorithm.adv_estimator!r}")
     loss_mode = actor.policy_loss.get("loss_mode", "vanilla")
     if loss_mode != appo_verl.APPO_NAME:
-        raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode: trainer_mode=appo needs 'appo', got "
-                         f"{loss_mode!r}")
+        raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode: trainer_mode=appo needs 'appo', "
+                         f"got {loss_mode!r}")
     if algorithm.get("use_kl_in_reward", False):
         raise ValueError("algorithm.use_kl_in_reward: not supported with APPO (rewards are per rollout); use "
                          "actor_rollout_ref.actor.use_kl_loss instead")
     correction = algorithm.get("rollout_correction", None)
     if correction is not None and correction.get("bypass_mode", False):
-        raise ValueError("algorithm.rollout_correction.bypass_mode: not supported with APPO: pi_old would be the "
-                         "rollout engine's log-probs, so A_fut would measure engine mismatch, not policy shift")
+        raise ValueError("algorithm.rollout_correction.bypass_mode: not supported with APPO: pi_old would be "
+                         "the rollout engine's log-probs, so A_fut would measure engine mismatch, not policy "
+                         "shift")
     rollout = config.actor_rollout_ref.rollout
     if rollout.n < 2:
-        raise ValueError(f"actor_rollout_ref.rollout.n: APPO needs N >= 2 rollouts per prompt, got {rollout.n}")
+        raise ValueError(f"actor_rollout_ref.rollout.n: APPO needs N >= 2 rollouts per prompt, got "
+                         f"{rollout.n}")
     actor_compute_dtype(config)                         # a dtype APPO has no tolerance for fails here
     agent = rollout.get("agent", None)
     default_loop = agent.get("default_agent_loop", None) if agent is not None else None
     if default_loop in _VERL_AGENT_LOOPS:
-        raise ValueError(f"actor_rollout_ref.rollout.agent.default_agent_loop: {default_loop!r} cannot continue a "
-                         "branch prefix; use 'appo_agent' (appo.integrations.verl_agent), the loop APPO samples "
-                         "and branches with")
+        raise ValueError(f"actor_rollout_ref.rollout.agent.default_agent_loop: {default_loop!r} cannot "
+                         "continue a branch prefix; use 'appo_agent' (appo.integrations.verl_agent), the "
+                         "loop APPO samples and branches with")

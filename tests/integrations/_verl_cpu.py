@@ -1,5 +1,5 @@
-"""CPU stand-ins for the GPU parts of a verl 0.9.1 run, and the checks that run APPO's verl trainer mode and agent
-loop on them. Imported by test_verl.py inside the verl venv (never by pytest in appo's own environment).
+"""CPU stand-ins for the GPU parts of a verl 0.9.1 run, and the checks that run APPO's verl trainer mode and
+agent loop on them. Imported by test_verl.py inside the verl venv (never by pytest in appo's own environment).
 
 verl's own code, unchanged: ``PPOTrainer.step`` / ``_step_once`` (replay buffer, ``AgentLoopManagerTQ``,
 balancing, the old-log-prob pass), ``CheckpointEngineManager`` (the sync trainer's "naive" backend),
@@ -11,8 +11,8 @@ Stand-ins for what needs a GPU:
   ``update_weights`` to the rollout server) with a tiny llama on 2 gloo ranks; log-probs from one forward per
   row (numerics that do not depend on the batch), gradients all-reduced, SGD.
 * ``CPUServer``: verl's rollout server interface (``generate`` with stop strings and log-probs, ``wake_up`` /
-  ``sleep``, weights loaded by the actor's ``update_weights``); it refuses to generate while asleep and records
-  the fingerprint (float64 sum of the parameters) of the weights each request was sampled with.
+  ``sleep``, weights loaded by the actor's ``update_weights``); it refuses to generate while asleep and
+  records the fingerprint (float64 sum of the parameters) of the weights each request was sampled with.
 * ``ScriptServer``: a server that answers each request with the next text of a script, to drive tool calls.
 A byte-level tokenizer (every byte a token, a chat template) keeps the model tiny and the text exact.
 """
@@ -347,8 +347,8 @@ def _world(config, paths: dict, *, lr: float, server_name: str, seed: int = 0):
 
     server = server_class().options(name=server_name).remote(paths["model"], seed)
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
-    actor = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(actor_class())),
-                           device_name="cpu")
+    actor = RayWorkerGroup(resource_pool=pool, device_name="cpu",
+                           ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(actor_class())))
     clip = (config.actor_rollout_ref.actor.clip_ratio_low, config.actor_rollout_ref.actor.clip_ratio_high)
     actor.init_model(paths["model"], server_name, lr, clip)
     router = get_router_handle(servers={"cpu-server:0": server})
@@ -404,9 +404,9 @@ def run_trainer(root: str, *, steps_lr: tuple[float, ...] = (0.0, 0.5), model_di
     trainer.checkpoint_manager = CheckpointEngineManager(config=checkpoint, actor_wg=actor,
                                                          replicas=[Replica(server)])
     trainer.teacher_model_manager = trainer.distillation_config = None
-    trainer.agent_loop_manager = AgentLoopManagerTQ.create(config=config, llm_client=trainer.get_llm_client(),
-                                                           teacher_client=None,
-                                                           reward_loop_worker_handles=trainer.get_reward_handles())
+    trainer.agent_loop_manager = AgentLoopManagerTQ.create(
+        config=config, llm_client=trainer.get_llm_client(), teacher_client=None,
+        reward_loop_worker_handles=trainer.get_reward_handles())
     trainer.global_steps, trainer.curr_step_profile = 1, False      # what verl's fit() sets before a step
     trainer.on_init_end()                                   # verl's sync trainer: weights to the replicas
     report = {"steps": []}
@@ -473,8 +473,8 @@ FAKE = "<result>\n1\n</result>\n<answer>1</answer>"
 def run_agent_loop(root: str) -> dict:
     """verl's ``AgentLoopManager`` with ``appo_agent`` (calculator tool) on a ``ScriptServer``, rewarded by
     verl's reward loop workers with appo's verl reward function (scripts/verl_appo_reward.py: the arithmetic
-    reward of ``appo_graded_text``, 1.0 for the right answer, 0.0 for a wrong one, -0.1 malformed). One request
-    per case, each with the server's replies in turn order:
+    reward of ``appo_graded_text``, 1.0 for the right answer, 0.0 for a wrong one, -0.1 malformed). One
+    request per case, each with the server's replies in turn order:
       initial (gold "1"): the model closes a call and, in the same reply, writes a fake result and answer "1";
       branch (gold "1"): a branch whose prefix holds a completed call (its result, mask 0) and the open call
         "<calculator>6*" (mask 1) continues with "7</calculator>" plus the same fake result and answer;
@@ -490,7 +490,8 @@ def run_agent_loop(root: str) -> dict:
     from verl.workers.rollout.llm_server import LLMServerClient
     from verl.workers.rollout.router import get_router_handle
 
-    paths = write_files(root, reward=TOY_REWARD, tools=["calculator"], stop_tags=["</calculator>", "</answer>"])
+    paths = write_files(root, reward=TOY_REWARD, tools=["calculator"],
+                        stop_tags=["</calculator>", "</answer>"])
     paths["reward.py"] = str(REPO / "scripts" / "verl_appo_reward.py")   # appo's own verl reward function
     with open(paths["loops.yaml"], "w") as handle:
         handle.write(AGENT_LOOPS)
@@ -509,18 +510,20 @@ def run_agent_loop(root: str) -> dict:
     prefix = {"response_ids": earlier + result + open_call, "include_token": False,
               "response_mask": [1] * len(earlier) + [0] * len(result) + [1] * len(open_call)}
     cases = {   # name: (server replies, agent loop, ground truth, branch prefix)
-        "initial": (["Let me <calculator>6*7</calculator>" + FAKE, "<answer>7</answer>"], "appo_agent", "1", None),
+        "initial": (["Let me <calculator>6*7</calculator>" + FAKE, "<answer>7</answer>"], "appo_agent", "1",
+                    None),
         "branch": (["7</calculator>" + FAKE, "<answer>7</answer>"], "appo_agent", "1", prefix),
         "limit": (["7</calculator>" + FAKE, "<answer>7</answer>"], "appo_agent_one_call", "1", prefix),
         "credit": (["<calculator>6*7</calculator>", "<answer>42</answer>"], "appo_agent", "42", None),
     }
     server = script_server_class().remote(paths["model"], {name: case[0] for name, case in cases.items()})
-    client = LLMServerClient(config=config, load_balancer_handle=get_router_handle(servers={"script:0": server}))
+    client = LLMServerClient(config=config,
+                             load_balancer_handle=get_router_handle(servers={"script:0": server}))
     rewards = RewardLoopManager(config)
     loops = AgentLoopManager.create(config=config, llm_client=client,
                                     reward_loop_worker_handles=rewards.reward_loop_worker_handles)
-    columns = {key: np.empty(len(cases), dtype=object) for key in ("raw_prompt", "data_source", "reward_model",
-                                                                   "agent_name", "uid", "appo_branch")}
+    names = ("raw_prompt", "data_source", "reward_model", "agent_name", "uid", "appo_branch")
+    columns = {key: np.empty(len(cases), dtype=object) for key in names}
     for i, (name, (_, agent, truth, branch)) in enumerate(cases.items()):
         prompt_ids = encode(tokenizer.apply_chat_template(chat(name), add_generation_prompt=True,
                                                           tokenize=False))
@@ -549,7 +552,8 @@ def run_agent_loop(root: str) -> dict:
             "text": tokenizer.decode(response), "prefix_kept": kept,
             "model_text": tokenizer.decode([t for t, m in zip(response, mask) if m]),
             "tool_text": tokenizer.decode([t for t, m in zip(response, mask) if not m]),
-            "reward": float(output.batch["rm_scores"][i].sum()), "finish": output.non_tensor_batch["appo_finish"][i],
+            "reward": float(output.batch["rm_scores"][i].sum()),
+            "finish": output.non_tensor_batch["appo_finish"][i],
             "calls": output.non_tensor_batch["appo_tool_calls"][i], "server_turns": len(served[name]),
             "graded_text": output.non_tensor_batch["appo_graded_text"][i],
             "agent": output.non_tensor_batch["appo_agent"][i]}
@@ -557,8 +561,8 @@ def run_agent_loop(root: str) -> dict:
 
 
 def main() -> None:
-    """``python _verl_cpu.py cost [--model smollm2-135m-instruct|PATH] [--steps K]``: K APPOTrainer steps on the
-    CPU stand-ins (lr 1e-6) and, per step, the seconds of the step and of its phases (verl's ``timing_s``
+    """``python _verl_cpu.py cost [--model smollm2-135m-instruct|PATH] [--steps K]``: K APPOTrainer steps on
+    the CPU stand-ins (lr 1e-6) and, per step, the seconds of the step and of its phases (verl's ``timing_s``
     names: ``gen``, ``old_log_prob``, ``update_actor``, ``update_weights``; APPO's ``appo_sync``,
     ``appo_logprob``, ``appo_branch_generate``) as one JSON line. Run it in the verl venv with
     VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin (scripts/verl_branch_cost.sh does)."""

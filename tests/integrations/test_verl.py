@@ -6,15 +6,22 @@ as a script prints a JSON report, which the pytest tests read):
 
 * appo enters verl only through ``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``: verl itself loads
   the plugin, in the driver and in every Ray worker, and resolves "appo" as an advantage estimator, a policy
-  loss and a v1 trainer mode;
+  loss and a v1 trainer mode, and "appo_agent" as an agent loop;
+* APPO's trainer mode through verl's own ``PPOTrainer.step`` on CPU stand-ins for the GPU parts (an actor
+  worker and a rollout server; ``_verl_cpu.run_trainer``): two steps, lr = 0 then a real update, checked for
+  the conformance invariants (exactly M per prompt, Omega exactly 1 with lr = 0, Omega != 1 after an update,
+  branches sampled with the weights the actor holds) and the weight-sync protocol, with the costs printed;
+* ``appo_agent`` through verl's ``AgentLoopManager`` on a scripted server with the calculator tool and appo's
+  verl reward function (``_verl_cpu.run_agent_loop``): tool calls in rollouts and branches run the tool,
+  forged results never enter a row or earn credit;
 * verl's Ray worker group on CPU (``RayResourcePool(use_gpu=False)``, 2 workers, gloo): each worker generates
   its initial rollouts with verl's ``HFRollout``, scores them, asks ``branch_requests`` for its branches,
   generates them with ``HFRollout`` again, merges them, computes the "appo" advantages and the "appo" loss
   (both looked up in verl's registries), and the gradients are all-reduced, on ``DataProto`` end to end;
-* APPO's v1 trainer's TransferQueue plumbing against a real TransferQueue: rows written the way verl's agent
-  loop writes them, branched (``HFRollout`` standing in for verl's rollout server, a toy reward for its
-  reward workers), advantages written back as verl's nested per-row tensors;
-* the estimator and the loss against fp64 references, and errors that name the bad key.
+* APPO's trainer pieces against a real TransferQueue: rows written the way verl's agent loop writes them,
+  planned, split into update parts, advantages written back as verl's nested per-row tensors;
+* the estimator and the loss against fp64 references, the trainer's refusals, the GPU script's overrides,
+  and errors that name the bad key.
 The tests skip only when that environment cannot be created.
 """
 
@@ -97,9 +104,9 @@ def _rollout_config():
 
 
 def _hf_rollout(model):
-    """verl's ``HFRollout``, its generation code (``generate_sequences``) as is. In verl 0.9.1 the class no longer
-    constructs: its ``__init__`` calls ``BaseRollout.__init__()`` without the (config, model_config, device_mesh)
-    a server rollout now takes, and it lacks the abstract weight-sync hooks (release / resume /
+    """verl's ``HFRollout``, its generation code (``generate_sequences``) as is. In verl 0.9.1 the class no
+    longer constructs: its ``__init__`` calls ``BaseRollout.__init__()`` without the (config, model_config,
+    device_mesh) a server rollout now takes, and it lacks the abstract weight-sync hooks (release / resume /
     update_weights). This subclass sets the two attributes the generation code reads and gives the hooks
     nothing to do (the weights live in the same module)."""
     from verl.workers.rollout.hf_rollout import HFRollout
@@ -132,7 +139,8 @@ def _prompts(num_prompts, seed):
     mask = (torch.arange(PROMPT_WIDTH)[None, :] >= PROMPT_WIDTH - lengths[:, None]).long()
     ids = torch.where(mask.bool(), ids, PAD)
     prompts = DataProto.from_dict(
-        tensors={"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
+        tensors={"input_ids": ids, "attention_mask": mask,
+                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
         non_tensors={"uid": np.array([f"p{seed}_{i}" for i in range(num_prompts)], dtype=object),
                      "data_source": np.array(["toy"] * num_prompts, dtype=object)},
         meta_info={"eos_token_id": EOS, "pad_token_id": PAD, "do_sample": True})
@@ -149,6 +157,14 @@ def _actor_stats(model, data, prompt_width):
     logits = out.logits[:, prompt_width - 1:-1].float()
     responses = data.batch["responses"]
     return logprobs_from_logits(logits, responses), entropy_from_logits(logits)
+
+
+def _agent_loop_is_appo() -> bool:
+    """verl's agent-loop registry resolves "appo_agent" to appo's loop (registered by the plugin)."""
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+
+    expected = {"_target_": "appo.integrations.verl_agent.APPOAgentLoop"}
+    return _agent_loop_registry.get("appo_agent") == expected
 
 
 def _worker_class():
@@ -187,7 +203,7 @@ def _worker_class():
             return {"plugin_loaded": PLUGIN in sys.modules,
                     "estimator": get_adv_estimator_fn("appo") is appo_verl.appo_advantage,
                     "loss": get_policy_loss_fn("appo") is appo_verl.appo_policy_loss,
-                    "trainer": get_trainer_cls("appo") is APPOTrainer}
+                    "trainer": get_trainer_cls("appo") is APPOTrainer, "agent_loop": _agent_loop_is_appo()}
 
         @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
         def appo_step(self, prompts):
@@ -224,7 +240,8 @@ def _worker_class():
                                  clip_ratio_low=0.2, clip_ratio_high=0.28)
             mask = initial.batch["response_mask"]
             loss, metrics = get_policy_loss_fn("appo")(initial.batch["old_log_probs"], log_prob,
-                                                       initial.batch["advantages"], mask, "token-mean", config)
+                                                       initial.batch["advantages"], mask, "token-mean",
+                                                       config)
             loss.backward()
             local = torch.cat([p.grad.flatten() for p in self.model.parameters()])
             reduced = local.clone()
@@ -232,7 +249,8 @@ def _worker_class():
             reduced /= dist.get_world_size()
             self.report = {
                 "rank": self.rank, "rows": len(data), "branches": len(requests),
-                "budget_meta": requests.meta_info["response_length"], "metrics": requests.meta_info["appo_metrics"],
+                "budget_meta": requests.meta_info["response_length"],
+                "metrics": requests.meta_info["appo_metrics"],
                 "loss": float(loss), "loss_future_mean": metrics.get("appo/future_value_mean"),
                 "log_prob": log_prob.detach().tolist(), "old": initial.batch["old_log_probs"].tolist(),
                 "adv": initial.batch["advantages"].tolist(), "mask": mask.tolist(),
@@ -264,12 +282,12 @@ def worker_group_checks() -> dict:
 
     started = time.perf_counter()
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
-    group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(_worker_class())),
-                           device_name="cpu")
+    group = RayWorkerGroup(resource_pool=pool, device_name="cpu",
+                           ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(_worker_class())))
     _progress("worker group created")
     report = {"ranks": group.init_model(seed=3), "worker_plugin": group.plugin_state()}
     _progress("workers initialised")
-    prompts = DataProto.concat([_prompts(2, seed=1), _prompts(2, seed=2)])   # 4 prompts x 3: 6 rows per worker
+    prompts = DataProto.concat([_prompts(2, seed=1), _prompts(2, seed=2)])  # 4 prompts x 3: 6 rows/worker
     merged = group.appo_step(prompts)
     per_rank = group.step_report()
     report["seconds"] = time.perf_counter() - started
@@ -314,8 +332,8 @@ def worker_group_checks() -> dict:
     report.update(layout_ok=bool(layout_ok), adv_max_err=adv_err, some_branch_truncated=truncated,
                   groups_whole_per_rank=bool(groups_whole))
 
-    config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=ROLLOUTS, clip_ratio_low=0.2,
-                         clip_ratio_high=0.28)
+    config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=ROLLOUTS,
+                         clip_ratio_low=0.2, clip_ratio_high=0.28)
     loss_err, future_spread = 0.0, 0.0
     for r in per_rank:
         old, new = torch.tensor(r["old"]), torch.tensor(r["log_prob"])
@@ -372,7 +390,8 @@ def _transfer_queue_run(tq) -> dict:
             rm_scores[-1] = float(session + prompt) / 2
             keys.append(f"q{prompt}_{session}_0")
             tags.append({"status": "success", "seq_len": len(prompt_ids) + length})
-            fields.append({"prompts": prompt_ids, "responses": torch.randint(3, VOCAB, (length,), generator=gen),
+            fields.append({"prompts": prompt_ids,
+                           "responses": torch.randint(3, VOCAB, (length,), generator=gen),
                            "response_mask": response_mask, "rm_scores": rm_scores,
                            "old_log_probs": -torch.rand(length, generator=gen) * 3,
                            "entropy": torch.rand(length, generator=gen) * 4, "uid": f"q{prompt}",
@@ -381,7 +400,8 @@ def _transfer_queue_run(tq) -> dict:
     # verl's balancing pads with a synthetic row of its own uid, tagged is_padding
     keys.append("padX_0_0")
     tags.append({"status": "success", "seq_len": 3, "is_padding": True})
-    fields.append({**fields[0], "uid": "padX", "prompts": torch.tensor([5, 6]), "responses": torch.tensor([EOS]),
+    fields.append({**fields[0], "uid": "padX", "prompts": torch.tensor([5, 6]),
+                   "responses": torch.tensor([EOS]),
                    "response_mask": torch.ones(1, dtype=torch.long), "rm_scores": torch.zeros(1),
                    "old_log_probs": torch.zeros(1), "entropy": torch.zeros(1)})
     tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(fields), tags=tags)
@@ -390,11 +410,11 @@ def _transfer_queue_run(tq) -> dict:
     rows = tq.kv_batch_get(keys=keys[:-1], partition_id="train")
     data = rows_to_dataproto(rows, pad_token_id=PAD)
     branch_plan, metrics = appo_verl.plan(data)
+    points = list(zip(branch_plan.src.tolist(), branch_plan.pos.tolist()))
     report = {"metrics": metrics, "branches": int(branch_plan.src.numel()),
               "prompt_left_padded": bool((data.batch["attention_mask"][:, -RESPONSE_LENGTH - 1] >= 0).all()
                                          and data.batch["prompts"][0, 0] == PAD),
-              "tool_tokens_not_branched": all(s not in (1, 2) for p, s in
-                                              zip(branch_plan.src.tolist(), branch_plan.pos.tolist()) if p == 3),
+              "tool_tokens_not_branched": all(s not in (1, 2) for p, s in points if p == 3),
               "parts": split_parts([f"p{i // 2}_{i % 2}_0" for i in range(8)], [{}] * 8, prompts_per_part=2,
                                    dp_size=2),
               "parts_padded": split_parts([f"p{i // 3}_{i % 3}_0" for i in range(9)] + ["padY_0_0"],
@@ -413,7 +433,8 @@ def _transfer_queue_run(tq) -> dict:
     back = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages", "returns"])
     advantages = [row.tolist() for row in back["advantages"].unbind()]
     report["padding_advantage"] = advantages[-1]
-    report["row_lengths_kept"] = [len(a) for a in advantages[:-1]] == [len(f["responses"]) for f in fields[:-1]]
+    lengths = [len(f["responses"]) for f in fields[:-1]]
+    report["row_lengths_kept"] = [len(a) for a in advantages[:-1]] == lengths
     # reference: the same bundle through the fp64 loop
     totals = [float(f["rm_scores"].sum()) for f in fields[:-1]] + rewards.tolist()
     uids = [f["uid"] for f in fields[:-1]]
@@ -452,8 +473,10 @@ def config_checks() -> dict:
              "policy_loss.loss_mode": ("actor_rollout_ref.actor.policy_loss", "loss_mode", "vanilla"),
              "use_kl_in_reward": ("algorithm", "use_kl_in_reward", True),
              "bypass_mode": ("algorithm", "rollout_correction", {"bypass_mode": True}),
-             "rollout.n": ("actor_rollout_ref.rollout", "n", 1)}
-    out = {}
+             "rollout.n": ("actor_rollout_ref.rollout", "n", 1),
+             "default_agent_loop": ("actor_rollout_ref.rollout.agent", "default_agent_loop", "tool_agent"),
+             "fsdp_config.dtype": ("actor_rollout_ref.actor.fsdp_config", "dtype", "int8")}
+    out = {"main_ppo_script": _main_ppo_script_config()}
     _check_config(OmegaConf.create(base))
     for name, (path, key, value) in cases.items():
         config = OmegaConf.create(base)
@@ -464,6 +487,30 @@ def config_checks() -> dict:
         except ValueError as error:
             out[name] = str(error)
     return out
+
+
+def _main_ppo_script_config() -> str:
+    """scripts/verl_main_ppo.sh's hydra overrides composed against verl's own config, through APPOTrainer's
+    checks: "" when they pass, else the error."""
+    import shlex
+
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    from appo.integrations.verl_trainer import _check_config
+
+    text = (REPO / "scripts" / "verl_main_ppo.sh").read_text()
+    command = text[text.index('"$PY" -m verl.trainer.main_ppo'):].replace("\\\n", " ").split("\n")[0]
+    for name, value in (("$OUT", "/tmp/out"), ("$MODEL", "model"), ("$REPO", str(REPO))):
+        command = command.replace(name, value)
+    overrides = [token for token in shlex.split(command)[3:] if "=" in token]
+    directory = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    try:
+        with initialize_config_dir(config_dir=directory, version_base=None):
+            _check_config(compose(config_name="ppo_trainer", overrides=overrides))
+        return ""
+    except Exception as error:  # noqa: BLE001 - reported to the pytest side
+        return f"{type(error).__name__}: {error}"
 
 
 def unit_checks() -> dict:
@@ -589,7 +636,8 @@ def run_checks() -> dict:
 
     report: dict = {}
     code = "import sys, appo.integrations.verl; print('verl' in sys.modules)"
-    lazy = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+    lazy = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                          timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"})
     report["import_pulls_verl"] = lazy.stdout.strip() if lazy.returncode == 0 else lazy.stderr[-500:]
 
@@ -603,6 +651,7 @@ def run_checks() -> dict:
     trainer = get_trainer_cls("appo")
     report["trainer_mode"] = f"{trainer.__module__}.{trainer.__name__}"
     report["trainer_is_verl_ppo_trainer"] = issubclass(trainer, PPOTrainer)
+    report["agent_loop_is_appo"] = _agent_loop_is_appo()
     report["unit"] = unit_checks()
     report["config"] = config_checks()
     _progress("ray.init")
@@ -644,7 +693,8 @@ if __name__ != "__main__":
         python = venv_python("verl_env.sh", "verl", timeout=900)
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}",
                    VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1",
-                   RAY_AUTH_MODE="disabled", APPO_VERL_SETTINGS=json.dumps({"branches_per_rollout": BRANCHES}))
+                   RAY_AUTH_MODE="disabled",
+                   APPO_VERL_SETTINGS=json.dumps({"branches_per_rollout": BRANCHES}))
         done = subprocess.run([python, __file__], check=False, capture_output=True, text=True, timeout=1500,
                               env=env, cwd=REPO)
         assert done.returncode == 0, done.stderr[-4000:]
@@ -655,13 +705,15 @@ if __name__ != "__main__":
         assert verl_report["policy_loss_is_appo"]
         assert verl_report["trainer_mode"] == "appo.integrations.verl_trainer.APPOTrainer"
         assert verl_report["trainer_is_verl_ppo_trainer"]
+        assert verl_report["agent_loop_is_appo"]
 
     def test_importing_the_module_does_not_import_verl(verl_report):
         assert verl_report["import_pulls_verl"] == "False"
 
     def test_ray_workers_load_the_plugin_too(verl_report):
         for state in verl_report["worker_group"]["worker_plugin"]:
-            assert state == {"plugin_loaded": True, "estimator": True, "loss": True, "trainer": True}
+            assert state == {"plugin_loaded": True, "estimator": True, "loss": True, "trainer": True,
+                             "agent_loop": True}
 
     def test_worker_group_both_ranks_branch_their_own_groups(verl_report):
         group = verl_report["worker_group"]
@@ -685,7 +737,7 @@ if __name__ != "__main__":
 
     def test_worker_group_loss_and_all_reduced_gradient(verl_report):
         group = verl_report["worker_group"]
-        assert group["future_spread"] > 1e-3                       # A_fut really varies: the loss check can fail
+        assert group["future_spread"] > 1e-3            # A_fut really varies: the loss check can fail
         assert group["loss_max_err"] <= 1e-5
         assert group["grad_norm"] > 0
         assert group["local_differ"] > 1e-6                        # the ranks' own gradients differ ...
@@ -783,8 +835,8 @@ if __name__ != "__main__":
         assert metrics["appo/entropy_only_fraction_after_update"] < 1.0
 
     def test_conformance_verl_branch_policy_current(verl_report):
-        """branch_policy_current: every branch request of part u was sampled by the server with the weights the
-        actor held at part u (weight fingerprints), and those moved after the real update."""
+        """branch_policy_current: every branch request of part u was sampled by the server with the weights
+        the actor held at part u (weight fingerprints), and those moved after the real update."""
         parts = _part_weights(verl_report)
         assert len(parts) == 2 * len(TRAINER_LRS)
         for served, actor_weights in parts:
@@ -832,8 +884,11 @@ if __name__ != "__main__":
             assert "42" not in loop[name]["graded_text"] and "<result></result>" in loop[name]["graded_text"]
         assert loop["credit"]["reward"] == 1.0                     # its own answer, right: full credit
 
+    def test_gpu_script_overrides_compose_and_pass_the_trainer_checks(verl_report):
+        assert verl_report["config"]["main_ppo_script"] == ""
+
     @pytest.mark.parametrize("key", ["algorithm.adv_estimator", "policy_loss.loss_mode", "use_kl_in_reward",
-                                     "bypass_mode", "rollout.n"])
+                                     "bypass_mode", "rollout.n", "default_agent_loop", "fsdp_config.dtype"])
     def test_trainer_refuses_what_it_cannot_honour(verl_report, key):
         assert key in verl_report["config"][key]
 
