@@ -55,7 +55,7 @@ def write_model(path: str) -> None:
 TOY_REWARD = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
     """A toy reward of the whole response text (varies between rollouts of a random model)."""
-    return (sum(map(ord, solution_str)) % 5) / 4
+    return (sum(map(ord, solution_str)) % 97) / 96
 '''
 
 def write_files(root: str, *, reward: str, tools: list[str], stop_tags: list[str], max_tool_calls: int = 2,
