@@ -57,7 +57,8 @@ def report(benchmark, case: str, calls_per_round: int, **extra) -> None:
 def sandbox_notes(tool) -> dict:
     found = layout()
     return {"confinement": tool.confinement.mode if tool.confinement else "unconfined",
-            "budget": found[0] if found else "per-process bounds"}
+            "budget": f"cgroup {found[0]}: {', '.join(sorted(found[1]))}" if found else "per-process bounds",
+            "load_1min": float(open("/proc/loadavg").read().split()[0])}
 
 
 def test_python_call(benchmark, tools):
