@@ -5,14 +5,14 @@ A TRL GRPO script becomes an APPO script by swapping ``GRPOTrainer`` -> ``APPOTr
 (datasets, reward functions, ``accelerate launch`` / ``torchrun``, logging) stays TRL's.
 
 When the method runs. TRL generates one batch of N completions per prompt and feeds it to
-``steps_per_generation`` micro-steps (times ``num_iterations``). APPO branches at CONSUMPTION time, once per
-micro-step, with the policy of that moment (METHOD.md: "inside the PPO loop"):
+``steps_per_generation`` micro-steps, ``num_iterations`` times over. APPO branches each slice of the batch
+ONCE, at its first consumption, with the policy of that moment (METHOD.md: "inside the PPO loop"):
 
 1. at generation (``_generate_and_score_completions`` + ``_prepare_inputs``): TRL's rollouts and rewards; the
    batch is split into contiguous slices of whole prompt groups (TRL shuffles rows; APPO keeps groups whole),
    and when the batch spans an optimizer step, pi_old of every slice is recorded by appo's own no-grad
    forward (the same forward as in step 2, so with no update in between pi_theta == pi_old bit for bit);
-2. at each micro-step, for its slice: one no-grad forward of the CURRENT policy over prompt + completion
+2. at a slice's first consumption: one no-grad forward of the CURRENT policy over prompt + completion
    (``use_cache=True``) gives pi_theta, the full-vocabulary entropy and the KV cache;
 3. ``appo.algos.chain.plan_branches``: Branching Score (pi_theta against pi_old) and exactly B * N branch
    points per prompt;
@@ -24,17 +24,23 @@ micro-step, with the policy of that moment (METHOD.md: "inside the PPO loop"):
    for TRL's gather, then sliced back to this rank's branches);
 6. ``dual_group_base`` and ``scale_by_future`` (A_fut from this micro-step's pi_theta against pi_old) give
    the [B, T] token advantages TRL's loss uses as they are; only the N initial completions are optimised.
+   The base advantages are stored with the slice;
+7. later passes over the slice (``num_iterations > 1``) branch nothing: the stored base advantages, scaled by
+   A_fut from a no-grad forward of the policy of that pass (no cache). So every prompt costs exactly
+   M = (B + 1) * N trajectories per generation, whatever ``num_iterations``, ``steps_per_generation`` and the
+   number of processes.
 
-Omega is therefore a real policy shift: the slices consumed after an optimizer step (``steps_per_generation >
-gradient_accumulation_steps``, or ``num_iterations > 1``) compare the updated policy with the one that sampled,
-in the trainer's own numerics, never the sampling engine's log-probs. Slices consumed before any update have
-pi_theta == pi_old exactly and use the documented entropy-only fallback (``appo/entropy_only_fraction``).
-``APPOConfig`` defaults ``steps_per_generation`` to 2 x ``gradient_accumulation_steps`` (appo's two
-mini-batches per step) so that half of the updates see a moved policy.
+Omega is therefore a real policy shift where a slice is branched after an optimizer step of its generation
+(``steps_per_generation > gradient_accumulation_steps``): it compares the updated policy with the one that
+sampled, in the trainer's own numerics, never the sampling engine's log-probs. Slices branched before any
+update have pi_theta == pi_old exactly and use the documented entropy-only fallback
+(``appo/entropy_only_fraction``). ``APPOConfig`` defaults ``steps_per_generation`` to 2 x
+``gradient_accumulation_steps`` (appo's two mini-batches per step) so that half of the slices branch against a
+moved policy. ``num_iterations > 1`` does not re-branch: its later passes see the moved policy in A_fut only.
 
 More than one process (DDP, e.g. ``torchrun --nproc_per_node 2`` or ``accelerate launch``): every micro-batch
-holds whole prompt groups (``per_device_train_batch_size`` a multiple of ``num_generations``, checked), so each
-group, its branches and its statistics live on one rank; scoring and branching are local to that rank.
+holds whole prompt groups (``per_device_train_batch_size`` a multiple of ``num_generations``, checked), so
+each group, its branches and its statistics live on one rank; scoring and branching are local to that rank.
 What maps to what, and what differs from appo's own trainer, is in docs/integrations.md.
 """
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +60,7 @@ from trl.trainer.utils import split_tensor_dict
 
 from appo.algos.chain import APPOSettings, BranchPlan, dual_group_base, plan_branches, scale_by_future
 from appo.prefix_cache import build_branch_batch, gather_prefix_kv
-from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, TokenStats, token_stats
+from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, TokenStats, future_value, token_stats
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +68,10 @@ logger = logging.getLogger(__name__)
 _SETTING_FIELDS = {"appo_branches_per_rollout": "branches_per_rollout", "appo_bs_gamma": "bs_gamma",
                    "appo_candidates": "candidates", "appo_select_per": "per", "appo_min_gap": "min_gap",
                    "appo_include_token": "include_token", "appo_entropy_only": "entropy_only",
-                   "appo_fut_gamma": "fut_gamma", "appo_future_scale": "future_scale", "appo_combine": "combine",
-                   "appo_one_group": "one_group"}
+                   "appo_fut_gamma": "fut_gamma", "appo_future_scale": "future_scale",
+                   "appo_combine": "combine",
+                   "appo_one_group": "one_group", "appo_uniform_points": "uniform_points",
+                   "appo_shift_tolerance": "shift_tolerance"}
 
 
 @dataclass
@@ -90,6 +99,9 @@ class APPOConfig(GRPOConfig):
     appo_future_scale: float = field(default=0.5, metadata={"help": "b in A_base * (1 + b * A_fut)."})
     appo_combine: str = field(default="avg", metadata={"help": "'avg' (appo) or 'sum' (authors' code)."})
     appo_one_group: bool = field(default=False, metadata={"help": "The w/o dual-group ablation."})
+    appo_uniform_points: bool = field(default=False, metadata={"help": "Ablation: uniform branch points."})
+    appo_shift_tolerance: float | None = field(default=None, metadata={
+        "help": "Largest |log-ratio| that counts as no policy shift (None: by the forward's dtype)."})
 
     def __post_init__(self):
         self.appo_settings()  # bad APPO fields fail before TRL's own checks
@@ -131,21 +143,25 @@ class APPOTrainer(GRPOTrainer):
         self._appo_check_setup()
         self.appo_settings = self.args.appo_settings()
         self._appo_context = None      # the buffered generation batch's reward inputs, for the branches
-        if self.args.appo_branches_per_rollout and not self._appo_policy_moves():
-            logger.warning("APPOTrainer: every slice of a generation batch is consumed before an optimizer "
-                           "step (gradient_accumulation_steps %% (steps_per_generation * num_iterations) == 0), "
-                           "so pi_theta == pi_old at every branching and the Branching Score is entropy-only "
-                           "(appo/entropy_only_fraction = 1). Raise steps_per_generation or num_iterations for "
-                           "a real future value.")
+        # appo_uniform_points' draws: seeded per rank (each rank branches its own groups)
+        self._appo_generator = torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index)
+        if self.args.appo_branches_per_rollout and not self._appo_branches_after_update():
+            logger.warning("APPOTrainer: every slice of a generation batch is branched (at its first "
+                           "consumption) before the first optimizer step of its generation, so pi_theta == "
+                           "pi_old at every branching and the Branching Score is entropy-only "
+                           "(appo/entropy_only_fraction = 1); num_iterations > 1 reuses the branches and "
+                           "moves only A_fut. Raise steps_per_generation above gradient_accumulation_steps "
+                           "(APPOConfig's default is twice it) for a real future value.")
 
     def _appo_check_setup(self) -> None:
         args, processes = self.args, self.accelerator.num_processes
         if args.per_device_train_batch_size % self.num_generations:
             raise ValueError(
-                f"per_device_train_batch_size: must be a multiple of num_generations ({self.num_generations}) "
-                f"for APPO, got {args.per_device_train_batch_size}: each micro-batch must hold whole prompt "
-                "groups, so that a group's branches and its dual-group statistics stay on one rank and one "
-                "update (raise per_device_train_batch_size or lower num_generations)")
+                "per_device_train_batch_size: must be a multiple of num_generations "
+                f"({self.num_generations}) for APPO, got {args.per_device_train_batch_size}: each "
+                "micro-batch must hold whole prompt groups, so that a group's branches and its dual-group "
+                "statistics stay on one rank and one update (raise per_device_train_batch_size or lower "
+                "num_generations)")
         if getattr(self, "environment_factories", None) is not None:
             raise ValueError("environment_factory: not supported by APPOTrainer yet (a branch would share "
                              "the stateful environment of the rollout it branches from); pass tools= instead")
@@ -156,14 +172,35 @@ class APPOTrainer(GRPOTrainer):
                              "runs a different number of forwards per rank, which sharded parameters cannot "
                              "serve")
         if self.tools and self.use_vllm and processes > 1:
-            raise ValueError("tools: with vLLM on more than one process, APPOTrainer's branch tool loop would "
-                             "call vLLM's gathered generation a different number of times on each rank; use "
-                             "one process or transformers generation")
+            raise ValueError("tools: with vLLM on more than one process, APPOTrainer's branch tool loop "
+                             "would call vLLM's gathered generation a different number of times on each "
+                             "rank; use one process or transformers generation")
 
     def _appo_policy_moves(self) -> bool:
-        """Whether some slice of a generation batch is consumed after an optimizer step (TRL's own rule for
-        when pi_old differs from pi_theta)."""
-        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0
+        """Whether some slice of a generation batch is consumed, in any pass, after an optimizer step (TRL's
+        own rule for when pi_old differs from pi_theta): then pi_old is recorded at generation."""
+        period = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % period != 0
+
+    def _appo_branches_after_update(self) -> bool:
+        """Whether some slice is branched, i.e. first consumed, after an optimizer step of its own generation.
+
+        Generations start every ``steps_per_generation * num_iterations`` micro-steps and branch their slices
+        at micro-steps start .. start + steps_per_generation - 1; an optimizer step follows micro-step m when
+        (m + 1) % gradient_accumulation_steps == 0. The pattern repeats after lcm(period, accumulation)."""
+        steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        period = steps * self.num_iterations
+        return any((m + 1) % accumulation == 0
+                   for start in range(0, math.lcm(period, accumulation), period)
+                   for m in range(start, start + steps - 1))
+
+    def _appo_compute_dtype(self) -> torch.dtype:
+        """The dtype of appo's forwards (pi_old, pi_theta): TRL's autocast under bf16 / fp16 mixed precision,
+        else the model's. It sets the chain's no-shift tolerance (``appo.scoring.no_shift_tolerance``)."""
+        precision = str(self.accelerator.mixed_precision)
+        if precision in ("bf16", "fp16"):
+            return torch.bfloat16 if precision == "bf16" else torch.float16
+        return next(self.accelerator.unwrap_model(self.model).parameters()).dtype
 
     # -------------------------------------------------------------------------------- TRL override points
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -175,23 +212,27 @@ class APPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        """TRL's generation and scoring; in training, the batch also carries ``appo_rewards`` float32 [B] (this
-        rank's rows of TRL's gathered rewards) and ``appo_row`` int64 [B] (row in this generation batch)."""
+        """TRL's generation and scoring; in training, the batch also carries ``appo_rewards`` float32 [B]
+        (this rank's rows of TRL's gathered rewards) and ``appo_row`` int64 [B] (row in this generation
+        batch)."""
         self._appo_context = None
         output = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return output
         rows = output["completion_ids"].shape[0]
         rank = self.accelerator.process_index
-        total = self._appo_total_rewards(self._appo_context["rewards_per_func"])[rank * rows:(rank + 1) * rows]
+        totals = self._appo_total_rewards(self._appo_context["rewards_per_func"])
+        total = totals[rank * rows:(rank + 1) * rows]
         output["appo_rewards"] = total.to(output["completion_ids"].device)
         output["appo_row"] = torch.arange(rows, device=output["completion_ids"].device)
         return output
 
     def _prepare_inputs(self, generation_batch):
-        """TRL's buffering of one generation batch over ``steps_per_generation`` micro-steps, with slices of
-        whole prompt groups (in TRL's order, not shuffled), pi_old recorded for each when the policy will move
-        before it is consumed, and APPO's branching and advantages done at consumption."""
+        """TRL's buffering of one generation batch over ``steps_per_generation`` micro-steps (times
+        ``num_iterations``), with slices of whole prompt groups (in TRL's order, not shuffled), pi_old
+        recorded for each when the policy will move before it is consumed, and APPO at consumption: a slice
+        branches once, at its first consumption; later passes over it reuse its branches and base
+        advantages."""
         if not self.model.training or self.args.appo_branches_per_rollout == 0:
             return super()._prepare_inputs(generation_batch)
         steps = self.args.steps_per_generation
@@ -204,14 +245,20 @@ class APPOTrainer(GRPOTrainer):
                 for part in slices:
                     part["appo_old_logprobs"] = self._appo_forward(part, keep_cache=False)[0].logprobs
             self._buffered_inputs = slices
-        return self._appo_consume(self._buffered_inputs[self._step % steps])
+        part = self._buffered_inputs[self._step % steps]
+        if "appo_base_advantages" in part:
+            return self._appo_reuse(part)
+        output = self._appo_consume(part)
+        part["appo_base_advantages"] = output["appo_base_advantages"]   # fixed for the later passes
+        return output
 
     # ------------------------------------------------------------------------------------- APPO pieces
     def _appo_consume(self, inputs: dict) -> dict:
-        """One micro-step's slice with APPO's [B, C] token advantages (a new dict; the buffer is unchanged).
+        """A slice's first consumption: branch it, and return it with APPO's [B, C] token advantages and the
+        base advantages they scale (a new dict; the buffer is unchanged).
 
-        Every rank calls this once per micro-step and makes the same collective calls (branch-count gather,
-        reward gather, metrics gather) whatever its rows hold."""
+        Every rank calls this at the same micro-steps and makes the same collective calls (branch-count
+        gather, reward gather, metrics gather) whatever its rows hold."""
         settings = self.appo_settings
         completion_ids = inputs["completion_ids"]
         loss_mask = self._appo_loss_mask(inputs)
@@ -222,12 +269,14 @@ class APPOTrainer(GRPOTrainer):
             stats, cache = self._appo_forward(inputs, keep_cache=True)
             old = inputs.get("appo_old_logprobs", stats.logprobs)
             plan = plan_branches(settings, tokens=completion_ids, mask=loss_mask, group_ids=group_ids,
-                                 logprobs=stats.logprobs, old_logprobs=old, entropy=stats.entropy)
+                                 logprobs=stats.logprobs, old_logprobs=old, entropy=stats.entropy,
+                                 compute_dtype=self._appo_compute_dtype(), generator=self._appo_generator)
             if plan.src.numel():
                 branch_ids = self._appo_decode_branches(inputs, cache, plan)
                 del cache
                 if self.tools:
-                    branch_ids, completions = self._appo_branch_tool_loop(inputs, plan.src, plan.pos, branch_ids)
+                    branch_ids, completions = self._appo_branch_tool_loop(inputs, plan.src, plan.pos,
+                                                                          branch_ids)
         src = plan.src if plan is not None else torch.zeros(0, dtype=torch.long, device=device)
         branch_rewards = self._appo_score_branches(inputs["appo_row"][src].tolist(), branch_ids, completions)
 
@@ -246,8 +295,25 @@ class APPOTrainer(GRPOTrainer):
             base = base.masked_fill(torch.isnan(rewards)[:, None], 0.0)   # unscorable rows: no signal (TRL)
             advantages = scale_by_future(settings, base, logprobs=stats.logprobs, old_logprobs=old,
                                          mask=loss_mask)
-        self._appo_log(plan, loss_mask, branch_rewards)
+        omega = plan.score.future_value if plan is not None else None
+        self._appo_log(loss_mask, omega, plan=plan, branch_rewards=branch_rewards)
         return {**inputs, "advantages": advantages, "appo_base_advantages": base}
+
+    def _appo_reuse(self, inputs: dict) -> dict:
+        """A later pass (``num_iterations > 1``) over a slice branched at its first consumption: no new
+        branches, the slice's base advantages as they were computed then, and A_fut from a no-grad forward of
+        the current policy against pi_old (``scale_by_future``). Returns a new dict with ``advantages``."""
+        base = inputs["appo_base_advantages"]
+        loss_mask = self._appo_loss_mask(inputs)
+        advantages, omega = torch.zeros_like(base), None
+        if loss_mask.any():
+            stats, _ = self._appo_forward(inputs, keep_cache=False)
+            old = inputs.get("appo_old_logprobs", stats.logprobs)
+            advantages = scale_by_future(self.appo_settings, base, logprobs=stats.logprobs, old_logprobs=old,
+                                         mask=loss_mask)
+            omega = future_value(stats.logprobs, old, loss_mask, gamma=self.appo_settings.bs_gamma)
+        self._appo_log(loss_mask, omega)
+        return {**inputs, "advantages": advantages}
 
     @staticmethod
     def _appo_loss_mask(inputs: dict) -> torch.Tensor:
@@ -269,7 +335,8 @@ class APPOTrainer(GRPOTrainer):
         training = model.training
         model.eval()
         try:
-            with (torch.no_grad(), disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
+            checkpointing = self.args.gradient_checkpointing_kwargs
+            with (torch.no_grad(), disable_gradient_checkpointing(model, checkpointing),
                   self.accelerator.autocast()):
                 out = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids,
                             use_cache=keep_cache, logits_to_keep=completion_ids.shape[1] + 1)
@@ -304,7 +371,8 @@ class APPOTrainer(GRPOTrainer):
         training = model.training
         model.eval()
         try:
-            with torch.no_grad(), disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
+            checkpointing = self.args.gradient_checkpointing_kwargs
+            with torch.no_grad(), disable_gradient_checkpointing(model, checkpointing):
                 generated = model.generate(input_ids=prefix.input_ids, attention_mask=attention,
                                            past_key_values=branch_cache, generation_config=generation_config)
         finally:
@@ -397,13 +465,15 @@ class APPOTrainer(GRPOTrainer):
 
     def _appo_score_branches(self, generation_rows: list[int], branch_ids: list[list[int]],
                              branch_completions: list | None = None) -> torch.Tensor:
-        """Rewards float32 [K] of this rank's K branches from TRL's reward functions (NaN where all gave None).
+        """Rewards float32 [K] of this rank's K branches from TRL's reward functions (NaN where all gave
+        None).
 
         ``generation_rows``: each branch's parent row in the generation batch (its reward inputs);
         ``branch_completions`` (TRL message lists, from the tool loop) is used as given, else the ids are
         decoded as plain text (one assistant message for conversational prompts). TRL gathers rewards over all
         ranks, which needs the same row count everywhere: the ranks agree on the largest K, pad with copies of
-        a row (scored, then dropped) and keep their own slice. Reward-function logs of branches are dropped."""
+        a row (scored, then dropped) and keep their own slice. Reward-function logs of branches are
+        dropped."""
         device = self.accelerator.device
         count = len(generation_rows)
         width = count
@@ -441,33 +511,40 @@ class APPOTrainer(GRPOTrainer):
         total = (rewards_per_func * weights[None, :]).nansum(dim=1)
         return total.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
 
-    def _appo_log(self, plan: BranchPlan | None, loss_mask: torch.Tensor, branch_rewards: torch.Tensor) -> None:
-        """Metrics of this micro-step over all ranks (one gather, made by every rank)."""
+    def _appo_log(self, loss_mask: torch.Tensor, omega: torch.Tensor | None, *,
+                  plan: BranchPlan | None = None, branch_rewards: torch.Tensor | None = None) -> None:
+        """Metrics of this micro-step over all ranks (one gather, made by every rank). ``omega``: float32
+        [B, C], the future value (Branching Score's gamma, unclipped) of this micro-step's pi_theta against
+        pi_old, None when the rank has no generated token. ``branch_rewards`` is given when the micro-step
+        branched (every rank branches at the same micro-steps), else only the Omega metrics are logged."""
         device = self.accelerator.device
         local = torch.zeros(11, dtype=torch.float64, device=device)
         local[1] = loss_mask.shape[0]
+        if omega is not None:
+            values = omega[loss_mask.bool()].double()
+            local[3] = values.numel()
+            local[4] = values.sum()
+            local[5] = (values - 1).abs().max() if values.numel() else 0.0
         if plan is not None:
-            mask = loss_mask.bool()
-            omega = plan.score.future_value[mask].double()
             finite = branch_rewards[~torch.isnan(branch_rewards)].double()
             local[0] = plan.src.numel()
             local[2] = plan.score.entropy_only.sum()
-            local[3] = omega.numel()
-            local[4] = omega.sum()
-            local[5] = (omega - 1).abs().max() if omega.numel() else 0.0
             local[6], local[7] = plan.filled, plan.fresh
             local[8], local[9] = finite.sum(), finite.numel()
             local[10] = plan.pos.double().sum()
         totals = self.accelerator.gather(local[None]).view(-1, local.numel())
         summed = totals.sum(dim=0).tolist()
         metrics = self._metrics["train"]
+        metrics["appo/omega_mean"].append(summed[4] / summed[3] if summed[3] else 1.0)
+        metrics["appo/omega_max_shift"].append(float(totals[:, 5].max()))
+        if branch_rewards is None:
+            return
         rows = max(summed[1], 1.0)
         metrics["appo/branches"].append(summed[0])
         metrics["appo/branches_per_rollout"].append(summed[0] / rows)
+        metrics["appo/rollouts_per_prompt"].append((summed[1] + summed[0]) * self.num_generations / rows)
         metrics["appo/branches_filled"].append(summed[6])
         metrics["appo/branches_fresh"].append(summed[7])
         metrics["appo/entropy_only_fraction"].append(summed[2] / rows)
-        metrics["appo/omega_mean"].append(summed[4] / summed[3] if summed[3] else 1.0)
-        metrics["appo/omega_max_shift"].append(float(totals[:, 5].max()))
         metrics["appo/branch_reward_mean"].append(summed[8] / summed[9] if summed[9] else 0.0)
         metrics["appo/mean_branch_position"].append(summed[10] / summed[0] if summed[0] else 0.0)

@@ -1,20 +1,18 @@
-"""APPOTrainer inside TRL 1.16: real training runs of a tiny model on CPU, in one process and in two.
+"""APPOTrainer inside TRL 1.16: real training runs of tiny models on CPU, in one process and in two.
 
-The tiny model (tests/integrations/_trl_ranks.py) shares SmolLM2's tokenizer (vocab 49152) so TRL tokenises and
-decodes real text; the reward is a deterministic function of the completion text with spread inside each group.
-One generation of 2 prompts x 4 completions per micro-batch feeds two optimizer steps: the first branches
-before any update (pi_theta == pi_old: the entropy-only fallback, bit for bit), the second after one (a real
-policy shift).
+The runs live in tests/integrations/_trl_ranks.py (shared with test_conformance.py, cached for the session).
+The plain run shares SmolLM2's tokenizer (vocab 49152) so TRL tokenises and decodes real text; the reward is a
+deterministic function of the completion text with spread inside each group. One generation of 4 prompts x 4
+completions, in slices of 2 prompts, feeds four optimizer steps (steps_per_generation 2, num_iterations 2):
+the first slice branches before any update (pi_theta == pi_old: the entropy-only fallback, bit for bit), the
+second after one (a real policy shift); the second pass over both branches nothing and keeps their base
+advantages.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,20 +21,18 @@ import torch
 pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'appo[trl]'")
 
 from datasets import Dataset
-from transformers import AutoTokenizer
 
 from appo.algos.chain import BranchPlan
 from appo.integrations.trl import APPOConfig, APPOTrainer
-from appo.models import smollm2_path, tiny_model
+from appo.models import tiny_model
 
-HELPER = Path(__file__).with_name("_trl_ranks.py")
-_spec = importlib.util.spec_from_file_location("_trl_ranks", HELPER)
-ranks_helper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks_helper)
+sys.path.insert(0, str(Path(__file__).parent))
+import _trl_ranks as ranks_helper  # one module, one run cache, for every test file
 
 NUM_GENERATIONS = ranks_helper.NUM_GENERATIONS
 BRANCHES = ranks_helper.BRANCHES
 MAX_COMPLETION = ranks_helper.MAX_COMPLETION
+M = (BRANCHES + 1) * NUM_GENERATIONS
 GAMMA = 2 ** (-1 / 32)
 text_length_reward = ranks_helper.text_length_reward
 
@@ -46,23 +42,13 @@ def tokenizer():
     return ranks_helper.tokenizer()
 
 
-def _train(tmp_path_factory, tokenizer, per_device=2 * NUM_GENERATIONS, **overrides):
-    """Two optimizer steps of the recording trainer; returns (trainer, parameters before)."""
-    model = ranks_helper.model(tokenizer)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    config = ranks_helper.config(str(tmp_path_factory.mktemp("appo_trl")), per_device)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    trainer = ranks_helper.RecordingTrainer(model=model, reward_funcs=text_length_reward, args=config,
-                                            train_dataset=ranks_helper.dataset([0, 1, 2, 3]),
-                                            processing_class=tokenizer)
-    trainer.train()
-    return trainer, before
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer):
-    return _train(tmp_path_factory, tokenizer)
+def trained():
+    return ranks_helper.plain_run()
+
+
+def _branched(trainer):
+    return [record for record in trainer.records if not record["reused"]]
 
 
 def test_training_step_updates_parameters(trained):
@@ -73,13 +59,18 @@ def test_training_step_updates_parameters(trained):
 
 
 def test_every_prompt_gets_exactly_its_branch_budget(trained):
+    """Each slice branches once per generation, at its first consumption: B x N branches per prompt, so
+    M = (B + 1) x N trajectories per prompt over the whole run, though each slice trains twice."""
     trainer, _ = trained
-    assert len(trainer.records) == 2                       # two micro-steps, each branched
-    for record in trainer.records:
+    assert [record["reused"] for record in trainer.records] == [False, False, True, True]
+    for record in _branched(trainer):
         groups = record["src"] // NUM_GENERATIONS
         assert torch.bincount(groups, minlength=2).tolist() == [BRANCHES * NUM_GENERATIONS] * 2
+    counts = ranks_helper.trajectories_per_prompt(trainer.generations, trainer.branch_log)
+    assert len(counts) == len(ranks_helper.PROMPTS) and set(counts.values()) == {M}
     logs = [entry for entry in trainer.state.log_history if "appo/branches" in entry]
     assert [entry["appo/branches"] for entry in logs] == [2 * BRANCHES * NUM_GENERATIONS] * 2
+    assert [entry["appo/rollouts_per_prompt"] for entry in logs] == [M, M]
 
 
 def test_branching_before_any_update_is_entropy_only_bit_for_bit(trained):
@@ -125,6 +116,18 @@ def test_branching_after_an_update_measures_the_policy_shift(trained):
     assert log["appo/entropy_only_fraction"] < 1.0 and log["appo/omega_max_shift"] > 1e-2
 
 
+def test_branches_decode_from_the_policy_the_trainer_holds(trained):
+    """The branch tokens are sampled by the model the trainer holds at that micro-step: before any update it
+    is the sampling policy itself; after one, the tokens are more likely under it than under the policy that
+    sampled the generation (mean log-ratio > 0, an estimate of KL(current || sampler); tokens from the stale
+    policy would give a negative mean)."""
+    trainer, _ = trained
+    first, second = _branched(trainer)
+    assert torch.equal(first["branch_logprobs_current"], first["branch_logprobs_sampler"])
+    shift = second["branch_logprobs_current"] - second["branch_logprobs_sampler"]
+    assert shift.numel() >= 2 * BRANCHES * NUM_GENERATIONS and shift.mean() > 0.1
+
+
 def _reference_advantages(record, b=0.5):
     """fp64 loop form of METHOD.md's dual-group advantages times (1 + b * A_fut), A_fut = clip(Omega, 1, 1.2)
     of this micro-step's pi_theta against pi_old."""
@@ -156,13 +159,32 @@ def _reference_advantages(record, b=0.5):
 
 def test_advantages_match_dual_group_reference(trained):
     trainer, _ = trained
-    for record in trainer.records:
+    for record in _branched(trainer):
         expected = _reference_advantages(record)
         assert record["advantages"].shape == record["completion_mask"].shape
         torch.testing.assert_close(record["advantages"].double(), expected, atol=1e-5, rtol=1e-5)
         # some token got credit from a branch (differs from its row's broadcast initial advantage)
         base = record["appo_base_advantages"]
         assert (base != base[:, :1]).any()
+
+
+def test_later_passes_keep_the_base_advantages_and_move_only_a_fut(trained):
+    """num_iterations = 2: the second pass over each slice branches nothing, trains on the base advantages
+    computed at the slice's branching (bit for bit), scaled by A_fut of the policy of that pass against pi_old
+    (a no-grad forward of the moved policy)."""
+    trainer, _ = trained
+    for first, again in zip(trainer.records[:2], trainer.records[2:]):
+        assert again["reused"] and "src" not in again
+        assert torch.equal(again["completion_ids"], first["completion_ids"])
+        assert torch.equal(again["appo_base_advantages"], first["appo_base_advantages"])
+        mask = again["completion_mask"].bool()
+        assert torch.equal(again["old"], first["old"]) and not torch.equal(again["theta"], first["theta"])
+        future = _reference_future_value(again["theta"], again["old"], mask, lo=1.0, hi=1.2)
+        expected = again["appo_base_advantages"].double() * (1 + 0.5 * future)
+        torch.testing.assert_close(again["advantages"].double(), expected, atol=1e-5, rtol=1e-5)
+    logs = [entry for entry in trainer.state.log_history if "appo/omega_mean" in entry]
+    assert len(logs) == 4 and all("appo/branches" not in entry for entry in logs[2:])
+    assert min(entry["appo/omega_max_shift"] for entry in logs[2:]) > 1e-2
 
 
 def test_initial_rewards_are_this_batch_rows(trained, tokenizer):
@@ -174,7 +196,7 @@ def test_initial_rewards_are_this_batch_rows(trained, tokenizer):
 
 def test_branches_continue_their_parent_prefix(trained):
     trainer, _ = trained
-    for record in trainer.records:
+    for record in _branched(trainer):
         points = zip(record["src"].tolist(), record["pos"].tolist(), record["branches"])
         for row, pos, branch in points:
             assert branch[:pos] == record["completion_ids"][row, :pos].tolist()
@@ -211,30 +233,22 @@ def test_cached_branch_decoding_matches_full_prefill(trained):
     assert checked >= len(rows)
 
 
-def test_num_iterations_branch_again_against_the_moved_policy(tmp_path_factory, tokenizer):
-    """num_iterations=2 reuses one generation for two optimizer steps: the second pass branches anew, against
-    the updated policy."""
-    trainer, _ = _train(tmp_path_factory, tokenizer, steps_per_generation=1, generation_batch_size=8,
-                        num_iterations=2)
-    first, second = trainer.records
-    assert torch.equal(first["old"], first["theta"]) and bool(first["entropy_only"].all())
-    assert torch.equal(first["completion_ids"], second["completion_ids"])     # the same generation
-    mask = second["completion_mask"].bool()
-    assert (second["omega"][mask] - 1).abs().max() > 1e-2
-    torch.testing.assert_close(second["advantages"].double(), _reference_advantages(second), atol=1e-5,
-                               rtol=1e-5)
-
-
-def test_entropy_only_by_construction_is_warned(tmp_path, tokenizer, caplog):
-    """With one update per generation (TRL's default layout) pi_theta == pi_old at every branching: the
-    trainer says so."""
+@pytest.mark.parametrize("steps_per_generation, num_iterations, accumulation, warned", [
+    (1, 1, 1, True), (1, 2, 1, True), (2, 1, 2, True), (2, 3, 3, True), (2, 1, 1, False), (2, 2, 1, False),
+    (3, 1, 2, False), (2, 1, 3, False)])
+def test_entropy_only_by_construction_is_warned(tmp_path, tokenizer, caplog, steps_per_generation,
+                                                num_iterations, accumulation, warned):
+    """When every slice is branched (first consumed) before an optimizer step of its generation, pi_theta ==
+    pi_old at every branching: the trainer says so. num_iterations > 1 does not change that (its later passes
+    do not branch); a generation spanning an optimizer step does."""
     config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                        steps_per_generation=1, report_to="none", use_cpu=True, bf16=False)
+                        steps_per_generation=steps_per_generation, num_iterations=num_iterations,
+                        gradient_accumulation_steps=accumulation, report_to="none", use_cpu=True, bf16=False)
     model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=16, layers=1, heads=2, kv_heads=1)
     with caplog.at_level(logging.WARNING, logger="appo.integrations.trl"):
         APPOTrainer(model=model, reward_funcs=text_length_reward, args=config,
                     train_dataset=Dataset.from_dict({"prompt": ["Hi"]}), processing_class=tokenizer)
-    assert "entropy-only" in caplog.text
+    assert ("entropy-only" in caplog.text) == warned
 
 
 def test_config_defaults_to_two_updates_per_generation(tmp_path):
@@ -258,14 +272,15 @@ def test_micro_batches_must_hold_whole_groups(tmp_path, tokenizer):
     model = tiny_model("llama", vocab_size=len(tokenizer), hidden_size=16, layers=1, heads=2, kv_heads=1)
     config = APPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=4,
                         report_to="none", use_cpu=True, bf16=False)
-    with pytest.raises(ValueError, match="per_device_train_batch_size: must be a multiple of num_generations"):
+    with pytest.raises(ValueError, match="per_device_train_batch_size: must be a multiple of num_gen"):
         APPOTrainer(model=model, reward_funcs=text_length_reward, args=config,
                     train_dataset=Dataset.from_dict({"prompt": ["Hi"]}), processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("field, value", [("appo_combine", "mean"), ("appo_branches_per_rollout", -1),
                                           ("appo_bs_gamma", 0.0), ("appo_fut_gamma", 1.5),
-                                          ("appo_candidates", "some"), ("appo_select_per", "prompt")])
+                                          ("appo_candidates", "some"), ("appo_select_per", "prompt"),
+                                          ("appo_shift_tolerance", -1.0)])
 def test_config_rejects_bad_appo_fields(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
@@ -289,18 +304,10 @@ def test_bs_and_future_settings_are_separate(tmp_path):
 # ------------------------------------------------------------------------------------ two processes (DDP)
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Two APPO steps under ``torchrun --nproc_per_node 2`` (gloo on CPU, MULTI_CPU), then the same prompts,
+    """The plain run under ``torchrun --nproc_per_node 2`` (gloo on CPU, MULTI_CPU), then the same prompts,
     completions, branch continuations and rewards replayed in one process with twice the micro-batch."""
-    out = tmp_path_factory.mktemp("appo_trl_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HELPER.parents[2]),
-                                                                           os.environ.get("PYTHONPATH", "")]))
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HELPER), str(out)], check=False, capture_output=True, text=True, timeout=300,
-                          env=env)
-    seconds = time.perf_counter() - started
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    runs = ranks_helper.two_process_runs()
+    ranks = runs["train"]
     generations, branch_log = {}, {}
     for rank in ranks:
         generations.update(rank["generations"])
@@ -310,11 +317,11 @@ def two_ranks(tmp_path_factory):
     # One process, micro-batch 8: its slices hold rank 0's and rank 1's groups of the same step side by side.
     replay = ranks_helper.ReplayTrainer(
         model=ranks_helper.model(tok), reward_funcs=text_length_reward,
-        args=ranks_helper.config(str(out / "replay"), 2 * NUM_GENERATIONS),
+        args=ranks_helper.config(str(tmp_path_factory.mktemp("replay")), 2 * NUM_GENERATIONS),
         train_dataset=ranks_helper.dataset([0, 2, 1, 3]), processing_class=tok, generations=generations,
         branch_log=branch_log)
     replay.train()
-    print(f"two-process run: {seconds:.1f} s")
+    print(f"two-process launch (three jobs): {runs['seconds']:.1f} s")
     return ranks, replay
 
 
@@ -328,27 +335,43 @@ def test_two_processes_keep_identical_parameters(two_ranks):
 
 
 @pytest.mark.slow
-def test_both_ranks_branch_their_own_groups(two_ranks, tokenizer):
+def test_both_ranks_branch_their_own_groups_once_per_generation(two_ranks, tokenizer):
     ranks, _ = two_ranks
     for rank in ranks:
-        assert len(rank["records"]) == 2
-        for record in rank["records"]:
+        assert [record["reused"] for record in rank["records"]] == [False, False, True, True]
+        for record in _branched_records(rank):
             assert record["src"].tolist() == sorted(list(range(NUM_GENERATIONS)) * BRANCHES)
             texts = tokenizer.batch_decode(record["completion_ids"], skip_special_tokens=True)
             assert record["appo_rewards"].tolist() == text_length_reward(texts)   # this rank's rows
             assert record["branch_rewards"].tolist() == text_length_reward(
                 tokenizer.batch_decode(record["branches"], skip_special_tokens=True))
-    assert bool(ranks[0]["records"][0]["entropy_only"].all()) and bool(ranks[1]["records"][0]["entropy_only"].all())
+        again = rank["records"][2:]
+        for first, later in zip(rank["records"][:2], again):
+            assert torch.equal(first["appo_base_advantages"], later["appo_base_advantages"])
+    assert all(bool(rank["records"][0]["entropy_only"].all()) for rank in ranks)
     shifts = [(r["records"][1]["omega"] - 1).abs().max() for r in ranks]
     assert min(shifts) > 1e-2                               # step 2: a real policy shift on both ranks
+    generations, branch_log = {}, {}
+    for rank in ranks:
+        generations.update(rank["generations"])
+        branch_log.update(rank["branch_log"])
+    counts = ranks_helper.trajectories_per_prompt(generations, branch_log)
+    assert len(counts) == len(ranks_helper.PROMPTS) and set(counts.values()) == {M}
+
+
+def _branched_records(rank):
+    return [record for record in rank["records"] if not record["reused"]]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_data(two_ranks):
     """Rank r's rows of step s are rows [4r, 4r + 4) of the one-process slice of step s: same rewards, same
-    branch points (a different one would miss the replayed continuations), advantages equal to 1e-6."""
+    branch points (a different one would miss the replayed continuations), advantages equal to float noise:
+    1e-6 in the branching passes; in the later passes 1e-5 relative, as their A_fut comes from parameters that
+    went through more updates of gradients summed in another order (all-reduce against one process)."""
     ranks, replay = two_ranks
-    assert len(replay.records) == 2
+    assert len(replay.records) == 4
+    worst = []
     for step, record in enumerate(replay.records):
         for r, rank in enumerate(ranks):
             mine = rank["records"][step]
@@ -356,157 +379,42 @@ def test_two_processes_match_one_process_on_the_same_data(two_ranks):
             width = mine["completion_ids"].shape[1]
             assert torch.equal(record["completion_ids"][rows, :width], mine["completion_ids"])
             assert torch.equal(record["appo_rewards"][rows], mine["appo_rewards"])
-            torch.testing.assert_close(record["advantages"][rows, :width], mine["advantages"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(record["appo_base_advantages"][rows, :width],
+                                       mine["appo_base_advantages"], atol=1e-6, rtol=0)
+            expected, got = record["advantages"][rows, :width], mine["advantages"]
+            worst.append(float((expected - got).abs().max()))
+            tolerance = {"atol": 1e-6, "rtol": 0} if step < 2 else {"atol": 1e-6, "rtol": 1e-5}
+            torch.testing.assert_close(expected, got, **tolerance)
             assert not record["advantages"][rows, width:].any()
+    print(f"largest |advantage difference| per step and rank: {worst}")
     params = dict(replay.model.named_parameters())
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(params[name].detach(), value, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ TRL tools
-# A real tool-calling setup, offline: SmolLM2's tokenizer with the Qwen3-Instruct-2507 chat template that TRL
-# ships (TRL recognises it, so `add_response_schema` gives it Qwen's tool-call parser), and a tiny Qwen2 model
-# fine-tuned for a few seconds to answer every prompt with `<tool_call>{"name": "add", "arguments": {"a": x,
-# "b": y}}</tool_call>` (x, y random digits: the high-entropy tokens where APPO branches), then "Done." after
-# the tool result. TRL parses and executes the calls; APPO's branches run TRL's tool loop.
+# A real tool-calling setup, offline (_trl_ranks.py): SmolLM2's tokenizer with the Qwen3-Instruct-2507 chat
+# template that TRL ships (TRL recognises it, so `add_response_schema` gives it Qwen's tool-call parser), and
+# a tiny Qwen2 model fine-tuned for a few seconds to answer every prompt with `<tool_call>{"name": "add",
+# "arguments": {"a": x, "b": y}}</tool_call>` (x, y random digits: the high-entropy tokens where APPO
+# branches), then "Done." after the tool result. TRL parses and executes the calls; APPO's branches run TRL's
+# tool loop.
 
-TOOL_PROMPTS = ["Add 13 and 29.", "What is 2 plus 5?", "Sum 7 and 8.", "Add two numbers."]
-TOOL_MAX_COMPLETION = 64
-TOOL_CALLS: list[tuple[int, int]] = []
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first integer.
-        b: The second integer.
-    """
-    TOOL_CALLS.append((a, b))
-    return a + b
-
-
-def tool_result_reward(completions, **kwargs):
-    """The last tool result of each completion (a TRL message list), scaled to [0, 1]; 0 without one."""
-    rewards = []
-    for messages in completions:
-        results = [m["content"] for m in messages if m.get("role") == "tool"]
-        rewards.append(int(results[-1]) / 18 if results and results[-1].isdigit() else 0.0)
-    return rewards
-
-
-def _tool_call(a: int, b: int) -> dict:
-    return {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]}
+TOOL_PROMPTS = ranks_helper.TOOL_PROMPTS
+TOOL_MAX_COMPLETION = ranks_helper.TOOL_MAX_COMPLETION
+TOOL_CALLS = ranks_helper.TOOL_CALLS
+add, tool_result_reward = ranks_helper.add, ranks_helper.tool_result_reward
+_tool_call, _render = ranks_helper.tool_call, ranks_helper.render
 
 
 @pytest.fixture(scope="module")
 def tool_tokenizer():
-    from trl.chat_template_utils import qwen3_instruct_2507_chat_template
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    tok.chat_template = qwen3_instruct_2507_chat_template
-    tok.padding_side = "left"
-    return tok
-
-
-def _render(tok, messages, **kwargs):
-    return tok.apply_chat_template(messages, tools=[add], tokenize=True, return_dict=False, **kwargs)
-
-
-def _tool_calling_model(tok, steps=100):
-    """Tiny Qwen2 fine-tuned (assistant tokens only) on user -> add(x, y) call -> tool result -> "Done."."""
-    import math
-    import random
-
-    rng = random.Random(0)
-    sequences = []
-    for i in range(64):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        messages = [{"role": "user", "content": TOOL_PROMPTS[i % len(TOOL_PROMPTS)]}]
-        prompt = _render(tok, messages, add_generation_prompt=True)
-        messages += [_tool_call(a, b), {"role": "tool", "name": "add", "content": str(a + b)},
-                     {"role": "assistant", "content": "Done."}]
-        full = _render(tok, messages)
-        call_end = len(_render(tok, messages[:2])) - 1              # through the call's <|im_end|>
-        answer_start = len(_render(tok, messages[:3], add_generation_prompt=True))
-        labels = [-100] * len(full)
-        for j in [*range(len(prompt), call_end), *range(answer_start, len(full) - 1)]:
-            labels[j] = full[j]
-        sequences.append((full, labels))
-    width = max(len(ids) for ids, _ in sequences)
-    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in sequences])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
-    model = tiny_model("qwen2", vocab_size=len(tok), hidden_size=64, layers=2, heads=4, kv_heads=2, seed=0)
-    # Exact full-vocabulary cross-entropy at a fraction of the cost: lm_head rows outside the target tokens
-    # are zero (logit 0), so their softmax mass is (V - |targets|) * e^0, one log term.
-    targets = torch.tensor(sorted(set(labels[labels != -100].tolist())))
-    remap = torch.full((len(tok),), -1, dtype=torch.long)
-    remap[targets] = torch.arange(len(targets))
-    with torch.no_grad():
-        rows = model.lm_head.weight[targets].clone()
-        model.lm_head.weight.zero_()
-    head = torch.nn.Parameter(rows)
-    rest = torch.tensor(math.log(len(tok) - len(targets)))
-    body = [p for name, p in model.model.named_parameters() if "embed_tokens" not in name]
-    optimizer = torch.optim.AdamW(body + [head], lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(sequences), (8,), generator=generator)
-        hidden = model.model(input_ids=ids[batch]).last_hidden_state[:, :-1]
-        target = labels[batch][:, 1:]
-        keep = target != -100
-        logits = hidden[keep] @ head.T
-        logsumexp = torch.logaddexp(torch.logsumexp(logits, dim=-1), rest)
-        loss = (logsumexp - logits.gather(1, remap[target[keep]][:, None])[:, 0]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    with torch.no_grad():
-        model.lm_head.weight[targets] = head.detach()
-    return model.eval()
-
-
-class RecordingToolTrainer(APPOTrainer):
-    """Records the branches before and after TRL's tool loop, and the tool calls the loop executed."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = []
-
-    def _appo_branch_tool_loop(self, inputs, rows, positions, branch_ids):
-        calls_before = len(TOOL_CALLS)
-        finished, completions = super()._appo_branch_tool_loop(inputs, rows, positions, branch_ids)
-        self.records.append({
-            "rows": rows.tolist(), "positions": positions.tolist(),
-            "before": [list(ids) for ids in branch_ids], "after": finished, "completions": completions,
-            "calls": TOOL_CALLS[calls_before:],
-            "parent_ids": inputs["completion_ids"].clone(), "tool_mask": inputs["tool_mask"].clone()})
-        return finished, completions
-
-    def _appo_score_branches(self, generation_rows, branch_ids, branch_completions=None):
-        rewards = super()._appo_score_branches(generation_rows, branch_ids, branch_completions)
-        if self.records:
-            self.records[-1]["branch_rewards"] = rewards.clone()
-        return rewards
+    return ranks_helper.tool_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def tool_trained(tmp_path_factory, tool_tokenizer):
-    model = _tool_calling_model(tool_tokenizer)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in TOOL_PROMPTS]})
-    config = APPOConfig(output_dir=str(tmp_path_factory.mktemp("appo_trl_tools")),
-                        per_device_train_batch_size=8, num_generations=NUM_GENERATIONS,
-                        max_completion_length=TOOL_MAX_COMPLETION, max_steps=2, learning_rate=1e-4,
-                        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-                        seed=0, appo_branches_per_rollout=BRANCHES, appo_candidates="all")
-    TOOL_CALLS.clear()
-    trainer = RecordingToolTrainer(model=model, reward_funcs=tool_result_reward, args=config,
-                                   train_dataset=dataset, processing_class=tool_tokenizer, tools=[add])
-    trainer.train()
-    return trainer, before
+def tool_trained():
+    return ranks_helper.tool_run()
 
 
 def test_tools_training_step_updates_parameters_and_logs_branches(tool_trained):
