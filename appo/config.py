@@ -108,7 +108,7 @@ class AlgoConfig:
     would rank, with the same budget, min_gap and fill rule (metric branch_points_uniform). shift_tolerance: a
     rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted and falls back to
     entropy; null (default): from the dtype the forward computes in (fp32 2^-12, fp16 or TF32 2^-5, bf16
-    2^-2; docs/method.md section 5); 0: bit equality only.
+    2^-2; docs/method.md section 4); 0: bit equality only.
     warmup_update: with ``optim.minibatches_per_step`` updates per step, the first mini-batch branches while
     pi_theta == pi_old, so its prompts never use Omega (half of them at the default 2 mini-batches). true: one
     warm-up update on the first mini-batch's initial rollouts (advantage A_init, no branches) before any

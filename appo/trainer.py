@@ -432,7 +432,7 @@ class Trainer:
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the policy forward computes in, which sets the no-shift tolerance (docs/method.md,
-        section 5): bf16 under autocast; fp32 matmuls that CUDA runs as TF32 round like fp16 (10-bit
+        section 4): bf16 under autocast; fp32 matmuls that CUDA runs as TF32 round like fp16 (10-bit
         mantissa)."""
         if self.config.bf16 and self.device.type == "cuda":
             return torch.bfloat16

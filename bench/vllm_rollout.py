@@ -11,6 +11,17 @@ vLLM requests (one per row per turn), their prompt tokens and the part vLLM's pr
 (``num_cached_tokens``). Records vllm_rollout-<time>.json through bench/_record.py ($APPO_BENCH_RESULTS, by
 default .benchmarks/appo/). The GSM8K prompts come from $APPO_DATA_DIR or the Hugging Face hub
 (appo.tasks.data).
+
+``--trainer-steps K``: instead, the cost of syncing vLLM to the trainer's weights before branching (README,
+step-cost table). appo's trainer on ``configs/arithmetic-learn.yaml`` (2 prompts x M = 8, N = 4, B = 1, two
+mini-batches) with ``rollout.backend=vllm`` runs K steps; it reports the mean seconds per phase from the
+trainer's ``time/*`` metrics (``branch_sync``: the syncs before the second mini-batch's branches), the
+branch requests' prefix-cache hits of each mini-batch (the sync resets vLLM's prefix cache, so the second
+mini-batch's branch prefixes are prefilled again) and the median of 5 bare ``load_weights`` calls. Records
+vllm_branch_sync-<time>.json::
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 $(bash scripts/vllm_env.sh | tail -1) \
+        bench/vllm_rollout.py --trainer-steps 4
 """
 
 from __future__ import annotations
@@ -47,7 +58,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--few-shot", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainer-steps", type=int, default=0,
+                        help="measure the trainer's weight sync before branching: K steps per mode")
     args = parser.parse_args()
+    if args.trainer_steps > 0:
+        branch_sync(args.trainer_steps, args.seed)
+        return
 
     from _record import record
     from transformers import AutoTokenizer
@@ -89,6 +105,63 @@ def main() -> None:
               f"prompt tokens {stats['request_prompt_tokens']:6d}, served by the prefix cache "
               f"{stats['cached_prompt_tokens']:6d} ({stats['cache_hit_fraction']:.1%})")
     print("recorded", record("vllm_rollout", [row]))
+
+
+PHASES = ("step", "rollout", "rollout_sync", "old_logprobs", "branch", "branch_sync", "update")
+
+
+def branch_sync(steps: int, seed: int) -> None:
+    """The ``--trainer-steps`` mode (module docstring)."""
+    import statistics
+
+    from _record import REPO, record
+
+    from appo.config import load_config
+    from appo.trainer import Trainer
+
+    torch.set_num_threads(1)
+    config = load_config(REPO / "configs" / "arithmetic-learn.yaml",
+                         [f"seed={seed}", "threads=1", "device=cpu", "rollout.backend=vllm",
+                          "rollout.vllm={enforce_eager: true}", f"steps={steps}", "eval_at_end=false",
+                          "data.train_size=64", "data.task_options.num_train=64"])
+    trainer = Trainer(config)
+    engine, calls = trainer.engine, []
+    decode = engine.continue_branches
+
+    def counted(batch, src, pos, **options):  # the prefix-cache hits of one mini-batch's branch requests
+        before = dataclasses.asdict(engine.stats)
+        start = time.perf_counter()
+        branches = decode(batch, src, pos, **options)
+        after = dataclasses.asdict(engine.stats)
+        calls.append({"step": trainer.step_count + 1, "seconds": time.perf_counter() - start,
+                      **{k: after[k] - before[k] for k in ("request_prompt_tokens", "cached_prompt_tokens",
+                                                             "generated_tokens")}})
+        return branches
+
+    engine.continue_branches = counted
+    records = []
+    for step in range(steps):
+        metrics = trainer.step()
+        records.append(metrics)
+        print(f"step {step + 1}: " + ", ".join(f"{p} {metrics[f'time/{p}']:.2f} s" for p in PHASES)
+              + f"; weight syncs {metrics['weight_syncs']}")
+    bare = []
+    for _ in range(5):
+        start = time.perf_counter()
+        engine.load_weights(trainer.model)
+        bare.append(time.perf_counter() - start)
+    hits = {name: sum(c["cached_prompt_tokens"] for c in calls[i::2])
+            / max(sum(c["request_prompt_tokens"] for c in calls[i::2]), 1)
+            for i, name in enumerate(("before_any_update", "after_sync"))}
+    row = {"config": "configs/arithmetic-learn.yaml", "steps": steps, "seed": seed,
+           "load_weights_median_s": statistics.median(bare), "load_weights_s": bare,
+           "mean": {p: statistics.fmean(m[f"time/{p}"] for m in records) for p in PHASES},
+           "branch_cache_hit_fraction": hits, "branch_calls": calls, "step_metrics": records}
+    print("mean " + ", ".join(f"{p} {row['mean'][p]:.2f} s" for p in PHASES))
+    print("branch prompt tokens served by vLLM's prefix cache: first mini-batch "
+          f"{hits['before_any_update']:.1%}, second (after the sync) {hits['after_sync']:.1%}")
+    print(f"bare load_weights: median {row['load_weights_median_s']:.3f} s of {len(bare)}")
+    print("recorded", record("vllm_branch_sync", [row]))
 
 
 if __name__ == "__main__":

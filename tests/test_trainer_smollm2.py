@@ -7,6 +7,9 @@ on the CPU by CPU autocast). With lr > 0 the second mini-batch, after an optimiz
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,6 +83,92 @@ def test_smollm2_update_then_policy_shift(smollm2, tmp_path):
         assert first["bs_entropy_only"] == 1.0 and first["omega_min"] == first["omega_max"] == 1.0
         assert second["omega_min"] < 1.0 or second["omega_max"] > 1.0
         assert second["bs_entropy_only"] < 1.0
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+
+
+def rollouts(trainer, prompts=4, per_prompt=2):
+    """Sampled rollouts of the trainer's first prompts (its engine, its settings)."""
+    ids = trainer.data.prompts[:prompts]
+    return trainer.engine.generate([p for p in ids for _ in range(per_prompt)],
+                                   [g for g in range(len(ids)) for _ in range(per_prompt)])
+
+
+def layout_noise_and_update(model, batch, autocast_dtype):
+    """(largest |log-prob difference| between each rollout forwarded alone and inside the padded batch, the
+    smallest over rollouts of the largest |log-prob change| one AdamW step at lr 1e-6 makes), with the forward
+    under CPU autocast to ``autocast_dtype`` (None: fp32). The weights are restored afterwards."""
+    from appo.trainer import policy_token_stats, take_rows
+
+    def logprobs(sub):
+        region = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu",
+                                                                                                 enabled=False)
+        with torch.no_grad(), region:
+            return policy_token_stats(model, sub, 0.7, use_cache=False).logprobs
+
+    together = logprobs(batch)
+    noise = 0.0
+    for r in range(batch.num_rollouts):
+        alone = take_rows(batch, torch.tensor([r]))
+        width = alone.tokens.shape[1]
+        noise = max(noise, float((logprobs(alone)[0] - together[r, :width])[alone.mask[0]].abs().max()))
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+        advantages = torch.linspace(-1.0, 1.0, batch.num_rollouts)[:, None]
+        trained = policy_token_stats(model, batch, 0.7, use_cache=False).logprobs
+        (-(trained * advantages * batch.mask).sum() / batch.mask.sum()).backward()
+        optimizer.step()
+        moved = torch.where(batch.mask, (logprobs(batch) - together).abs(), 0.0).amax(dim=1)
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+                p.grad = None
+    return noise, float(moved.min())
+
+
+def test_smollm2_no_shift_tolerance_lies_between_rounding_noise_and_an_update(smollm2, tmp_path):
+    """The calibration of appo.scoring.NO_SHIFT_TOLERANCE (docs/method.md, section 5) on sampled SmolLM2
+    rollouts: the same rollouts forwarded alone and inside a padded batch (another batch layout, as a GPU
+    recompute may use) differ by less than the tolerance of the forward's dtype, and one AdamW step at lr 1e-6
+    moves some token of every rollout by more than it. Prints the figures."""
+    from appo.scoring import no_shift_tolerance
+
+    trainer = trainer_with(smollm2, tmp_path, "optim.lr=0", "data.train_size=4")
+    batch = rollouts(trainer)
+    for autocast_dtype, dtype in ((None, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                  (torch.float16, torch.float16)):
+        noise, update = layout_noise_and_update(smollm2[0], batch, autocast_dtype)
+        tolerance = no_shift_tolerance(dtype)
+        print(f"{dtype}: layout noise {noise:.3g}, tolerance {tolerance:.3g}, lr 1e-6 update (every rollout) "
+              f">= {update:.3g}")
+        assert noise < tolerance < update, (dtype, noise, update)
+
+
+@pytest.mark.parametrize("lr", [0.0, 1e-5])
+def test_smollm2_rounding_noise_is_no_shift_an_update_is(smollm2, tmp_path, lr):
+    """Issue 21's acceptance: 1e-7 of noise on the log-ratio (each log-prob of every forward moved by up to
+    1e-7, or one ulp where fp32 cannot hold a smaller step) and lr = 0: the step's entropy-only share is
+    exactly 1.0; with a real update (lr 1e-5, varied rewards) the second mini-batch's is below 1."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer import with_forward_noise
+
+    model = smollm2[0]
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        trainer = trainer_with(smollm2, tmp_path, f"optim.lr={lr}", varied_rewards=True)
+        trainer = with_forward_noise(trainer, 1e-7)
+        metrics = trainer.step()
+        first, second = (r["branching"] for r in trainer.micro_records)
+        assert trainer.micro_records[1]["loss"]["ratio_max"] != 1.0  # the noise reached the log-ratio
+        assert first["bs_entropy_only"] == 1.0
+        if lr == 0.0:
+            assert metrics["bs_entropy_only"] == 1.0 and second["bs_entropy_only"] == 1.0
+        else:
+            assert metrics["grad_norm"] > 0 and second["bs_entropy_only"] < 1.0
     finally:
         with torch.no_grad():
             for name, p in model.named_parameters():
