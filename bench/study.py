@@ -61,10 +61,10 @@ IDLE_LOAD, IDLE_WAIT_S = 0.5, 180  # --step-cost waits (at most 180 s) for a 1-m
 # The held-out stream: the task's "dev" stream under this task seed (the recipe trains and was tuned on
 # task seed 0).
 HELDOUT_TASK_SEED = 24
-# --quick: the recipe shrunk to a pipeline check: 2 steps of 2 prompts x M = 4 (APPO N = 2, B = 1; one prompt
-# per mini-batch, so APPO's second mini-batch sees a policy shift), 4 held-out questions, short answers; one
-# evaluation per run (--evals 1) unless asked.
-QUICK = ["steps=2", "prompts_per_step=2", "optim.minibatches_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
+# --quick: the recipe shrunk to a pipeline check that fits CI: 1 step of 2 prompts x M = 4 (APPO N = 2, B = 1;
+# one prompt per mini-batch, so APPO's second mini-batch branches after an update), 4 held-out questions, short
+# answers, one evaluation per run.
+QUICK = ["steps=1", "prompts_per_step=2", "optim.minibatches_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
          "data.train_size=64", "data.eval_size=4", "rollout.max_new_tokens_per_turn=24"]
 # Per-step metrics kept in a record (besides every time/*, tokens/*, branches/* and tool_calls/* key); the
 # rest stays in metrics.jsonl.
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--override", nargs="*", default=[], metavar="key=value",
                         help="config overrides applied to every run alike")
     parser.add_argument("--quick", action="store_true",
-                        help="a pipeline check: 1 seed, 2 steps, 1 evaluation of 4 questions")
+                        help="a pipeline check: 1 seed, 1 step, 1 evaluation of 4 questions")
     parser.add_argument("--step-cost", action="store_true",
                         help="measure each arm's step cost alone (no evaluation), one run at a time")
     parser.add_argument("--keep-checkpoints", action="store_true")

@@ -359,7 +359,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a folder of study records (default bench/results/study) or an older study json")
     parser.add_argument("--out", default=None, help="where report.md / .png / analysis.json go")
     args = parser.parse_args(argv)
-    paths = write_report(args.source, args.out)
+    try:
+        paths = write_report(args.source, args.out)
+    except ValueError as err:  # no records yet, or records that do not belong together
+        parser.error(str(err))
     print(paths["table"])
     print(f"wrote {paths['md']}, {paths['png']}, {paths['json']}", file=sys.stderr)
     return paths

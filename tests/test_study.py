@@ -177,7 +177,7 @@ def test_arms_differ_only_in_their_algorithm_keys(study):
     assert (quick.seeds, quick.evals) == ([0], 1) and quick.records_dir.endswith("study-quick/records")
     assert study.parse_args(["--step-cost"]).seeds == [0, 1]
     m4 = study.run_config("grpo-m4", 0, quick)
-    assert (m4.steps, m4.algo.M, m4.threads) == (2, 2, 1)   # quick: N = 2; two jobs: one thread each
+    assert (m4.steps, m4.algo.M, m4.threads) == (1, 2, 1)   # quick: N = 2; two jobs: one thread each
     assert [t for t in study.plan(study.parse_args(["--seeds", "3", "--variants", "grpo", "appo"]))] == [
         3, ("grpo", 3), ("appo", 3)]
 
@@ -273,7 +273,8 @@ def model_dir(sandbox, tiny_model_dir):
 
 
 def tiny(model_dir) -> list[str]:
-    return ["--override", f"model.name_or_path={model_dir}", "device=cpu", "threads=1",
+    """--quick on the tiny model, with 2 steps (so that runs can be trained and evaluated in 2 segments)."""
+    return ["--override", f"model.name_or_path={model_dir}", "device=cpu", "threads=1", "steps=2",
             "rollout.max_prompt_tokens=1500", "rollout.max_total_tokens=1540",
             "rollout.max_new_tokens_per_turn=8"]
 
@@ -373,13 +374,13 @@ def test_step_cost_runs_each_arm_alone_with_its_phases_and_the_load(study, model
 
 @pytest.mark.slow
 def test_quick_study_on_smollm2(study, sandbox, tmp_path):
-    """`python bench/study.py --quick` (one seed): SmolLM2, the committed recipe shrunk, the five arms, one
-    evaluation each (after step 2) on 4 held-out questions; real answers, so accuracies are not all 0 or 1."""
+    """`python bench/study.py --quick` (one seed): SmolLM2, the committed recipe shrunk to one step, the five
+    arms, one evaluation each on 4 held-out questions; real answers, so accuracies are not all 0 or 1."""
     paths = study.main(["--quick", "--runs-dir", str(tmp_path / "runs")])
     analysis = paths["analysis"]
     assert analysis["questions"] == 4 and analysis["seeds"] == [0]
     assert [e["variant"] for e in analysis["variants"]] == list(study.ARMS)
-    assert all([p["step"] for p in e["curve"]] == [2] for e in analysis["variants"])
+    assert all([p["step"] for p in e["curve"]] == [1] for e in analysis["variants"])
     curves = [p["accuracy"]["mean"] for e in analysis["variants"] for p in e["curve"]]
     assert 0 < np.mean([analysis["start"]["mean"], *curves]) < 1
     assert {(c["a"], c["b"]) for c in analysis["contrasts"] if c["role"] == "primary"} == {
