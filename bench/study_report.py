@@ -4,8 +4,8 @@ whatever records bench/study.py has written (a folder of records, or an older st
     python bench/study_report.py          # bench/results/study/ -> report.md, report.png, analysis.json
     python bench/study_report.py bench/results/study-20261130T200658Z.json     # the 3-seed study, re-analysed
 
-Each contrast (arm A minus arm B, ``PRIMARY`` and ``SECONDARY`` as pre-registered in docs/study.md) is taken
-at four equal budgets: trajectories sampled, sequences optimised, generated tokens and seconds of training.
+Each contrast (arm A minus arm B, ``PRIMARY`` and ``SECONDARY`` as pre-registered in docs/study.md; a primary
+contrast is primary at one budget and "supporting" at the others) is taken at four equal budgets: trajectories sampled, sequences optimised, generated tokens and seconds of training.
 At a budget x* (the largest every run of both arms reached) each run's per-question scores are interpolated
 linearly between its two evaluations around x* (the start model is the evaluation at 0;
 ``study_stats.at_budget``). Seconds come from the idle step-cost records (``study.py --step-cost``: each arm's
@@ -26,7 +26,9 @@ import numpy as np
 import study_stats as stats
 
 REPO = Path(__file__).resolve().parents[1]
-PRIMARY = (("appo", "grpo-m4"), ("appo", "appo-uniform"))
+# The primary contrasts, each with its primary budget (both arms measured at their last evaluation there);
+# the same pair at the other budgets is reported as "supporting".
+PRIMARY = {("appo", "grpo-m4"): "optimised", ("appo", "appo-uniform"): "trajectories"}
 SECONDARY = (("appo", "grpo"), ("appo", "appo-entropy"), ("appo-entropy", "appo-uniform"))
 ORDER = ("appo", "grpo", "grpo-m4", "appo-entropy", "appo-uniform")
 BUDGETS = {"trajectories": "trajectories", "optimised": "optimised sequences",
@@ -123,7 +125,8 @@ def analyse(records: list[dict]) -> dict:
     contrasts = []
     for a, b, role in contrasts_for(variants):
         for axis in BUDGETS:
-            contrasts.append({"a": a, "b": b, "role": role, "budget": axis,
+            role_here = "supporting" if role == "primary" and PRIMARY[a, b] != axis else role
+            contrasts.append({"a": a, "b": b, "role": role_here, "budget": axis,
                               **_contrast(a, b, axis, starts, runs, curves)})
     questions = len(next(iter(runs.values()))["evals"][0]["correct"])
     start = stats.accuracy([starts[s]["correct"] for s in start_seeds]).as_dict() if starts else None

@@ -82,7 +82,9 @@ def test_contrasts_at_each_equal_budget_have_the_known_values(report):
     # equal trajectories: grpo-m4 reached 16, appo had 16 at step 2 (12 right) against grpo-m4's 20
     traj = find(analysis, "appo", "grpo-m4", "trajectories")
     assert (traj["x"], traj["mean"], traj["steps_a"], traj["steps_b"]) == pytest.approx((16, -0.2, 2, 4))
-    assert traj["role"] == "primary" and traj["seeds"] == [0, 1]
+    assert traj["role"] == "supporting" and traj["seeds"] == [0, 1]
+    assert find(analysis, "appo", "grpo-m4", "optimised")["role"] == "primary"
+    assert find(analysis, "appo", "appo-uniform", "trajectories")["role"] == "primary"
     # equal optimised sequences: both 16 at step 4
     assert find(analysis, "appo", "grpo-m4", "optimised")["mean"] == pytest.approx(0.7 - 0.5)
     assert find(analysis, "appo", "grpo-m4", "generated_tokens")["mean"] == pytest.approx(0.3 - 0.5)
