@@ -178,6 +178,8 @@ def test_every_algorithm_samples_exactly_m_trajectories_per_prompt(tmp_path, alg
     if algo == "appo":
         assert metrics["branches"] == 4 * 2 * 3
         assert sum(r["branching"]["branches_filled"] for r in trainer.micro_records) > 0  # the fill rule ran
+    if algo == "arpo":  # its branches, then fresh rollouts up to M
+        assert 4 * 2 + metrics["branches/chosen"] + metrics["branches/fresh"] == 4 * 8
 
 
 def test_appo_advantages_credit_the_shared_prefix_from_the_branch_group(tmp_path):
