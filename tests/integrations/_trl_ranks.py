@@ -71,16 +71,18 @@ def model(tok):
 
 
 def config(output_dir: str, per_device: int, *, learning_rate: float = LEARNING_RATE,
-           num_iterations: int = NUM_ITERATIONS) -> APPOConfig:
-    """One generation, consumed by STEPS_PER_GENERATION x num_iterations optimizer steps."""
+           num_iterations: int = NUM_ITERATIONS, steps_per_generation: int = STEPS_PER_GENERATION,
+           accumulation: int = 1) -> APPOConfig:
+    """One generation, consumed by steps_per_generation x num_iterations micro-steps (``accumulation`` of them
+    per optimizer step)."""
     return APPOConfig(output_dir=output_dir, per_device_train_batch_size=per_device,
                       num_generations=NUM_GENERATIONS, max_completion_length=MAX_COMPLETION,
-                      max_steps=STEPS_PER_GENERATION * num_iterations,
-                      steps_per_generation=STEPS_PER_GENERATION, num_iterations=num_iterations,
-                      learning_rate=learning_rate, optim="sgd", lr_scheduler_type="constant",
-                      shuffle_dataset=False, logging_steps=1, report_to="none", save_strategy="no",
-                      use_cpu=True, bf16=False, seed=0, appo_branches_per_rollout=BRANCHES,
-                      appo_candidates="all")
+                      max_steps=steps_per_generation * num_iterations // accumulation,
+                      steps_per_generation=steps_per_generation, num_iterations=num_iterations,
+                      gradient_accumulation_steps=accumulation, learning_rate=learning_rate, optim="sgd",
+                      lr_scheduler_type="constant", shuffle_dataset=False, logging_steps=1, report_to="none",
+                      save_strategy="no", use_cpu=True, bf16=False, seed=0,
+                      appo_branches_per_rollout=BRANCHES, appo_candidates="all")
 
 
 def real_ids(ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:

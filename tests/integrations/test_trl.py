@@ -233,6 +233,27 @@ def test_cached_branch_decoding_matches_full_prefill(trained):
     assert checked >= len(rows)
 
 
+@pytest.mark.parametrize("per_device, steps_per_generation, num_iterations, accumulation", [
+    (2 * NUM_GENERATIONS, 1, 3, 1),          # TRL's on-policy layout, three passes: 3 micro-steps
+    (NUM_GENERATIONS, 4, 1, 2)])             # 4 slices, 2 accumulated per optimizer step: 4 micro-steps
+def test_every_layout_samples_exactly_m_per_prompt(tmp_path, tokenizer, per_device, steps_per_generation,
+                                                  num_iterations, accumulation):
+    """Whatever steps_per_generation, num_iterations and gradient accumulation, one generation's slices branch
+    once each: completions + branches = M per prompt, and only first consumptions branch."""
+    config = ranks_helper.config(str(tmp_path), per_device, num_iterations=num_iterations,
+                                 steps_per_generation=steps_per_generation, accumulation=accumulation)
+    trainer = ranks_helper.RecordingTrainer(model=ranks_helper.model(tokenizer),
+                                            reward_funcs=text_length_reward, args=config,
+                                            train_dataset=ranks_helper.dataset([0, 1, 2, 3]),
+                                            processing_class=tokenizer)
+    trainer.train()
+    micro_steps = steps_per_generation * num_iterations
+    assert [r["reused"] for r in trainer.records] == [i >= steps_per_generation for i in range(micro_steps)]
+    counts = ranks_helper.trajectories_per_prompt(trainer.generations, trainer.branch_log)
+    prompts = per_device * steps_per_generation // NUM_GENERATIONS
+    assert len(counts) == prompts and set(counts.values()) == {M}
+
+
 @pytest.mark.parametrize("steps_per_generation, num_iterations, accumulation, warned", [
     (1, 1, 1, True), (1, 2, 1, True), (2, 1, 2, True), (2, 3, 3, True), (2, 1, 1, False), (2, 2, 1, False),
     (3, 1, 2, False), (2, 1, 3, False)])
