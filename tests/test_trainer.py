@@ -1,60 +1,14 @@
 """The training loop end to end on a tiny random model, a character tokenizer and a toy task (CPU)."""
 
 import json
-import string
-from dataclasses import dataclass
 
 import pytest
 import torch
+from fakes import CharTokenizer, Echo, VowelTask
 
 from appo.config import load_config
 from appo.models import tiny_model
-from appo.tools.base import Tool
 from appo.trainer import TaskData, train
-
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<python>", "</python>", "<answer>", "</answer>", "<result>",
-            "</result>"]
-
-
-class CharTokenizer:
-    """Whole-tag tokens (pad 0, eos 2) plus one token per printable character."""
-
-    def __init__(self):
-        self.vocab = SPECIALS + list(string.printable[:95]) + ["\n"]
-        self.ids = {tok: i for i, tok in enumerate(self.vocab)}
-        self.pad_token_id, self.eos_token_id = 0, 2
-
-    def encode(self, text, add_special_tokens=False, **options):
-        ids, i = [], 0
-        while i < len(text):
-            piece = next((t for t in SPECIALS if text.startswith(t, i)), text[i])
-            ids.append(self.ids[piece])
-            i += len(piece)
-        return ids
-
-    def decode(self, ids, skip_special_tokens=False, **options):
-        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i in (0, 1, 2)))
-
-
-class Echo(Tool):
-    name = tag = "python"
-
-    def run(self, text):
-        return text[::-1]
-
-
-@dataclass
-class Graded:
-    score: float
-    correct: float
-
-
-class VowelTask:
-    """Reward: the share of vowels in the response, so rewards differ between rollouts."""
-
-    def reward(self, response, example):
-        share = sum(ch in "aeiou" for ch in response) / max(len(response), 1)
-        return Graded(share, float(share > 0.05))
 
 
 def run(tmp_path, name, overrides, steps, num_prompts=5):

@@ -6,11 +6,10 @@ about a second a run).
 """
 
 import json
-import string
-from dataclasses import dataclass
 
 import pytest
 import torch
+from fakes import CharTokenizer, VowelTask
 
 import appo.models
 from appo.checkpoint import CheckpointError, CheckpointWarning, ResumeError, save_checkpoint
@@ -20,32 +19,7 @@ from appo.metrics import read_metrics
 from appo.models import tiny_model
 from appo.trainer import TaskData, Trainer, train
 
-VOCAB = ["<pad>", "<bos>", "<eos>"] + list(string.printable[:95]) + ["\n"]  # "\n": the result template
 QUESTIONS = ("abc", "xyz!", "q7", "hello")
-
-
-class CharTokenizer:
-    pad_token_id, eos_token_id = 0, 2
-
-    def encode(self, text, add_special_tokens=False, **options):
-        return [VOCAB.index(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=False, **options):
-        return "".join(VOCAB[i] for i in ids if not (skip_special_tokens and i < 3))
-
-
-@dataclass
-class Graded:
-    score: float
-    correct: float
-
-
-class VowelTask:
-    """Reward: the share of vowels in the response, so rollouts differ."""
-
-    def reward(self, response, example):
-        share = sum(c in "aeiou" for c in response) / max(len(response), 1)
-        return Graded(share, float(share > 0.1))
 
 
 def make_config(out, *overrides):
@@ -61,7 +35,8 @@ def run(out, *overrides, steps, questions=QUESTIONS):
     tokenizer = CharTokenizer()
     prompts = [tokenizer.encode(q) for q in questions]
     data = TaskData(VowelTask(), [None] * len(prompts), prompts)
-    model = tiny_model("llama", vocab_size=len(VOCAB), hidden_size=16, layers=1, heads=2, kv_heads=1, seed=0)
+    model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=16, layers=1, heads=2,
+                       kv_heads=1, seed=0)
     return train(make_config(out, f"steps={steps}", *overrides), model=model, tokenizer=tokenizer,
                  train_data=data, tools={})
 
@@ -132,7 +107,8 @@ def test_restore_puts_the_new_lr_into_the_param_groups(tmp_path):
     run(out, steps=1)
     tokenizer = CharTokenizer()
     prompts = [tokenizer.encode(q) for q in QUESTIONS]
-    model = tiny_model("llama", vocab_size=len(VOCAB), hidden_size=16, layers=1, heads=2, kv_heads=1, seed=0)
+    model = tiny_model("llama", vocab_size=len(tokenizer.vocab), hidden_size=16, layers=1, heads=2,
+                       kv_heads=1, seed=0)
     trainer = Trainer(make_config(out, "optim.lr=3e-2", "allow_config_change=true"), model=model,
                       tokenizer=tokenizer, train_data=TaskData(VowelTask(), [None] * 4, prompts), tools={})
     assert trainer.restore(out / "checkpoints") == 1

@@ -10,12 +10,11 @@ Everything that a rollout produces runs through the real tool loop (``RolloutEng
 test tokenizer and with the real SmolLM2 tokenizer.
 """
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from fakes import CharTokenizer, FixedOutput, ScriptedModel, SteeredModel
 
 from appo.models import tiny_model
 from appo.rollout.engine import RolloutConfig, RolloutEngine
@@ -24,9 +23,6 @@ from appo.tasks import Arithmetic, Example, HotpotQA
 from appo.tasks.parsing import check_format, escape_tool_output, extract_answer, find_tool_call
 from appo.tools.calculator import CalculatorTool
 from appo.tools.search import SearchTool
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
-from _fakes import CharTokenizer, FixedOutput, ScriptedModel, SteeredModel  # noqa: E402
 
 GOLD = Example(id="0", question="What is 6*7?", answer="42")
 

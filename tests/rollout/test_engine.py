@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from fakes import Calculator, CharTokenizer, SteeredModel
 
 from appo.models import tiny_model
 from appo.rollout.engine import RolloutConfig, RolloutEngine
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fakes import Calculator, CharTokenizer, SteeredModel  # noqa: E402
 
 # previous token -> steered next token: "Q:" <python>6*7</python> <result>..</result>\n <answer>42</answer>
 ANSWER_SCRIPT = {":": "<python>", "<python>": "6", "6": "*", "*": "7", "7": "</python>", "\n": "<answer>",

@@ -3,17 +3,12 @@ from the model's own tokens (graded_text), and the closing-tag rule applied as t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from fakes import SPECIALS, CharTokenizer, FixedOutput, ScriptedModel
 
 from appo.rollout.engine import RolloutConfig, RolloutEngine
 from appo.rollout.tool_loop import RESULT_BLOCK, ToolLoop, encode_plain, graded_text, special_token_ids
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _fakes import SPECIALS, CharTokenizer, FixedOutput, ScriptedModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

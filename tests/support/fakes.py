@@ -1,10 +1,15 @@
-"""Test doubles for the rollout engine: a character tokenizer with tag tokens, a model wrapper that steers
-sampling by adding a bias that depends only on the previous input token, a model that writes a fixed script
-of tokens (any tokenizer), a small calculator tool and a tool with a fixed output."""
+"""Test doubles shared by the test suite (one definition each; ``from fakes import ...``: pyproject's pytest
+``pythonpath`` puts tests/support on sys.path).
+
+A character tokenizer with tag tokens; a model wrapper that steers sampling by adding a bias that depends only
+on the previous input token; a model that writes a fixed script of tokens (any tokenizer); tools (a small
+calculator, an echo that reverses its input, one with a fixed output); a toy task rewarded by its vowels.
+"""
 
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -26,7 +31,7 @@ class CharTokenizer:
         self.all_special_tokens = list(SPECIALS)
         self.all_special_ids = list(range(len(SPECIALS)))
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, **options) -> list[int]:
         ids, i = [], 0
         while i < len(text):
             tag = next((t for t in SPECIALS if text.startswith(t, i)), None)
@@ -35,7 +40,7 @@ class CharTokenizer:
             i += len(piece)
         return ids
 
-    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **options) -> str:
         out = []
         for i in ids:
             tok = self.vocab[i] if i < len(self.vocab) else "\N{REPLACEMENT CHARACTER}"
@@ -128,3 +133,26 @@ class FixedOutput(Tool):
     def run(self, text: str) -> str:
         self.queries.append(text)
         return self.output
+
+
+class Echo(Tool):
+    """Returns its input reversed (a tool result that differs from the call)."""
+
+    name = tag = "python"
+
+    def run(self, text: str) -> str:
+        return text[::-1]
+
+
+@dataclass
+class Graded:
+    score: float
+    correct: float
+
+
+class VowelTask:
+    """Reward: the share of vowels in the response, so rewards differ between rollouts (correct above 5%)."""
+
+    def reward(self, response: str, example) -> Graded:
+        share = sum(ch in "aeiou" for ch in response) / max(len(response), 1)
+        return Graded(share, float(share > 0.05))
