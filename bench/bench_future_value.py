@@ -14,16 +14,12 @@ multi-threaded pool turns every small op into a wait for a descheduled thread (m
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _record import CPU_THREADS, peak_extra_bytes, record, torch_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import CPU_THREADS, peak_extra_bytes, record, torch_threads  # noqa: E402
-
-from appo.ops.future_value import dense_future_value_torch, discounted_log_ratio_sum_torch  # noqa: E402
+from appo.ops.future_value import dense_future_value_torch, discounted_log_ratio_sum_torch
 
 GAMMA = 2 ** (-1 / 32)
 TINY = os.environ.get("APPO_BENCH_TINY") == "1"

@@ -23,17 +23,13 @@ APPO_BENCH_ROWS / APPO_BENCH_VOCAB / APPO_BENCH_HIDDEN.
 
 import gc
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from _record import record
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
-
-from appo.ops.linear_token_stats import linear_token_stats_torch  # noqa: E402
+from appo.ops.linear_token_stats import linear_token_stats_torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -24,18 +24,13 @@ multi-threaded pool turns every op into a wait for a descheduled thread.
 
 import functools
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from _record import CPU_THREADS, record, torch_threads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _record import CPU_THREADS, record, torch_threads  # noqa: E402
-
-from appo import prefix_cache as pc  # noqa: E402
+from appo import prefix_cache as pc
 
 BRANCHES = 12
 # (device, layers, rollouts, tokens, kv_heads, head_dim, dtype)

@@ -25,19 +25,13 @@ threads (default 1; shared machines punish multi-threaded pools).
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-CPU_THREADS = int(os.environ.get("APPO_BENCH_CPU_THREADS", 1))
+from _record import CPU_THREADS, record
 
 
 def task_prompts(tokenizer, count: int, few_shot: int = 4, sample_seed: int | None = None, task=None):
@@ -166,7 +160,6 @@ def smollm2():
     model, tokenizer = load_model()
     yield model, tokenizer
     if _ROWS:
-        from _record import record
         print("recorded", record("rollout", _ROWS))
 
 
@@ -200,7 +193,6 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only (exploration runs)")
     args = parser.parse_args()
     from appo.models import load_model
-    from _record import record
 
     torch.set_num_threads(CPU_THREADS)
     model, tokenizer = load_model()

@@ -14,16 +14,12 @@ APPO_BENCH_VOCAB.
 
 import gc
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _record import peak_extra_bytes, record
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import peak_extra_bytes, record  # noqa: E402
-
-from appo.ops.token_stats import token_stats_torch  # noqa: E402
+from appo.ops.token_stats import token_stats_torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -11,16 +11,12 @@ through bench/_record.py.
 
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
+from _record import record
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
-
-from appo.tools import make_tools  # noqa: E402
-from appo.tools.sandbox.cgroups import layout  # noqa: E402
+from appo.tools import make_tools
+from appo.tools.sandbox.cgroups import layout
 
 PYTHON_BUDGET_S = 1.5 * 0.166
 RESULTS: list[dict] = []

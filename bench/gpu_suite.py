@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Imports: appo from the private site folder (bench/gpu_suite.sh puts it on PYTHONPATH) or an installed copy,
+# never from the tree's root (its kernels/ would shadow the Hugging Face `kernels`); bench/_record (the commit,
+# shared with the benchmarks) from bench/: the script's own folder, or PYTHONPATH under PYTHONSAFEPATH.
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO / "bench"))  # _record (the commit, shared with the benchmarks)
-sys.path.append(str(REPO))  # appo from the tree, last: a private or installed copy comes first
 
 # Full sizes (issue 13: T = 32,768 tokens, V = 152,064, H = 3,584, bf16) and the dry run's tiny ones.
 FULL = {"tokens": 32_768, "vocab": 152_064, "hidden": 3_584, "scan_rows": 64, "scan_length": 32_768,

@@ -57,12 +57,14 @@ mkdir -p "$OUT" "$RUN" "$SITE"
 # The interpreter that holds torch (python3 on the GPU machine); pytest always through it.
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 SUITE=("$PYTHON" "$REPO/bench/gpu_suite.py")
-APPO_COMMIT="${APPO_COMMIT:-$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import _record
+# Every process imports appo from $SITE and bench/'s modules (_record, the plugin -p gpu_suite) from bench/,
+# never the tree's root (PYTHONSAFEPATH: its kernels/ would shadow the Hugging Face `kernels`).
+APPO_COMMIT="${APPO_COMMIT:-$(PYTHONSAFEPATH=1 PYTHONPATH="$REPO/bench" "$PYTHON" -c 'import _record
 print(_record.git_commit())')}"
 export APPO_COMMIT PYTHONUNBUFFERED=1 APPO_BENCH_RESULTS="$RUN" PIP_DISABLE_PIP_VERSION_CHECK=1 \
   PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-  PYTHONSAFEPATH=1 PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-PYTEST=(env "PYTHONPATH=$PYTHONPATH:$REPO/bench" "$PYTHON" -m pytest)  # bench/: the plugin -p gpu_suite
+  PYTHONSAFEPATH=1 PYTHONPATH="$SITE:$REPO/bench${PYTHONPATH:+:$PYTHONPATH}"
+PYTEST=("$PYTHON" -m pytest)
 # The dry run gives every step 3x its limit (and the budget 3x): a shared 2-core CPU starts Python and torch
 # several times slower than the GPU machine's 16 cores, and its steps are mostly start-up.
 if [ "$DRY_RUN" = 1 ]; then
@@ -180,7 +182,7 @@ fi
 #     runtimes refuse the device ("Device not supported"): recorded as unsupported, not as appo's failure.
 if [ "$DRY_RUN" = 1 ]; then
   step sanitizer "${SUITE[@]}" sanitize --dry-run
-elif SANITIZER=$("$PYTHON" -c "import sys; sys.path.insert(0, 'bench'); import gpu_suite
+elif SANITIZER=$("$PYTHON" -c "import gpu_suite
 print(gpu_suite.find_sanitizer() or '')" 2> /dev/null) && [ -n "$SANITIZER" ]; then
   step sanitizer "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 9 "${SUITE[@]}" sanitize
   if grep -q "Device not supported" "$RUN/sanitizer.log" 2> /dev/null; then

@@ -17,14 +17,11 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from _record import record
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import record  # noqa: E402
-
-from appo.ops.token_stats import token_stats_torch  # noqa: E402
+from appo.ops.token_stats import token_stats_torch
 
 
 def eager_token_stats(logits, tokens):
