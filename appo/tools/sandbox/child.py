@@ -18,9 +18,9 @@ SIGKILL (a parent-death signal would not do: the kernel clears it when the uid c
 
 The status pipe carries one line per event, written only by code of this file: "running" (the worker is
 about to run the code), "setup-failed <reason>", "exit <code>", "signal <number>", "orphaned", "lost" (no
-child left to wait for: cannot happen while the worker lives). The worker
-closes its end before the code runs and init is out of the code's reach, so model code cannot write on it;
-its exit code and its output are its own, and the parent never reads a status from them.
+child left to wait for: cannot happen while the worker lives). The worker closes its end before the code
+runs and init is out of the code's reach, so model code cannot write on it; its exit code and its output are
+its own, and the parent never reads a status from them.
 """
 
 import os
