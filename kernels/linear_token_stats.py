@@ -63,11 +63,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from appo.kernels._online_softmax import LN_2, LOG2_E, fold, lowest_shift
 from appo.ops.linear_token_stats import check_linear_token_stats_inputs
 
-LOG2_E = 1.4426950408889634
-LN_2 = tl.constexpr(0.6931471805599453)
-FLT_MAX = 3.4028234663852886e38
 DZ_BUDGET_ELEMENTS = 2**30  # backward chunk: about this many dz elements (C x V)
 GROUP_N = 8  # backward: row blocks per group in the grouped program order (L2 reuse of weight tiles)
 # GPU tile configs (BLOCK_N, BLOCK_V, BLOCK_K, stages, warps) for bf16/fp16, tried by the small autotune on
@@ -138,14 +136,7 @@ def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, partial_ptr,
             z += tl.load(bias_ptr + cols, mask=cols < last_col, other=0.0).to(tl.float32)[None, :]
         if v + BLOCK_V > last_col:  # the split's last, partial tile: columns past it have probability 0
             z = tl.where((cols < last_col)[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # 0 while the row holds only -inf
-        shift = tl.maximum(z - ref[:, None], lowest, propagate_nan=tl.PropagateNan.ALL)  # -inf -> lowest
-        e = tl.exp2(shift * scale)
-        alpha = tl.exp2((m - ref) * scale)
-        t = alpha * (t + tl.where(s > 0.0, m - ref, 0.0) * s) + tl.sum(e * shift, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = fold(z, m, s, t, scale, lowest, 1)
         picked += tl.sum(tl.where(cols[None, :] == tokens[:, None], z, 0.0), axis=1)
     out = partial_ptr + pid_s * num_rows + rows
     split_stride = num_splits * num_rows
@@ -266,11 +257,6 @@ def _forward(hidden, weight, bias, tokens, temperature, config) -> tuple[Tensor,
     entropy = log_sum - (shifted / sums) / temperature
     logprobs = (part_picked.sum(dim=0) - row_max) / temperature - log_sum
     return logprobs, entropy, row_max, log_sum * LOG2_E
-
-
-def lowest_shift(scale: float) -> float:
-    """Clamp of z - max: 2^(lowest * scale) is 0 and lowest * scale stays finite (see token_stats)."""
-    return -0.5 * FLT_MAX / max(1.0, scale)
 
 
 _TUNED: dict[tuple, dict] = {}

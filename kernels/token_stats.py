@@ -41,41 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from appo.kernels._online_softmax import LN_2, LOG2_E, fold, lowest_shift, merge
 from appo.ops.token_stats import check_token_stats_args
 
-LOG2_E = 1.4426950408889634
-LN_2 = tl.constexpr(0.6931471805599453)
 # One config (no autotune, so the interpreter runs it). A tile of 8192 values over 8 warps is 32 values per
 # thread (four 16-byte loads of bf16). For small V several rows share a program (see launch_config).
 TILE_ELEMENTS = 8192
 NUM_WARPS = 8
 NUM_STAGES = 3
 ROWS_PER_PROGRAM = 8
-FLT_MAX = 3.4028234663852886e38
-
-
-@triton.jit
-def _fold_tile(z, scale, lowest, m, s, t):
-    """Fold a tile of logits z (fp32 [ROWS, THREADS, K * VEC], -inf allowed) into per-thread running values,
-    each [ROWS, THREADS]: m = max z, s = sum 2^((z - m) scale), t = sum 2^((z - m) scale) (z - m). The
-    reductions run over axis 2, which each thread holds itself (no shuffles, no barriers in the loop).
-    """
-    m_new = tl.maximum(m, tl.max(z, axis=2))
-    # Shift reference: m_new, or 0 while every value seen is -inf (keeps -inf - -inf = NaN out).
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    # z - ref is exact for nearby values (no rounding at the logits' magnitude). Shifts below ``lowest``
-    # (-inf among them) become ``lowest``, whose 2^(lowest * scale) is 0 too, so that e * shift = 0 and not
-    # 0 * -inf = NaN; NaN stays NaN. lowest * scale >= -FLT_MAX / 2: no overflow.
-    shift = tl.maximum(z - ref[:, :, None], lowest, propagate_nan=tl.PropagateNan.ALL)
-    e = tl.exp2(shift * scale)
-    # Rescale the old sums from base m to base ref (alpha = 2^((m - ref) scale) <= 1):
-    #   s <- alpha * s,   t <- alpha * (t + (m - ref) * s).
-    # Every term of t and (m - ref) * s is <= 0, so nothing cancels, and entropy = log s - t/s adds two
-    # non-negative numbers. The guard keeps (-inf) * 0 out while s = 0.
-    alpha = tl.exp2((m - ref) * scale)
-    t = alpha * (t + tl.where(s > 0.0, m - ref, 0.0) * s) + tl.sum(e * shift, axis=2)
-    s = alpha * s + tl.sum(e, axis=2)
-    return m_new, s, t
 
 
 @triton.jit
@@ -84,17 +58,6 @@ def _per_thread(z, ROWS: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, V
     relabelling of registers, no data movement)."""
     runs = tl.permute(tl.reshape(z, (ROWS, K, THREADS, VEC)), (0, 2, 1, 3))
     return tl.reshape(runs, (ROWS, THREADS, K * VEC))
-
-
-@triton.jit
-def _merge(m, s, t, scale):
-    """Combine per-thread (m, s, t) [ROWS, THREADS] into per-row values [ROWS], as _fold_tile does."""
-    m_row = tl.max(m, axis=1)
-    ref = tl.where(m_row == float("-inf"), 0.0, m_row)
-    alpha = tl.exp2((m - ref[:, None]) * scale)
-    t_row = tl.sum(alpha * (t + tl.where(s > 0.0, m - ref[:, None], 0.0) * s), axis=1)
-    s_row = tl.sum(alpha * s, axis=1)
-    return m_row, s_row, t_row
 
 
 @triton.jit
@@ -120,12 +83,12 @@ def _token_stats_kernel(logits_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     full_end = (vocab_size // BLOCK_V) * BLOCK_V
     for v_start in tl.range(0, full_end, BLOCK_V, num_stages=NUM_STAGES):  # cp.async pipeline on GPUs
         z = tl.load(ptrs + v_start)
-        m, s, t = _fold_tile(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), scale, lowest, m, s, t)
+        m, s, t = fold(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), m, s, t, scale, lowest, 2)
     if full_end < vocab_size:
         in_row = (full_end + columns < vocab_size)[None, :, :]
         z = tl.load(ptrs + full_end, mask=in_row, other=float("-inf"))
-        m, s, t = _fold_tile(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), scale, lowest, m, s, t)
-    m, s, t = _merge(m, s, t, scale)
+        m, s, t = fold(_per_thread(z.to(tl.float32), ROWS, K, THREADS, VEC), m, s, t, scale, lowest, 2)
+    m, s, t = merge(m, s, t, scale, 1)
 
     tokens = tl.load(tokens_ptr + safe_rows)
     z_token = tl.load(row_ptrs + tokens).to(tl.float32)
@@ -133,12 +96,6 @@ def _token_stats_kernel(logits_ptr, tokens_ptr, logprobs_ptr, entropy_ptr,
     inv_temperature = LN_2 * scale
     tl.store(logprobs_ptr + rows, (z_token - m) * inv_temperature - log_s, mask=row_valid)
     tl.store(entropy_ptr + rows, log_s - (t / s) * inv_temperature, mask=row_valid)
-
-
-def lowest_shift(temperature: float) -> float:
-    """The clamp of z - max, in logit units: lowest * log2(e) / temperature >= -FLT_MAX / 2, so that the
-    scaled value stays finite (numpy's interpreter warns on overflow) while 2^(scaled) is exactly 0."""
-    return -0.5 * FLT_MAX / max(1.0, LOG2_E / temperature)
 
 
 def launch_config(vocab_size: int, itemsize: int, interpreted: bool = False) -> dict:
@@ -185,6 +142,7 @@ def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
     config = launch_config(vocab_size, logits.element_size(), interpreted=logits.device.type != "cuda")
     _token_stats_kernel[(triton.cdiv(num_rows, config["ROWS"]),)](
         logits.detach(), tokens.contiguous(), logprobs, entropy,
-        num_rows, vocab_size, logits.stride(0), LOG2_E / temperature, lowest_shift(temperature), **config,
+        num_rows, vocab_size, logits.stride(0), LOG2_E / temperature, lowest_shift(LOG2_E / temperature),
+        **config,
     )
     return logprobs, entropy
