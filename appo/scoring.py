@@ -1,8 +1,11 @@
-"""The scoring core: token statistics, future value and the Branching Score (METHOD.md Eqs. 3-5).
+"""The Branching Score (docs/method.md, Eqs. 3-5) and the choice of branch points: the public face other
+trainers call, built on the two ops it re-exports.
 
-This module is the public face other trainers call. It validates inputs once, picks a backend
-(``impl="triton"`` kernels in ``appo.kernels``, ``impl="torch"`` references in ``appo.ops``) and does the
-cheap per-token arithmetic on [B, T] tensors itself (z-scores, candidates, selection).
+``token_stats`` and ``future_value`` each have one home in ``appo/ops/`` (public entry, the checks of its
+arguments, the torch reference) with a Triton backend of the same file name in ``kernels/`` (installed as
+``appo.kernels``). ``branching_score`` checks its arguments once, up front (the ops' own checks included),
+then runs the ops' unchecked cores and the cheap per-token arithmetic on [B, T] tensors (z-scores,
+candidates); ``select_branch_points`` picks the positions.
 
 Alignment convention: every per-token tensor is [B, T] and ``logits[b, t]`` (or ``hidden[b, t]``) is the
 distribution that token ``tokens[b, t]`` was sampled from. With a Hugging Face causal LM whose output at
@@ -11,15 +14,19 @@ position t predicts token t + 1, pass ``logits[:, :-1]`` with ``tokens[:, 1:]`` 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-GAMMA = 2.0 ** (-1.0 / 32.0)
-FUTURE_VALUE_CLIP = (1.0, 1.2)
-LOG_RATIO_SUM_BOUND = 20.0  # s is clamped to [-20, 20] before exp, so Omega is always finite
+from appo.ops._checks import check_float, resolve_impl
+from appo.ops.future_value import (FUTURE_VALUE_CLIP, GAMMA, LOG_RATIO_SUM_BOUND, check_clip,
+                                   check_finite_where, check_scan_args, future_value, omega)
+from appo.ops.token_stats import TokenStats, check_token_stats_args, compute_token_stats, token_stats
+
+__all__ = ["FUTURE_VALUE_CLIP", "GAMMA", "LOG_RATIO_SUM_BOUND", "NO_SHIFT_TOLERANCE", "BranchingScore",
+           "TokenStats", "branching_score", "future_value", "no_shift_tolerance", "select_branch_points",
+           "token_stats"]
+
 # No shift: the largest |log pi_theta - log pi_old| over a rollout's generated tokens that rounding alone may
 # produce between two forwards of the same weights, by the dtype the forward computes in (docs/method.md,
 # section 4). Calibrated on SmolLM2-135M (tests/test_trainer_smollm2.py, "tolerance"): the same rollouts
@@ -27,26 +34,12 @@ LOG_RATIO_SUM_BOUND = 20.0  # s is clamped to [-20, 20] before exp, so Omega is 
 # while one AdamW step at lr 1e-6 moves a token of every rollout by at least 1.9e-2, 0.20 and 0.30.
 NO_SHIFT_TOLERANCE = {torch.float32: 2.0 ** -12, torch.float16: 2.0 ** -5, torch.bfloat16: 2.0 ** -2}
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_IMPLS = ("auto", "triton", "torch")
-
-
-class TokenStats(NamedTuple):
-    """Per-token statistics of softmax(z / temperature), both fp32 with the token shape [..., T].
-
-    logprobs: log p of the sampled token (differentiable on the hidden/weight path).
-    entropy:  full-vocabulary entropy -sum_j p_j log p_j (always detached).
-    """
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-
 
 @dataclass
 class BranchingScore:
     """Result of :func:`branching_score`; every tensor is [B, T].
 
-    score:        float32, BS = z(clip(Omega)) * z(H) on candidates, -inf elsewhere (METHOD.md Eq. 5).
+    score:        float32, BS = z(clip(Omega)) * z(H) on candidates, -inf elsewhere (docs/method.md, Eq. 5).
     entropy:      float32 token entropy H.
     logprobs:     float32 log pi_theta of the sampled token.
     future_value: float32 Omega = exp(clamp(s, -20, 20)), not clipped to [lo, hi].
@@ -63,266 +56,6 @@ class BranchingScore:
     future_value: torch.Tensor
     candidates: torch.Tensor
     entropy_only: torch.Tensor
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-def _check_impl(impl: str, device: torch.device) -> str:
-    """Resolve "auto" and refuse an explicit backend that cannot run here (RuntimeError naming impl)."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if impl == "triton":
-        if not _triton_available():
-            raise RuntimeError("impl='triton': the triton package is not installed (pip install triton)")
-        if device.type != "cuda" and not (interpreted and device.type == "cpu"):
-            raise RuntimeError(
-                f"impl='triton' needs CUDA tensors (got device {device}); use impl='torch' or 'auto', "
-                "or set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU interpreter")
-    return impl
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_tokens(tokens: torch.Tensor, expected_shape: torch.Size, vocab: int, ref_name: str, *,
-                  check_range: bool = True) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor):
-        raise ValueError(f"tokens: expected a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens: expected an integer dtype, got {tokens.dtype}")
-    if tokens.shape != expected_shape:
-        raise ValueError(f"tokens: shape {tuple(tokens.shape)} does not match {ref_name} "
-                         f"{tuple(expected_shape)} (one token per row of {ref_name})")
-    if check_range and tokens.numel() > 0:  # min/max: a device sync, so done once per call
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"tokens: ids must lie in [0, {vocab}) (the vocabulary size), "
-                             f"got range [{lo}, {hi}]")
-    return tokens.long()
-
-
-def _check_temperature(temperature: float) -> float:
-    temperature = float(temperature)
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature: must be a positive finite number, got {temperature}")
-    return temperature
-
-
-def _check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
-            raise ValueError(f"{name}: on device {dev}, but {first_name} is on {first}")
-    return first
-
-
-def _row_views(x: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
-    """Split [..., T, V] into 2-D row blocks without copying: one [N, V] view when the leading dims merge,
-    else one [T, V] view per leading index. The vocabulary dim must have stride 1 (copied if not)."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    try:
-        return [((), x.view(-1, x.shape[-1]))]
-    except RuntimeError:
-        leading = x.shape[:-2]
-        return [(idx, x[idx]) for idx in _ndindex(leading)]
-
-
-def _ndindex(shape: torch.Size):
-    if len(shape) == 0:
-        yield ()
-        return
-    for i in range(shape[0]):
-        for rest in _ndindex(shape[1:]):
-            yield (i,) + rest
-
-
-# ----------------------------------------------------------------------------------------- token_stats
-def token_stats(logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None, *,
-                hidden: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, temperature: float = 1.0, impl: str = "auto") -> TokenStats:
-    """Log-probability of the sampled token and full-vocabulary entropy of softmax(z / temperature).
-
-    Two input forms:
-      * ``token_stats(logits, tokens)``: logits [..., T, V] fp32/bf16/fp16 (rows may be strided; the
-        vocabulary dim contiguous), tokens int [..., T]. One pass over each logit.
-      * ``token_stats(hidden=h, weight=W, tokens=t, bias=None)``: hidden [..., T, H], LM-head weight [V, H],
-        bias [V]; z = h W^T + b is never materialised as [T, V]. ``logprobs`` is differentiable w.r.t.
-        hidden, weight and bias (use it in a loss); ``entropy`` is detached.
-
-    Returns TokenStats(logprobs, entropy), both float32 [..., T]. ``impl`` is "auto" (Triton on CUDA, torch
-    elsewhere), "triton" or "torch". -inf logits (a masked vocabulary) are allowed: the entropy is over each
-    row's finite support. NaN or +inf logits, a row with no finite logit, and a sampled token whose logit is
-    -inf raise ValueError (detected from the outputs, so no extra pass over the logits).
-    """
-    temperature = _check_temperature(temperature)
-    if logits is not None:
-        if hidden is not None or weight is not None or bias is not None:
-            raise ValueError("logits: pass either logits or hidden+weight(+bias), not both")
-        return _token_stats_from_logits(logits, tokens, temperature, impl)
-    if hidden is None or weight is None:
-        raise ValueError("logits: pass logits=[..., T, V], or hidden=[..., T, H] together with weight=[V, H]")
-    return _token_stats_from_hidden(hidden, weight, bias, tokens, temperature, impl)
-
-
-def _token_stats_from_logits(logits, tokens, temperature, impl) -> TokenStats:
-    _check_float("logits", logits)
-    if logits.dim() < 2:
-        raise ValueError(f"logits: expected shape [..., T, V] with at least 2 dims, "
-                         f"got {tuple(logits.shape)}")
-    if logits.shape[-1] == 0:
-        raise ValueError("logits: the vocabulary dimension is empty")
-    if tokens is None:
-        raise ValueError("tokens: required (the sampled token at each position)")
-    _check_same_device(logits=logits, tokens=tokens)
-    tokens = _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], "logits.shape[:-1]")
-    backend = _check_impl(impl, logits.device)
-    if backend == "triton":
-        from appo.kernels.token_stats import token_stats_triton as rows_fn
-    else:
-        from appo.ops.token_stats import token_stats_torch as rows_fn
-
-    logits = logits.detach()
-    logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty_like(logprobs)
-    if logits.numel() > 0:
-        for idx, rows in _row_views(logits):
-            lp, ent = rows_fn(rows, tokens[idx].reshape(-1), temperature)
-            logprobs[idx] = lp.view(logprobs[idx].shape)
-            entropy[idx] = ent.view(entropy[idx].shape)
-    _check_finite_outputs(logprobs, entropy, "logits")
-    return TokenStats(logprobs, entropy)
-
-
-def _token_stats_from_hidden(hidden, weight, bias, tokens, temperature, impl) -> TokenStats:
-    _check_float("hidden", hidden)
-    _check_float("weight", weight)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden: expected shape [..., T, H] with at least 2 dims, "
-                         f"got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
-    if bias is not None:
-        _check_float("bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias: expected shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    if tokens is None:
-        raise ValueError("tokens: required (the sampled token at each position)")
-    _check_same_device(hidden=hidden, weight=weight, bias=bias, tokens=tokens)
-    # The fused backends check the ids against V themselves (they are public on their own).
-    tokens = _check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden.shape[:-1]", check_range=False)
-    backend = _check_impl(impl, hidden.device)
-    if backend == "triton":
-        from appo.kernels.linear_token_stats import linear_token_stats_triton as rows_fn
-    else:
-        from appo.ops.linear_token_stats import linear_token_stats_torch as rows_fn
-
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy = rows_fn(rows, weight, tokens.reshape(-1), bias, temperature)
-    _check_finite_outputs(logprobs.detach(), entropy, "hidden")
-    return TokenStats(logprobs.view(tokens.shape), entropy.detach().view(tokens.shape))
-
-
-def _check_finite_outputs(logprobs: torch.Tensor, entropy: torch.Tensor, source: str) -> None:
-    """Turn non-finite statistics into errors (no extra pass over the logits: the kernels propagate them).
-
-    -inf logits are allowed (masked vocabulary entries have probability 0). The entropy is NaN when a row
-    holds NaN or +inf, or no finite logit at all; the log-prob is -inf when the sampled token's logit is -inf.
-    """
-    bad_rows = ~torch.isfinite(entropy)
-    if bad_rows.any():
-        where = tuple(int(i) for i in bad_rows.nonzero()[0])
-        raise ValueError(f"{source}: contains NaN or +inf, or a row whose logits are all -inf (first at "
-                         f"position {where}): the token statistics came out non-finite")
-    bad_tokens = ~torch.isfinite(logprobs)
-    if bad_tokens.any():
-        where = tuple(int(i) for i in bad_tokens.nonzero()[0])
-        raise ValueError(f"tokens: the sampled token at position {where} has logit -inf (probability 0 under "
-                         f"the given {source}), so its log-probability is -inf")
-
-
-# ---------------------------------------------------------------------------------------- future value
-def future_value(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                 gamma: float = GAMMA, clip: tuple[float, float] | None = None,
-                 impl: str = "auto") -> torch.Tensor:
-    """Future value Omega (METHOD.md Eq. 4), detached, float32 [B, T].
-
-    d_k = (logprobs_k - old_logprobs_k) * mask_k;  s_i = sum_{k >= i} gamma^(k - i) d_k  (distance counts
-    positions, masked ones included);  Omega_i = exp(clamp(s_i, -20, 20)), then clamped to ``clip`` = (lo, hi)
-    when given (``clip=(1.0, 1.2)`` gives METHOD.md's A_fut). O(T) per row: a reverse scan, never a [T, T]
-    matrix. logprobs/old_logprobs: [B, T] fp32/bf16/fp16; mask: [B, T] bool or numeric (nonzero = generated).
-    """
-    s = _log_ratio_sum(logprobs, old_logprobs, mask, gamma, impl)
-    omega = torch.exp(s.clamp(-LOG_RATIO_SUM_BOUND, LOG_RATIO_SUM_BOUND))
-    if clip is not None:
-        lo, hi = _check_clip(clip)
-        omega = omega.clamp(lo, hi)
-    return omega
-
-
-def _check_clip(clip) -> tuple[float, float]:
-    try:
-        lo, hi = (float(c) for c in clip)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip: expected a pair (lo, hi), got {clip!r}") from None
-    if not lo <= hi:
-        raise ValueError(f"clip: lo must not exceed hi, got ({lo}, {hi})")
-    return lo, hi
-
-
-def _check_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != shape:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match the per-token shape {tuple(shape)}")
-    if mask.dtype.is_complex:
-        raise ValueError(f"mask: expected a bool or real dtype, got {mask.dtype}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _log_ratio_sum(logprobs, old_logprobs, mask, gamma, impl) -> torch.Tensor:
-    _check_float("logprobs", logprobs)
-    _check_float("old_logprobs", old_logprobs)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs: expected shape [B, T], got {tuple(logprobs.shape)}")
-    if old_logprobs.shape != logprobs.shape:
-        raise ValueError(f"old_logprobs: shape {tuple(old_logprobs.shape)} does not match logprobs "
-                         f"{tuple(logprobs.shape)}")
-    mask = _check_mask(mask, logprobs.shape)
-    _check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, mask=mask)
-    gamma = float(gamma)
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma: must lie in (0, 1], got {gamma}")
-    logprobs, old_logprobs = logprobs.detach(), old_logprobs.detach()
-    for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
-        if not torch.isfinite(t.masked_select(mask)).all():
-            raise ValueError(f"{name}: contains NaN or Inf at masked-in positions")
-    if logprobs.numel() == 0:
-        return torch.zeros(logprobs.shape, dtype=torch.float32, device=logprobs.device)
-    backend = _check_impl(impl, logprobs.device)
-    if backend == "triton":
-        from appo.kernels.future_value import discounted_log_ratio_sum_triton as scan
-    else:
-        from appo.ops.future_value import discounted_log_ratio_sum_torch as scan
-    # Both scans give masked positions exactly 0, whatever they hold (e.g. -inf for tool results).
-    return scan(logprobs, old_logprobs, mask, gamma)
 
 
 # ------------------------------------------------------------------------------------- branching score
@@ -358,7 +91,7 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
                     gamma: float = GAMMA, clip: tuple[float, float] = FUTURE_VALUE_CLIP,
                     candidates: str = "strict", temperature: float = 1.0, eps: float = 1e-6,
                     shift_tolerance: float | None = None, impl: str = "auto") -> BranchingScore:
-    """The Branching Score of METHOD.md Eq. 5 for every token of B rollouts.
+    """The Branching Score of docs/method.md, Eq. 5, for every token of B rollouts.
 
     BS_{n,i} = Z(clip(Omega_{n,i}, lo, hi)) * Z(H_{n,i}), with Z the population z-score over the masked
     tokens of the same rollout (+ ``eps`` in the denominator). Inputs (all [B, T] unless stated):
@@ -374,11 +107,11 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     ``shift_tolerance`` None: ``no_shift_tolerance`` of the dtype the statistics were computed in (logits' or
     hidden's; with entropy=/logprobs=, the logprobs' dtype, so fp32 unless given in half precision): pass
     the tolerance of your forward's dtype when the log-probs were computed under autocast. 0: exact equality.
-    Raises ValueError when the mask selects no token at all.
+    Every argument is checked before the pass over the logits; ValueError when the mask selects no token.
     """
     if candidates not in ("strict", "all"):
         raise ValueError(f"candidates: expected 'strict' or 'all', got {candidates!r}")
-    lo, hi = _check_clip(clip)
+    lo, hi = check_clip(clip)
     eps = float(eps)
     if not eps > 0:
         raise ValueError(f"eps: must be positive, got {eps}")
@@ -391,34 +124,32 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     if given_stats:
         if entropy is None or logprobs is None:
             raise ValueError("entropy: pass entropy= and logprobs= together")
-        _check_float("entropy", entropy)
-        _check_float("logprobs", logprobs)
+        check_float("entropy", entropy)
+        check_float("logprobs", logprobs)
         if entropy.shape != logprobs.shape or entropy.dim() != 2:
             raise ValueError(f"entropy: expected [B, T] matching logprobs {tuple(logprobs.shape)}, "
                              f"got {tuple(entropy.shape)}")
         if tokens is None or tokens.shape != logprobs.shape:
             raise ValueError(f"tokens: expected shape {tuple(logprobs.shape)}, got "
                              f"{None if tokens is None else tuple(tokens.shape)}")
-        computed_in = logprobs.dtype
-        stats = TokenStats(logprobs.detach().float(), entropy.detach().float())
+        computed_in, backend = logprobs.dtype, resolve_impl(impl, logprobs.device)
+        mask, gamma = check_scan_args(old_logprobs, mask, gamma, logprobs, "logprobs")
+        check_finite_where(mask, logprobs=logprobs)
     else:
-        computed_in = (logits if logits is not None else hidden).dtype
-        stats = token_stats(logits, tokens, hidden=hidden, weight=weight, bias=bias,
-                            temperature=temperature, impl=impl)
-        if stats.logprobs.dim() != 2:
-            raise ValueError(f"tokens: expected shape [B, T], got {tuple(stats.logprobs.shape)}")
-    stats = TokenStats(stats.logprobs.detach(), stats.entropy.detach())
-    mask = _check_mask(mask, stats.logprobs.shape)
+        call = check_token_stats_args(logits, tokens, hidden, weight, bias, temperature, impl)
+        if call.tokens.dim() != 2:
+            raise ValueError(f"tokens: expected shape [B, T], got {tuple(call.tokens.shape)}")
+        computed_in, backend = (logits if logits is not None else hidden).dtype, call.backend
+        mask, gamma = check_scan_args(old_logprobs, mask, gamma, call.tokens, "tokens")
     if not mask.any():
         raise ValueError("mask: selects no token (no model-generated token to score)")
-    if old_logprobs.shape != stats.logprobs.shape:
-        raise ValueError(f"old_logprobs: shape {tuple(old_logprobs.shape)} does not match tokens "
-                         f"{tuple(stats.logprobs.shape)}")
 
-    omega = future_value(stats.logprobs, old_logprobs, mask, gamma=gamma, impl=impl)
+    stats = TokenStats(logprobs, entropy) if given_stats else compute_token_stats(call)
+    stats = TokenStats(stats.logprobs.detach().float(), stats.entropy.detach().float())
+    future = omega(stats.logprobs, old_logprobs, mask, gamma, backend)
     # The [B, T] arithmetic below runs in float64: z-scores divide by a std that can be small (Omega is
     # clipped to [1.0, 1.2]), and fp64 keeps the score within 1e-5 of exact at negligible cost.
-    clipped = omega.double().clamp(lo, hi)
+    clipped = future.double().clamp(lo, hi)
     z_entropy, _ = _masked_zscore(stats.entropy.double(), mask, eps)
     z_omega, _ = _masked_zscore(clipped, mask, eps)
     spread = torch.where(mask, clipped, -torch.inf).amax(1) - torch.where(mask, clipped, torch.inf).amin(1)
@@ -436,7 +167,7 @@ def branching_score(*, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: t
     has_tokens = last >= 0
     keep[rows[has_tokens], last[has_tokens]] = False
     score = torch.where(keep, product, -torch.inf).float()
-    return BranchingScore(score=score, entropy=stats.entropy, logprobs=stats.logprobs, future_value=omega,
+    return BranchingScore(score=score, entropy=stats.entropy, logprobs=stats.logprobs, future_value=future,
                           candidates=keep, entropy_only=entropy_only)
 
 

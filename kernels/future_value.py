@@ -31,18 +31,16 @@ per SM, under the 11 us of memory time. Predicted 15-20 us with the two launches
 [L, L] form (a 4.3 GB matrix written, raised to powers and masked: ~21 GB of traffic, then a 137 GFLOP fp32
 product): about 350x, against the 100x target.
 
-The torch reference (the test oracle) is ``appo.ops.future_value.discounted_log_ratio_sum_torch``.
+The torch reference (the test oracle) is ``appo.ops.future_value.discounted_log_ratio_sum_torch``;
+``appo.future_value`` (same file) checks the arguments.
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from appo.ops.future_value import check_scan_inputs
 
 _MAX_BLOCK = 1024
 _CARRY_BLOCK = 1024  # chunk sums folded per step when forming a carry
@@ -142,20 +140,17 @@ def _chunk_plan(length: int, gamma: float) -> tuple[int, bool]:
 def discounted_log_ratio_sum_triton(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor,
                                     gamma: float) -> Tensor:
     """s[b, i] = sum_{k >= i} gamma**(k - i) * (logprobs - old_logprobs)[b, k] * [mask[b, k] != 0], unclamped.
+    Arguments as ``appo.future_value`` checked them (nothing is checked here).
 
     Args:
         logprobs, old_logprobs: [B, T] fp32/bf16/fp16 CUDA tensors (CPU tensors only under
             TRITON_INTERPRET=1), any strides.
         mask: [B, T] bool/integer/floating, nonzero = generated token; masked positions add exactly 0
             (whatever their log-probs) but still count as distance.
-        gamma: discount in [0, 1].
+        gamma: discount in [0, 1] (a Python float).
     Returns:
         s: fp32 [B, T], contiguous. Same contract as ``appo.ops.future_value.discounted_log_ratio_sum_torch``.
     """
-    gamma = check_scan_inputs(logprobs, old_logprobs, mask, gamma)
-    if not logprobs.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"logprobs is on {logprobs.device}: the Triton scan needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1); use the torch implementation on CPU")
     rows, length = logprobs.shape
     out = torch.empty((rows, length), dtype=torch.float32, device=logprobs.device)
     if out.numel() == 0:

@@ -1,7 +1,8 @@
 """Fused LM head + token statistics in Triton: log p(sampled token) and full-vocabulary entropy from hidden
 states [N, H] and the LM-head weight [V, H], never allocating the [N, V] logits. With a chunked backward.
 
-Torch reference (the test oracle): ``appo.ops.linear_token_stats.linear_token_stats_torch``. In short:
+Torch reference (the test oracle) and the checks of the arguments: ``appo/ops/linear_token_stats.py``. In
+short:
 
     z = hidden @ weight.T + bias                       (raw logits, fp32 accumulation)
     p = softmax(z / T);  logprob = log p[a];  entropy = -sum p log p   (over the finite support of z)
@@ -64,7 +65,6 @@ import triton.language as tl
 from torch import Tensor
 
 from appo.kernels._online_softmax import LN_2, LOG2_E, fold, lowest_shift
-from appo.ops.linear_token_stats import check_linear_token_stats_inputs
 
 DZ_BUDGET_ELEMENTS = 2**30  # backward chunk: about this many dz elements (C x V)
 GROUP_N = 8  # backward: row blocks per group in the grouped program order (L2 reuse of weight tiles)
@@ -368,7 +368,8 @@ class _LinearTokenStatsTriton(torch.autograd.Function):
 def linear_token_stats_triton(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None,
                               temperature: float = 1.0, *, chunk_rows: int | None = None
                               ) -> tuple[Tensor, Tensor]:
-    """Fused LM head + token statistics (Triton), never allocating [N, V].
+    """Fused LM head + token statistics (Triton), never allocating [N, V]. Arguments as ``appo.token_stats``
+    checked them (nothing is checked here).
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 final hidden states (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -376,19 +377,14 @@ def linear_token_stats_triton(hidden: Tensor, weight: Tensor, tokens: Tensor, bi
         tokens: [N] int64 sampled token ids in [0, V).
         bias: [V] same dtype, or None; -inf entries mask the vocabulary (probability 0).
         temperature: z = (hidden @ weight.T + bias) / temperature, > 0.
-        chunk_rows: rows per backward chunk (default: about 2^30 / V, a power of two); the backward's extra
-            memory is chunk_rows x V elements of dz plus an fp32 [V, H] grad_weight accumulator.
+        chunk_rows: rows per backward chunk, a positive int (default: about 2^30 / V, a power of two); the
+            backward's extra memory is chunk_rows x V elements of dz plus an fp32 [V, H] grad_weight
+            accumulator.
 
     Returns:
         (logprobs fp32 [N], differentiable w.r.t. hidden/weight/bias, grads in the input dtypes;
          entropy fp32 [N], detached, over each row's finite support).
     """
-    check_linear_token_stats_inputs(hidden, weight, tokens, bias, temperature)
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows <= 0):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    if hidden.device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"hidden is on {hidden.device}: the triton backend needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before importing appo.kernels); use impl='torch'")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()

@@ -7,14 +7,15 @@ change of base, scale = log2(e) / temperature:
 and after the loop the threads' values merge into the row's, giving (natural units again)
     logprob = (z_a - m) / T - ln s,   entropy = ln s - (t / s) / T.
 (z - m) is taken before the scale: exact for nearby values, so nothing rounds at the logits' magnitude.
-The torch reference (the test oracle) is ``appo.ops.token_stats.token_stats_torch``.
+The torch reference (the test oracle) is ``appo.ops.token_stats.token_stats_torch``; ``appo.token_stats``
+(same file) checks the arguments.
 
 Finite support: a logit of -inf (a masked vocabulary entry) has probability 0 and adds nothing to s or t: its
 (z - m) is clamped to a finite ``lowest`` (whose 2^(lowest scale) is 0 too) before the product, so that
 0 * (-inf) never makes a NaN. A row whose logits are all -inf so far keeps m = -inf, s = 0, with a shift
 reference of 0, so nothing becomes NaN before a finite logit arrives. A row with no finite logit at all gives
 s = 0 and a NaN entropy; a sampled token whose logit is -inf gives logprob = -inf. NaN or +inf logits give
-NaN (the clamp propagates NaN). The dispatcher (``appo.scoring``) turns each of these into a ValueError.
+NaN (the clamp propagates NaN). ``appo.token_stats`` turns each of these into a ValueError.
 
 Loop layout: full tiles of K x THREADS x VEC logits (thread i holds K runs of VEC contiguous logits, one
 16-byte load each; neighbouring threads neighbouring runs) run without masks in a software-pipelined
@@ -42,7 +43,6 @@ import triton.language as tl
 from torch import Tensor
 
 from appo.kernels._online_softmax import LN_2, LOG2_E, fold, lowest_shift, merge
-from appo.ops.token_stats import check_token_stats_args
 
 # One config (no autotune, so the interpreter runs it). A tile of 8192 values over 8 warps is 32 values per
 # thread (four 16-byte loads of bf16). For small V several rows share a program (see launch_config).
@@ -117,12 +117,12 @@ def launch_config(vocab_size: int, itemsize: int, interpreted: bool = False) -> 
 
 def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Log-prob of the sampled token and entropy of softmax(logits / temperature), one pass over the logits.
+    Arguments as ``appo.token_stats`` checked them (nothing is checked here).
 
     Args:
         logits: [N, V] float32 / bfloat16 / float16 (CUDA, or CPU under TRITON_INTERPRET=1), contiguous
             along V, any row stride. -inf entries (masked vocabulary) have probability 0.
-        tokens: [N] int64 in [0, V), same device (not range-checked here: an id outside the vocabulary reads
-            out of bounds; ``appo.token_stats`` validates it).
+        tokens: [N] int64 in [0, V), same device (an id outside the vocabulary would read out of bounds).
         temperature: positive divisor applied to the logits before the softmax.
 
     Returns:
@@ -132,7 +132,6 @@ def token_stats_triton(logits: Tensor, tokens: Tensor, temperature: float = 1.0)
 
     Reads N x V x itemsize bytes of logits once plus 8 N bytes of tokens, writes 8 N bytes.
     """
-    check_token_stats_args(logits, tokens, temperature)
     num_rows, vocab_size = logits.shape
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(num_rows, dtype=torch.float32, device=logits.device)

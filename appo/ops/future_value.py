@@ -1,59 +1,117 @@
-"""Future value (METHOD.md Eq. 4): the reverse discounted sum of masked log-ratios, in torch.
+"""Future value, ``appo.future_value`` (docs/method.md, section 4, Eq. 4): the reverse discounted sum of
+masked log-ratios, exponentiated.
 
     d[b, k] = (logprobs - old_logprobs)[b, k]   where mask[b, k] != 0, else 0
     s[b, i] = sum_{k >= i} gamma**(k - i) * d[b, k]        (= d[b, i] + gamma * s[b, i + 1])
+    Omega[b, i] = exp(clamp(s[b, i], -20, 20)),  clamped to ``clip`` when given
 
 Distance counts sequence positions, masked ones included: a masked position adds 0 but still decays.
-``s`` is returned unclamped; ``appo.future_value`` clamps it to [-20, 20] and exponentiates.
 
-Two implementations live here:
-- ``discounted_log_ratio_sum_torch``: O(T) work, vectorised; the oracle of the Triton kernel
-  (``appo.kernels.future_value``) and the CPU path of ``appo.future_value``.
-- ``dense_future_value_torch``: the authors' O(T^2) form (a dense [T, T] decay matrix); baseline only.
-
-Bytes moved by the scan (what the benchmark counts): read logprobs, old_logprobs and mask once, write s once.
+This file is the op's home: the public entry, the only checks of its arguments, and two torch forms of s:
+- ``discounted_log_ratio_sum_torch``: O(T) work, vectorised; the oracle of the Triton scan and the backend
+  off CUDA. The Triton scan is ``kernels/future_value.py`` (``appo.kernels.future_value``), imported only
+  when it is chosen;
+- ``dense_future_value_torch``: the authors' O(T^2) form (a dense [T, T] decay matrix); a baseline only.
+The scans read logprobs, old_logprobs and mask once and write s once (what the benchmark counts).
 """
+
+from __future__ import annotations
 
 import math
 
 import torch
 from torch import Tensor
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Within a block the scan scales by gamma**-k; keeping gamma**(C-1) >= _SMALLEST_DECAY bounds that factor by
-# 1e100, far from fp64 overflow (1.8e308) and underflow (2.2e-308) for any fp32/bf16/fp16-derived input.
+from appo.ops._checks import check_float, check_same_device, resolve_impl
+
+GAMMA = 2.0 ** (-1.0 / 32.0)
+FUTURE_VALUE_CLIP = (1.0, 1.2)  # clip=(1.0, 1.2) gives A_fut (docs/method.md, section 7)
+LOG_RATIO_SUM_BOUND = 20.0  # s is clamped to [-20, 20] before exp, so Omega is always finite
+# Within a block the torch scan scales by gamma**-k; keeping gamma**(C-1) >= _SMALLEST_DECAY bounds that
+# factor by 1e100, far from fp64 overflow (1.8e308) and underflow (2.2e-308) for any fp32/bf16/fp16 input.
 _SMALLEST_DECAY = 1e-100
 _MAX_BLOCK = 256
 
 
-def check_scan_inputs(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, gamma: float) -> float:
-    """Raise ValueError (naming the argument) unless the scan contract holds; return gamma as a Python float.
+def future_value(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, *, gamma: float = GAMMA,
+                 clip: tuple[float, float] | None = None, impl: str = "auto") -> Tensor:
+    """Future value Omega (docs/method.md, Eq. 4), detached, float32 [B, T].
 
-    logprobs, old_logprobs: [B, T] fp32/bf16/fp16 on one device; mask: [B, T] bool/integer/floating
-    (nonzero = generated token); gamma: a real number in [0, 1].
+    d_k = (logprobs_k - old_logprobs_k) * mask_k;  s_i = sum_{k >= i} gamma^(k - i) d_k  (distance counts
+    positions, masked ones included);  Omega_i = exp(clamp(s_i, -20, 20)), then clamped to ``clip`` = (lo, hi)
+    when given (``clip=(1.0, 1.2)`` gives the method's A_fut). O(T) per row: a reverse scan, never a [T, T]
+    matrix. logprobs/old_logprobs: [B, T] fp32/bf16/fp16, finite where the mask is set; mask: [B, T] bool or
+    numeric (nonzero = generated); gamma in (0, 1]. ``impl``: "auto" (Triton on CUDA), "triton" or "torch".
     """
-    for name, tensor in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("mask", mask)):
-        if not isinstance(tensor, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(tensor.shape)}")
-    for name, tensor in (("logprobs", logprobs), ("old_logprobs", old_logprobs)):
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    check_float("logprobs", logprobs)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs: expected shape [B, T], got {tuple(logprobs.shape)}")
+    mask, gamma = check_scan_args(old_logprobs, mask, gamma, logprobs, "logprobs")
+    check_finite_where(mask, logprobs=logprobs)
+    clip = None if clip is None else check_clip(clip)
+    return omega(logprobs, old_logprobs, mask, gamma, resolve_impl(impl, logprobs.device), clip)
+
+
+def check_scan_args(old_logprobs: Tensor, mask: Tensor, gamma, like: Tensor,
+                    like_name: str) -> tuple[Tensor, float]:
+    """The checks of old_logprobs, mask and gamma against ``like`` (the current log-probs, or the tokens they
+    will be computed for: their shape and device) -> (mask as bool, gamma as a float). ValueError naming
+    the argument; old_logprobs must be finite where the mask is set."""
+    check_float("old_logprobs", old_logprobs)
+    if old_logprobs.shape != like.shape:
+        raise ValueError(f"old_logprobs: shape {tuple(old_logprobs.shape)} does not match {like_name} "
+                         f"{tuple(like.shape)}")
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match the per-token shape "
+                         f"{tuple(like.shape)}")
     if mask.dtype.is_complex:
-        raise ValueError(f"mask must be bool, integer or floating, got {mask.dtype}")
-    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask)):
-        if tensor.shape != logprobs.shape:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} != logprobs shape {tuple(logprobs.shape)}")
-        if tensor.device != logprobs.device:
-            raise ValueError(f"{name} is on {tensor.device}, logprobs on {logprobs.device}")
+        raise ValueError(f"mask: expected a bool or real dtype, got {mask.dtype}")
+    check_same_device(**{like_name: like}, old_logprobs=old_logprobs, mask=mask)
     try:
         gamma_value = float(gamma)
     except (TypeError, ValueError):
-        raise ValueError(f"gamma must be a real number in [0, 1], got {gamma!r}") from None
-    if isinstance(gamma, bool) or not 0.0 <= gamma_value <= 1.0:  # NaN fails the range test too
-        raise ValueError(f"gamma must be a real number in [0, 1], got {gamma!r}")
-    return gamma_value
+        raise ValueError(f"gamma: must be a number in (0, 1], got {gamma!r}") from None
+    if isinstance(gamma, bool) or not 0.0 < gamma_value <= 1.0:  # NaN fails the range test too
+        raise ValueError(f"gamma: must lie in (0, 1], got {gamma!r}")
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    check_finite_where(mask, old_logprobs=old_logprobs)
+    return mask, gamma_value
+
+
+def check_finite_where(mask: Tensor, **tensors: Tensor) -> None:
+    """ValueError naming the tensor that holds NaN or +-inf where ``mask`` (bool) is set (one device sync)."""
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor.detach().masked_select(mask)).all():
+            raise ValueError(f"{name}: contains NaN or Inf at masked-in positions")
+
+
+def check_clip(clip) -> tuple[float, float]:
+    try:
+        low, high = (float(c) for c in clip)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip: expected a pair (lo, hi), got {clip!r}") from None
+    if not low <= high:
+        raise ValueError(f"clip: lo must not exceed hi, got ({low}, {high})")
+    return low, high
+
+
+def omega(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, gamma: float, backend: str,
+          clip: tuple[float, float] | None = None) -> Tensor:
+    """Omega fp32 [B, T] from checked arguments (bool mask, float gamma; backend "torch" or "triton")."""
+    logprobs, old_logprobs = logprobs.detach(), old_logprobs.detach()
+    if logprobs.numel() == 0:
+        s = torch.zeros(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+    elif backend == "triton":
+        from appo.kernels.future_value import discounted_log_ratio_sum_triton
+
+        s = discounted_log_ratio_sum_triton(logprobs, old_logprobs, mask, gamma)
+    else:
+        s = discounted_log_ratio_sum_torch(logprobs, old_logprobs, mask, gamma)
+    # Both scans give masked positions exactly 0, whatever they hold (e.g. -inf for tool results).
+    future = torch.exp(s.clamp(-LOG_RATIO_SUM_BOUND, LOG_RATIO_SUM_BOUND))
+    return future if clip is None else future.clamp(*clip)
 
 
 def masked_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, dtype=torch.float64) -> Tensor:
@@ -104,19 +162,19 @@ def _discounted_cumsum_fp64(values: Tensor, gamma: float) -> Tensor:
 def discounted_log_ratio_sum_torch(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor,
                                    gamma: float) -> Tensor:
     """s[b, i] = sum_{k >= i} gamma**(k - i) * (logprobs - old_logprobs)[b, k] * [mask[b, k] != 0], unclamped.
+    The torch reference; nothing is checked here (``future_value`` does).
 
     Args:
         logprobs, old_logprobs: [B, T] fp32/bf16/fp16, any strides.
         mask: [B, T] bool/integer/floating; nonzero = generated token. Masked-out positions contribute exactly
             0 (whatever their log-probs, even -inf/NaN) but still count as distance.
-        gamma: discount in [0, 1].
+        gamma: discount in [0, 1] (a Python float).
     Returns:
         s: fp32 [B, T], contiguous.
 
     O(T) work, vectorised: computed in fp64 as a forward blocked scan of the flipped rows (see
     ``_discounted_cumsum_fp64`` for the numerics), rounded once to fp32.
     """
-    gamma = check_scan_inputs(logprobs, old_logprobs, mask, gamma)
     if logprobs.numel() == 0:
         return torch.zeros(logprobs.shape, dtype=torch.float32, device=logprobs.device)
     log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
@@ -130,7 +188,6 @@ def dense_future_value_torch(logprobs: Tensor, old_logprobs: Tensor, mask: Tenso
 
     Same contract as ``discounted_log_ratio_sum_torch``: [B, T] inputs -> fp32 [B, T] s, not clamped.
     """
-    gamma = check_scan_inputs(logprobs, old_logprobs, mask, gamma)
     length = logprobs.shape[1]
     log_ratio = masked_log_ratio(logprobs, old_logprobs, mask, dtype=torch.float32)
     positions = torch.arange(length, dtype=torch.float32, device=logprobs.device)
@@ -138,3 +195,4 @@ def dense_future_value_torch(logprobs: Tensor, old_logprobs: Tensor, mask: Tenso
     torch.pow(gamma, decay, out=decay)  # in place; entries with k < i (possibly inf) are zeroed next
     decay.triu_()
     return log_ratio @ decay.T
+

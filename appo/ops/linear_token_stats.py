@@ -1,20 +1,15 @@
-"""Token statistics straight from the LM head: log p(sampled token) and full-vocabulary entropy from hidden
-states and the LM-head weight, without ever holding the [N, V] logits of all rows at once.
+"""Token statistics straight from the LM head, ``appo.token_stats(hidden=, weight=, tokens=, bias=)``:
+log p of the sampled token and the full-vocabulary entropy from hidden states and the LM-head weight,
+without ever holding the [N, V] logits of all rows at once.
 
-This is the torch reference of ``appo.kernels.linear_token_stats`` (the test oracle beside the kernel).
+This file is the op's home: the checks of the LM-head form, the dispatch, and the torch reference with its
+autograd Function (the test oracle, and the backend off CUDA). The Triton backend is
+``kernels/linear_token_stats.py`` (``appo.kernels.linear_token_stats``), imported only when it is chosen.
 
     z = (hidden @ weight.T + bias) / temperature          fp32 accumulation, whatever the input dtype
     logprob_n = z[n, a_n] - lse_n,   entropy_n = lse_n - sum_j p_nj z_nj,   p = softmax(z)
-
-Memory: rows are processed ``chunk_size`` at a time, in forward AND backward, so the extra memory is a few
-[chunk, V] fp32 blocks (the logits and elementwise temporaries), plus an fp32 copy of ``weight`` when it is
-bf16/fp16 and the fp32 grad_weight accumulator in backward. The autograd Function saves only its inputs and
-the per-row max and log-sum-exp (lse = max + log_sumexp, two fp32 [N]) and recomputes each chunk's logits in
-backward.
-
-Bytes moved: forward reads W (fp32) once per chunk, ceil(N / chunk) * V * H * 4 bytes, and writes/reads the
-[chunk, V] fp32 block a few times; backward recomputes the same logits, then runs two matmuls per chunk
-(2 * 2 * chunk * V * H flops) for grad_hidden and grad_weight.
+    backward (logprobs only): dz = g (onehot(a) - p) / temperature,
+        grad_hidden = dz @ weight,  grad_weight = dz.T @ hidden,  grad_bias = dz.sum(0)
 """
 
 from __future__ import annotations
@@ -22,49 +17,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from appo.ops._checks import check_finite_stats, check_float, check_same_device, check_tokens
+
 DEFAULT_CHUNK_ROWS = 1024
 FLT_MAX = torch.finfo(torch.float32).max
 
 
-def check_linear_token_stats_inputs(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None,
-                                    temperature: float) -> None:
-    """Raise ValueError naming the argument when shapes, dtypes, devices or token ids are wrong.
+def check_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor | None) -> Tensor:
+    """The checks of the LM-head form (ValueError naming the argument) -> tokens as int64.
 
-    hidden [N, H] and weight [V, H] of one float dtype (fp32/bf16/fp16), bias [V] or None of the same dtype,
-    tokens int64 [N] with ids in [0, V), temperature a finite float > 0.
+    hidden [..., T, H] and weight [V, H] of one float dtype (fp32/bf16/fp16), V > 0 and H > 0; bias [V] of
+    the same dtype, or None; tokens integer [..., T] with ids in [0, V); all on one device.
     """
-    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
-        raise ValueError(f"hidden must be a 2-D tensor [N, H], got {getattr(hidden, 'shape', type(hidden))}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor [V, H], got {getattr(weight, 'shape', type(weight))}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected shape [..., T, H] with at least 2 dims, "
+                         f"got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight: expected V > 0 and H > 0, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight [V, H] = {tuple(weight.shape)} does not match hidden H = {hidden.shape[1]}")
-    if weight.shape[0] == 0 or hidden.shape[1] == 0:
-        raise ValueError(f"weight must have V > 0 and H > 0, got {tuple(weight.shape)}")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if not isinstance(tokens, Tensor) or tokens.dtype != torch.int64 or tokens.shape != hidden.shape[:1]:
-        raise ValueError(f"tokens must be int64 [N] = [{hidden.shape[0]}], got "
-                         f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
-    if tokens.device != hidden.device:
-        raise ValueError(f"tokens is on {tokens.device} but hidden is on {hidden.device}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= weight.shape[0]):
-        raise ValueError(f"tokens must lie in [0, {weight.shape[0]}), got ids in "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+        raise ValueError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be a tensor [V] = [{weight.shape[0]}], got "
-                             f"{tuple(getattr(bias, 'shape', ()))}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise ValueError(f"bias must be {hidden.dtype} on {hidden.device}, "
-                             f"got {bias.dtype} on {bias.device}")
-    if not (isinstance(temperature, (int, float)) and 0.0 < float(temperature) < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_float("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias: dtype {bias.dtype} differs from hidden's {hidden.dtype}")
+    tokens = check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden.shape[:-1]")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, tokens=tokens)
+    return tokens
+
+
+def stats_from_hidden(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                      temperature: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy) fp32 with the tokens' shape, from arguments ``check_args`` passed; ``backend`` is
+    "torch" or "triton". Non-finite statistics raise ValueError."""
+    if backend == "triton":
+        from appo.kernels.linear_token_stats import linear_token_stats_triton as rows_stats
+    else:
+        rows_stats = linear_token_stats_torch
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    logprobs, entropy = rows_stats(rows, weight, tokens.reshape(-1), bias, temperature)
+    check_finite_stats(logprobs.detach(), entropy, "hidden")
+    return logprobs.view(tokens.shape), entropy.detach().view(tokens.shape)
 
 
 def _chunk_logits(hidden_chunk: Tensor, weight32: Tensor, bias32: Tensor | None,
@@ -141,22 +139,24 @@ class _LinearTokenStats(torch.autograd.Function):
 def linear_token_stats_torch(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None = None,
                              temperature: float = 1.0,
                              chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Log-probability of the sampled token and full-vocabulary entropy from the LM head, chunked over rows.
+    """The torch reference: log-probability of the sampled token and full-vocabulary entropy from the LM head,
+    in chunks of rows. Arguments as ``check_args`` passed them (nothing is checked here).
 
     Args:
         hidden: [N, H] fp32/bf16/fp16 final hidden states.
         weight: [V, H] LM-head weight, same dtype as ``hidden``.
         tokens: [N] int64 sampled token ids in [0, V).
-        bias: [V] same dtype, or None.
+        bias: [V] same dtype, or None; -inf entries mask the vocabulary (probability 0).
         temperature: z = (hidden @ weight.T + bias) / temperature, > 0.
-        chunk_size: rows per chunk (default 1024); extra memory is O(chunk_size * V) in forward and backward.
+        chunk_size: rows per chunk (a positive int, default 1024).
 
     Returns:
         (logprobs fp32 [N], differentiable w.r.t. hidden/weight/bias; entropy fp32 [N], detached).
+
+    Memory: a few [chunk, V] fp32 blocks in forward and in backward (the logits are recomputed there from the
+    saved row max and log-sum-exp), an fp32 copy of a bf16/fp16 ``weight`` and the fp32 grad_weight
+    accumulator. It reads the fp32 weight once per chunk (ceil(N / chunk) V H 4 bytes) in each direction.
     """
-    check_linear_token_stats_inputs(hidden, weight, tokens, bias, temperature)
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_ROWS
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return _LinearTokenStats.apply(hidden, weight, bias, tokens, float(temperature), chunk_size)

@@ -1,12 +1,14 @@
-"""The future-value scan (METHOD.md Eq. 4): torch reference, Triton kernel and the dense baseline, all
-checked against an fp64 direct loop s_i = d_i + gamma * s_{i+1} on random data (odd shapes, sparse masks,
-low-precision inputs, non-contiguous rows). The Triton kernel runs under TRITON_INTERPRET=1 here and on CUDA
-in the gpu tests.
+"""The future-value scan (docs/method.md, Eq. 4; appo/ops/future_value.py, kernels/future_value.py): torch
+reference, Triton kernel and the dense baseline, all checked against an fp64 direct loop
+s_i = d_i + gamma * s_{i+1} on random data (odd shapes, sparse masks, low-precision inputs, non-contiguous
+rows), and the checks of the op's entry, ``appo.future_value``. The Triton kernel runs under
+TRITON_INTERPRET=1 here and on CUDA in the gpu tests.
 """
 
 import pytest
 import torch
 
+import appo
 from appo.kernels.future_value import discounted_log_ratio_sum_triton
 from appo.ops.future_value import dense_future_value_torch, discounted_log_ratio_sum_torch
 
@@ -179,31 +181,37 @@ def test_triton_carry_over_many_chunks(monkeypatch):
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="logprobs"):
-        discounted_log_ratio_sum_triton(*make_inputs(2, 8), 0.5)
+    with pytest.raises(RuntimeError, match="impl"):
+        appo.future_value(*make_inputs(2, 8), gamma=0.5, impl="triton")
 
 
 # -------------------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("scan", [discounted_log_ratio_sum_torch, discounted_log_ratio_sum_triton,
-                                  dense_future_value_torch])
-def test_bad_input_names_the_argument(scan):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bad_input_names_the_argument(impl):
+    """The op's one entry, ``appo.future_value``, checks every argument before either scan runs."""
     logprobs, old_logprobs, mask = make_inputs(2, 9)
+    not_finite = logprobs.clone()
+    not_finite[mask] = float("nan")
     cases = [
-        ((logprobs[0], old_logprobs[0], mask[0], 0.5), "logprobs"),
-        ((logprobs, old_logprobs[:, :8], mask, 0.5), "old_logprobs"),
-        ((logprobs, old_logprobs, mask[:1], 0.5), "mask"),
-        ((logprobs.double(), old_logprobs, mask, 0.5), "logprobs"),
-        ((logprobs, old_logprobs.long(), mask, 0.5), "old_logprobs"),
-        ((logprobs, old_logprobs, mask.to(torch.complex64), 0.5), "mask"),
-        ((logprobs, old_logprobs, mask.to("meta"), 0.5), "mask"),
-        ((logprobs, old_logprobs, mask, 1.5), "gamma"),
-        ((logprobs, old_logprobs, mask, -0.1), "gamma"),
-        ((logprobs, old_logprobs, mask, float("nan")), "gamma"),
-        ((logprobs, old_logprobs, mask, "0.5x"), "gamma"),
+        ((logprobs[0], old_logprobs[0], mask[0]), {}, "logprobs"),
+        ((logprobs, old_logprobs[:, :8], mask), {}, "old_logprobs"),
+        ((logprobs, old_logprobs, mask[:1]), {}, "mask"),
+        ((logprobs.double(), old_logprobs, mask), {}, "logprobs"),
+        ((logprobs, old_logprobs.long(), mask), {}, "old_logprobs"),
+        ((logprobs, old_logprobs, mask.to(torch.complex64)), {}, "mask"),
+        ((logprobs, old_logprobs, mask.to("meta")), {}, "mask"),
+        ((not_finite, old_logprobs, mask), {}, "logprobs"),
+        ((logprobs, not_finite, mask), {}, "old_logprobs"),
+        ((logprobs, old_logprobs, mask), {"gamma": 1.5}, "gamma"),
+        ((logprobs, old_logprobs, mask), {"gamma": 0.0}, "gamma"),
+        ((logprobs, old_logprobs, mask), {"gamma": float("nan")}, "gamma"),
+        ((logprobs, old_logprobs, mask), {"gamma": "0.5x"}, "gamma"),
+        ((logprobs, old_logprobs, mask), {"clip": (1.2, 1.0)}, "clip"),
+        ((logprobs, old_logprobs, mask), {"clip": 1.0}, "clip"),
     ]
-    for arguments, name in cases:
+    for arguments, keywords, name in cases:
         with pytest.raises(ValueError, match=name):
-            scan(*arguments)
+            appo.future_value(*arguments, **keywords, impl=impl)
 
 
 # ------------------------------------------------------------------------------------------------------- CUDA

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import appo
 from appo.kernels.linear_token_stats import linear_token_stats_triton
 from appo.ops.linear_token_stats import linear_token_stats_torch
 
@@ -208,24 +209,28 @@ def test_never_materialises_rows_times_vocab(backend):
     assert 0 < seen.largest <= 16 * 400
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_bad_input_raises_value_error_naming_the_argument(backend):
+@pytest.mark.parametrize("impl", sorted(BACKENDS))
+def test_bad_input_raises_value_error_naming_the_argument(impl):
+    """The LM-head form's checks run at the op's one entry, ``appo.token_stats``, before either backend."""
     hidden, weight, bias, tokens, _ = make_inputs(4, 50, 8, torch.float32, with_bias=True)
-    fn = BACKENDS[backend]
-    with pytest.raises(ValueError, match="tokens"):
-        fn(hidden, weight, torch.tensor([0, 1, 50, 2]))
-    with pytest.raises(ValueError, match="tokens"):
-        fn(hidden, weight, tokens.int())
-    with pytest.raises(ValueError, match="weight"):
-        fn(hidden, weight[:, :7], tokens)
-    with pytest.raises(ValueError, match="weight"):
-        fn(hidden, weight.half(), tokens)
-    with pytest.raises(ValueError, match="bias"):
-        fn(hidden, weight, tokens, bias[:-1])
+
+    def stats(hidden=hidden, weight=weight, tokens=tokens, bias=None, temperature=1.0):
+        return appo.token_stats(hidden=hidden, weight=weight, tokens=tokens, bias=bias,
+                                temperature=temperature, impl=impl)
+
+    for bad_tokens in (torch.tensor([0, 1, 50, 2]), tokens.float(), tokens[:3]):
+        with pytest.raises(ValueError, match="tokens"):
+            stats(tokens=bad_tokens)
+    for bad_weight in (weight[:, :7], weight.half(), weight[:0], weight[0]):
+        with pytest.raises(ValueError, match="weight"):
+            stats(weight=bad_weight)
+    for bad_bias in (bias[:-1], bias.half()):
+        with pytest.raises(ValueError, match="bias"):
+            stats(bias=bad_bias)
     with pytest.raises(ValueError, match="hidden"):
-        fn(hidden[0], weight, tokens)
+        stats(hidden=hidden[0])
     with pytest.raises(ValueError, match="temperature"):
-        fn(hidden, weight, tokens, None, 0.0)
+        stats(temperature=0.0)
 
 
 @pytest.mark.slow

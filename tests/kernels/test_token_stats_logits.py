@@ -1,4 +1,5 @@
-"""Token statistics from logits: the Triton kernel and the chunked torch reference against float64.
+"""Token statistics from logits (appo/ops/token_stats.py, kernels/token_stats.py): the Triton kernel and the
+chunked torch reference against float64, and the checks of the op's entry, ``appo.token_stats``.
 
 Tolerance (flash-attention style): a backend's max error vs the float64 statistics of the same input values
 must be at most 2x the error of torch's own computation in the input dtype, plus a small absolute floor.
@@ -10,6 +11,7 @@ import math
 import pytest
 import torch
 
+import appo
 from appo.kernels.token_stats import token_stats_triton
 from appo.ops.token_stats import token_stats_torch
 
@@ -230,23 +232,21 @@ def test_empty_rows(backend):
     assert logprobs.shape == entropy.shape == (0,) and logprobs.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_bad_input_raises_value_error_naming_argument(backend):
+@pytest.mark.parametrize("impl", sorted(BACKENDS))
+def test_bad_input_raises_value_error_naming_argument(impl):
+    """The op's one entry, ``appo.token_stats``, checks every argument before either backend runs (the
+    backends check nothing)."""
     logits, tokens = torch.randn(4, 10), torch.zeros(4, dtype=torch.int64)
-    stats = BACKENDS[backend]
-    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+    for temperature in (0.0, -1.0, float("nan"), float("inf"), "hot"):
         with pytest.raises(ValueError, match="temperature"):
-            stats(logits, tokens, temperature)
+            appo.token_stats(logits, tokens, temperature=temperature, impl=impl)
+    for bad_logits in (torch.randn(40), logits.double(), torch.randn(4, 0)):
+        with pytest.raises(ValueError, match="logits"):
+            appo.token_stats(bad_logits, tokens, impl=impl)
+    for bad_tokens in (tokens.float(), tokens[:3], tokens + 10, tokens - 1, None):
+        with pytest.raises(ValueError, match="tokens"):
+            appo.token_stats(logits, bad_tokens, impl=impl)
     with pytest.raises(ValueError, match="logits"):
-        stats(torch.randn(40), tokens, 1.0)
-    with pytest.raises(ValueError, match="logits"):
-        stats(torch.randn(10, 4).t(), tokens, 1.0)  # vocabulary not contiguous
-    with pytest.raises(ValueError, match="logits"):
-        stats(logits.double(), tokens, 1.0)
-    with pytest.raises(ValueError, match="tokens"):
-        stats(logits, tokens.int(), 1.0)
-    with pytest.raises(ValueError, match="tokens"):
-        stats(logits, tokens[:3], 1.0)
-    if backend == "torch":
-        with pytest.raises(ValueError, match="chunk_size"):
-            stats(logits, tokens, 1.0, chunk_size=0)
+        appo.token_stats(logits, tokens, weight=torch.randn(10, 3), impl=impl)
+    with pytest.raises(ValueError, match="impl"):
+        appo.token_stats(logits, tokens, impl="cuda")
