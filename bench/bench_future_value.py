@@ -1,4 +1,5 @@
-"""Future value (METHOD.md Eq. 4): appo's O(T) reverse scan vs the authors' dense [T, T] decay-matrix form.
+"""Future value (docs/method.md, Eq. 4): appo's O(T) reverse scan vs the authors' dense [T, T] decay-matrix
+form.
 
 Run: ``pytest bench/bench_future_value.py --benchmark-only -s``. Cases: CPU B=16 x T=8,192 (the torch scan's
 target: >= 50x faster than the dense form) and CUDA B=64 x T=8,192 and 32,768 (the Triton scan's target:

@@ -1,6 +1,8 @@
 """Triton kernels of appo, installed as ``appo.kernels`` (never as a top-level ``kernels`` module).
 
-Each file holds one op: the ``@triton.jit`` kernel(s), a launcher that takes torch tensors, and (where the op
-has a backward) its ``torch.autograd.Function``. The torch reference of each op lives in ``appo/ops/`` under
-the same file name and is the test oracle.
+Each file is the Triton backend of one op: the ``@triton.jit`` kernel(s), a launcher that takes torch tensors
+and (where the op has a backward) its ``torch.autograd.Function``. The launchers check nothing: each op's
+home, under the same file name in ``appo/ops/``, holds its public entry, the checks of its arguments and the
+torch reference the kernel is tested against. ``_online_softmax.py`` holds the ``@triton.jit`` helpers that
+several kernels share. Layout, the sm_90 record and the speed predictions: docs/kernels.md.
 """

@@ -1,10 +1,11 @@
-"""Future value (METHOD.md Eq. 4) as a parallel Triton reverse discounted scan.
+"""Triton backend of ``appo.future_value`` (docs/method.md, Eq. 4): a parallel reverse discounted scan.
+The op's home (its checks, the torch scan it is tested against) is ``appo/ops/future_value.py``; the
+launcher here checks nothing.
 
     s[b, i] = sum_{k >= i} gamma**(k - i) * d[b, k],   d = logprobs - old_logprobs where mask != 0, else 0
 
-Each row is cut into chunks of BLOCK positions and every (chunk, row) pair is a program, so B = 64 rows of
-L = 32,768 make 2,048 programs (B = 64 alone would leave half of an H200's 132 SMs idle and the rest
-latency-bound). Two launches, both loading their chunk in forward order (coalesced):
+Each row is cut into chunks of BLOCK positions and every (chunk, row) pair is a program (B = 64 rows of
+L = 32,768 make 2,048 programs). Two launches, both loading their chunk in forward order (coalesced):
 
 1. ``_chunk_sums_kernel``: A[b, c] = sum_j gamma**j x_j over the chunk's positions j = 0..BLOCK-1 (x the
    masked log-ratio), i.e. the chunk's own contribution to s at its first position.
@@ -23,16 +24,8 @@ The reverse scan inside a chunk, with powers from exp2(n * log2(gamma)) (relativ
 Sums add about (log2(BLOCK) + L / BLOCK) * 2**-24 times the discounted sum of |d| (more under a sequential
 cumsum, as on the CPU interpreter: at most min(BLOCK, 1 / (1 - gamma)) * 2**-24).
 
-Bytes and time at B = 64, L = 32,768 (fp32 log-probs, bool mask; H200): launch 1 reads 9 bytes per position,
-launch 2 reads them again and writes 4: 22 bytes x 2.1 M positions = 46 MB, 11 us at 4.3 TB/s. sm_90 SASS
-(bench/sm90_static.py): 25 instructions per position for the chunk sums, 67 for the scan (8 positions per
-thread, 4 warps per 1,024-position chunk, 32-39 registers, no spills): 2,048 programs make ~6 us of issue
-per SM, under the 11 us of memory time. Predicted 15-20 us with the two launches, against ~7 ms for the dense
-[L, L] form (a 4.3 GB matrix written, raised to powers and masked: ~21 GB of traffic, then a 137 GFLOP fp32
-product): about 350x, against the 100x target.
-
-The torch reference (the test oracle) is ``appo.ops.future_value.discounted_log_ratio_sum_torch``;
-``appo.future_value`` (same file) checks the arguments.
+Bytes: launch 1 reads the inputs (9 bytes per position with fp32 log-probs and a bool mask), launch 2 reads
+them again and writes 4: 22 bytes per position. Speed model and the sm_90 record: docs/kernels.md.
 """
 
 import math

@@ -1,55 +1,22 @@
-"""Fused LM head + token statistics in Triton: log p(sampled token) and full-vocabulary entropy from hidden
-states [N, H] and the LM-head weight [V, H], never allocating the [N, V] logits. With a chunked backward.
-
-Torch reference (the test oracle) and the checks of the arguments: ``appo/ops/linear_token_stats.py``. In
-short:
-
-    z = hidden @ weight.T + bias                       (raw logits, fp32 accumulation)
-    p = softmax(z / T);  logprob = log p[a];  entropy = -sum p log p   (over the finite support of z)
-    backward (logprobs only): dz = g * (onehot(a) - p) / T
-        grad_hidden = dz @ weight,  grad_weight = dz.T @ hidden,  grad_bias = dz.sum(0)
+"""Triton backend of ``appo.token_stats(hidden=, weight=, tokens=, bias=)``: log p of the sampled token and
+the full-vocabulary entropy from hidden states [N, H] and the LM-head weight [V, H], never allocating the
+[N, V] logits, with a chunked backward. The op's home (its checks, the torch reference and its autograd
+Function, the test oracle) is ``appo/ops/linear_token_stats.py``; the launcher here checks nothing.
 
 Forward (``_forward_kernel``): a grid of (vocabulary splits) x (row blocks of BLOCK_N), the split the fastest
-axis, so that the programs in flight work on a few row blocks and share their hidden rows through L2. Each
-program walks its vocabulary range tile by tile: a [BLOCK_N, BLOCK_V] logits tile from a software-pipelined
-K loop of tl.dot (wgmma on sm_90), then the tile folds into online statistics per row (max m, s = sum
-2^((z - m) log2(e) / T), t = sum 2^(...) (z - m), and the sampled token's logit), as in
-``kernels/token_stats.py``. The per-split partial statistics [S, N] merge in a few torch ops on [S, N].
-The split count S is chosen so that the S x (row blocks) programs fill whole waves of the GPU's SMs.
+axis, so that the programs in flight share their hidden rows through L2. Each program walks its vocabulary
+range tile by tile: a [BLOCK_N, BLOCK_V] logits tile from a software-pipelined K loop of tl.dot (wgmma on
+sm_90), folded into the online statistics of each row (``kernels/_online_softmax.py``) along with the
+sampled token's logit. The per-split partial statistics [S, N] merge in a few torch ops; the split count S
+is chosen so that the S x (row blocks) programs fill whole waves of the GPU's SMs (``plan_splits``).
 
-Backward (``_grad_logits_kernel`` + cuBLAS), per chunk of C rows: the Triton kernel recomputes the chunk's
-logits tile by tile from the saved row max and log-sum-exp and writes dz in the input dtype into a [C, V]
-buffer; then torch.matmul computes grad_hidden[chunk] = dz @ weight and grad_weight += dz.T @ hidden[chunk]
-with fp32 accumulation (cuBLAS, fp32 output for bf16/fp16 inputs). Memory O(C x V): the dz buffer (C = 4,096
-rows at V = 152,064: 1.25 GB in bf16) plus an fp32 grad_weight accumulator [V, H].
+Backward (``_grad_logits_kernel`` + cuBLAS), per chunk of C rows: the kernel recomputes the chunk's logits
+tile by tile from the saved row max and log-sum-exp and writes dz = g (onehot(a) - p) / T in the input
+dtype into a [C, V] buffer; torch.matmul then computes grad_hidden[chunk] = dz @ weight and
+grad_weight += dz.T @ hidden[chunk] with fp32 accumulation. Memory O(C V) + an fp32 [V, H] accumulator.
 
-FLOP and byte model at the target sizes (N = 32,768 rows, V = 152,064, H = 3,584, bf16; NVH = 1.79e13; the
-H200's measured floors: about 790 TFLOP/s bf16 matmul, 4.3 TB/s copy):
-  * forward: 2 NVH = 35.7 TFLOP, floor 45 ms. Tiles 128 x 256 x 64, 3-4 stages: sm_90 SASS (recorded by
-    bench/sm90_static.py) has 4 HGMMA.64x256x16 per K step with one wgmma group kept in flight while the
-    next stage's 12 cp.async loads issue (105 instructions per K step: issue is ~15% of the tensor-core
-    time), 254 registers, no spills, 144-192 KiB of shared memory (one program per SM).
-    Operands come from L2 at 85 FLOP per byte. HBM: with S = 33 splits (8,448 programs, exactly 64 waves
-    of 132) the weight is read once per wave, 64 x 1.09 GB = 70 GB, 1.5 TB/s over the run (35% of 4.3 TB/s,
-    under the tensor cores); the 4 row blocks in flight (3.7 MB of hidden rows) stay in L2.
-    Epilogue per tile: 15 SASS instructions per logit (max, shift, clamp, scale, EX2, two sums, token
-    compare) over 256 threads, ~1.9 us against the 39 us of tensor-core time of a tile at 790 TFLOP/s: 4.7%.
-    Predicted: 0.953 x (Triton's pipelined-wgmma mainloop at 0.85-0.90 of cuBLAS) x 790 = 640-680 TFLOP/s
-    (53-56 ms), against the 600 TFLOP/s target (met while the mainloop reaches >= 0.80 of cuBLAS).
-  * backward: 6 NVH = 107 TFLOP: the Triton recompute (2 NVH, the forward's mainloop, 15 instructions per
-    logit of epilogue, writes N V 2 = 10 GB of dz: 55 ms) and two cuBLAS GEMMs (2 NVH each, ~720 TFLOP/s:
-    50 ms each; they read dz twice, 20 GB, and grad_weight's fp32 accumulator is read and written once per
-    chunk, 8 x 4.4 GB = 35 GB, partly under the GEMMs): about 160-170 ms, memory 1.25 GB of dz + 2.2 GB of
-    fp32 grad_weight.
-  * against Liger-Kernel's fused linear cross entropy, which computes its gradients inside its forward:
-    6 NVH in all, the same 6 NVH as this backward (1.0x). Forward + backward here is 8 NVH (1.33x), because
-    the forward must deliver log-probs and entropy before the loss exists and the per-row upstream gradient
-    is only known in backward; Liger returns no entropy, and adding one to it costs another 2 NVH pass
-    (8 NVH too). Predicted forward + backward: ~215-225 ms against Liger's ~155-165 ms (6 NVH at ~720
-    TFLOP/s plus its elementwise passes): about 1.35x Liger's time, so "no longer than Liger" is expected to
-    be missed by that FLOP ratio unless Liger's bf16 chunks run well below cuBLAS's rate.
-  * the fully fused alternative (the previous design: two recompute kernels accumulating grad_hidden and
-    grad_weight in fp32 global memory) moves about 3.3 TB at these sizes: predicted 5-7x slower. Not kept.
+FLOPs: forward 2 N V H; backward 6 N V H (the recompute and two GEMMs). The speed model at the target sizes
+and the sm_90 record: docs/kernels.md.
 
 On the Triton CPU interpreter every tl.dot operand is cast to fp32 first (its bf16 dot is wrong) and the
 GEMMs of the backward run in fp32 torch (CPU has no bf16 GEMM with fp32 output).

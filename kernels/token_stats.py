@@ -1,40 +1,16 @@
-"""Token statistics from logits in one pass: log-prob of the sampled token and full-vocabulary entropy.
+"""Triton backend of ``appo.token_stats`` from logits: log p of the sampled token and the full-vocabulary
+entropy, each logit read once. The op's home (its checks, the torch reference it is tested against) is
+``appo/ops/token_stats.py``; the launcher here checks nothing.
 
-Each logit is read exactly once. Per row, every thread keeps its own running values over the logits z it has
-seen (no shuffles or barriers in the loop), in base 2 with one scale that folds the temperature and the
-change of base, scale = log2(e) / temperature:
-    m = max z,   s = sum 2^((z - m) scale),   t = sum 2^((z - m) scale) (z - m)
-and after the loop the threads' values merge into the row's, giving (natural units again)
-    logprob = (z_a - m) / T - ln s,   entropy = ln s - (t / s) / T.
-(z - m) is taken before the scale: exact for nearby values, so nothing rounds at the logits' magnitude.
-The torch reference (the test oracle) is ``appo.ops.token_stats.token_stats_torch``; ``appo.token_stats``
-(same file) checks the arguments.
+Per row, every thread folds the logits it loads into its own running (m, s, t) (the online softmax of
+``kernels/_online_softmax.py``; no shuffles or barriers in the loop), and after the loop the threads' values
+merge into the row's. Full tiles of K x THREADS x VEC logits (thread i holds K runs of VEC contiguous
+logits, one 16-byte load each; neighbouring threads neighbouring runs) run without masks in a
+software-pipelined ``tl.range`` (3 stages); one masked tile handles the tail. Row offsets are int64
+(N x V passes 2^31).
 
-Finite support: a logit of -inf (a masked vocabulary entry) has probability 0 and adds nothing to s or t: its
-(z - m) is clamped to a finite ``lowest`` (whose 2^(lowest scale) is 0 too) before the product, so that
-0 * (-inf) never makes a NaN. A row whose logits are all -inf so far keeps m = -inf, s = 0, with a shift
-reference of 0, so nothing becomes NaN before a finite logit arrives. A row with no finite logit at all gives
-s = 0 and a NaN entropy; a sampled token whose logit is -inf gives logprob = -inf. NaN or +inf logits give
-NaN (the clamp propagates NaN). ``appo.token_stats`` turns each of these into a ValueError.
-
-Loop layout: full tiles of K x THREADS x VEC logits (thread i holds K runs of VEC contiguous logits, one
-16-byte load each; neighbouring threads neighbouring runs) run without masks in a software-pipelined
-``tl.range`` (cp.async into shared memory, 3 stages); one masked tile handles the tail. Row offsets are
-int64 (T x V passes 2^31).
-
-Byte and instruction model at the target size (T = 32,768 rows, V = 152,064, bf16 logits, H200):
-  * bytes: T V 2 = 9.97 GB read once (8 T + 8 T more), floor 9.97 GB / 4.3 TB/s = 2.32 ms.
-  * SASS of the steady-state loop (sm_90, bench/sm90_static.py, recorded in bench/results/sm90-static-*):
-    328 instructions for 32 logits per thread = 10.25 per logit (bf16; fp16 9.75, fp32 9.22): convert,
-    max, subtract, clamp, scale, EX2, add, FFMA, plus the cp.async bookkeeping and 4 LDGSTS.128; 48
-    registers, no spills, 32 KiB of shared memory per program.
-  * issue: an H200 issues 132 SMs x 4 schedulers x 1.98 GHz x 32 lanes = 3.3e13 thread-instructions/s,
-    15.6 per bf16 logit at 4.3 TB/s; 10.25 per logit is 66% of that at the full copy rate, and EX2
-    (16/clk/SM) runs at 51%: the loop is bound by memory, not by issue.
-  * bytes in flight: 5 programs per SM (registers: 48 x 256 threads), each with 2 tiles (32 KiB) of loads
-    ahead, up to 160 KiB per SM against the ~23 KiB that 4.3 TB/s x ~700 ns of latency needs per SM.
-  * predicted: 90-95% of the measured copy bandwidth (2.45-2.6 ms), against the 85% target; 32,768
-    programs in 50 waves of 660, so the last, partial wave costs about 1%.
+Bytes: N V itemsize of logits read once, 8 N of tokens, 8 N written. Speed model and the sm_90 machine-code
+record: docs/kernels.md.
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""The public scoring API against an independent fp64 implementation of METHOD.md Eqs. 3-5.
+"""The public scoring API against an independent fp64 implementation of docs/method.md, Eqs. 3-5.
 
 The oracle below is written from the equations alone (materialised softmax, a dense decay matrix, a
 per-row loop for the z-scores), in float64, so it shares no code with appo's backends.
