@@ -205,10 +205,10 @@ class APPO(Algorithm):
             ctx.prepare_branches()  # vLLM: the trainer's current weights before it decodes
             prefix_cache = None
             if ctx.engine.accepts_gathered_cache:  # vLLM finds the prefixes in its own prefix cache instead
+                cache = _one_dtype(forward.cache, ctx.model_dtype)
                 with torch.no_grad():
-                    prefix_cache = gather_prefix_kv(forward.cache, plan.src, plan.pos,
-                                                    include_token=self.settings.include_token,
-                                                    lengths=sub.lengths)
+                    prefix_cache = gather_prefix_kv(cache, plan.src, plan.pos, lengths=sub.lengths,
+                                                    include_token=self.settings.include_token)
                 for layer in prefix_cache.layers:  # the forward may have run under bf16 autocast
                     layer.keys, layer.values = layer.keys.to(ctx.model_dtype), layer.values.to(ctx.model_dtype)
             branches = ctx.engine.continue_branches(sub, plan.src, plan.pos, past_key_values=prefix_cache,
@@ -216,6 +216,15 @@ class APPO(Algorithm):
         info.update(trajectories=int(plan.src.numel()), branches=int(plan.src.numel()), branch_batch=branches)
         ctx.timings["branch"] += time.perf_counter() - tick
         return branches, info
+
+
+def _one_dtype(cache, dtype: torch.dtype):
+    """``cache`` as it is when all its keys and values share one dtype, else every layer cast to ``dtype`` in
+    place (under autocast, newer transformers keep some keys and values in different dtypes)."""
+    if len({t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}) > 1:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+    return cache
 
 
 ALGORITHMS = {"grpo": GRPO, "arpo": ARPO, "appo": APPO}
