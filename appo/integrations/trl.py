@@ -6,7 +6,7 @@ A TRL GRPO script becomes an APPO script by swapping ``GRPOTrainer`` -> ``APPOTr
 
 When the method runs. TRL generates one batch of N completions per prompt and feeds it to
 ``steps_per_generation`` micro-steps, ``num_iterations`` times over. APPO branches each slice of the batch
-ONCE, at its first consumption, with the policy of that moment (METHOD.md: "inside the PPO loop"):
+ONCE, at its first consumption, with the policy of that moment (docs/method.md: "inside the PPO loop"):
 
 1. at generation (``_generate_and_score_completions`` + ``_prepare_inputs``): TRL's rollouts and rewards; the
    batch is split into contiguous slices of whole prompt groups (TRL shuffles rows; APPO keeps groups whole),
@@ -20,8 +20,9 @@ ONCE, at its first consumption, with the policy of that moment (METHOD.md: "insi
    ``appo.prefix_cache.gather_prefix_kv`` (no prefill over the prefix); with TRL ``tools=``, a continuation
    that calls a tool goes through TRL's own tool loop (``_tool_call_loop``) under the same
    ``max_tool_calling_iterations`` (the prefix's tool rounds count);
-5. TRL's reward functions score the branches (``_calculate_rewards``; padded to the same count on every rank
-   for TRL's gather, then sliced back to this rank's branches);
+5. TRL's reward functions score the branches (padded to the same count on every rank for TRL's gather, then
+   sliced back to this rank's branches); like the initial completions, they also get ``graded_completions``,
+   the model's own text with each tool result an empty block;
 6. ``dual_group_base`` and ``scale_by_future`` (A_fut from this micro-step's pi_theta against pi_old) give
    the [B, T] token advantages TRL's loss uses as they are; only the N initial completions are optimised.
    The base advantages are stored with the slice;
@@ -42,6 +43,9 @@ More than one process (DDP, e.g. ``torchrun --nproc_per_node 2`` or ``accelerate
 holds whole prompt groups (``per_device_train_batch_size`` a multiple of ``num_generations``, checked), so
 each group, its branches and its statistics live on one rank; scoring and branching are local to that rank.
 What maps to what, and what differs from appo's own trainer, is in docs/integrations.md.
+
+TRL's internals (the private methods this hooks into, the private state it reads) are reached only through
+``appo/integrations/_trl_compat.py``, which checks them at import against the installed TRL.
 """
 
 from __future__ import annotations
@@ -52,13 +56,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.chat_template_utils import parse_response
-from trl.data_utils import is_conversational
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import split_tensor_dict
 
 from appo.algos.chain import APPOSettings, BranchPlan, dual_group_base, plan_branches, scale_by_future
+from appo.integrations import _trl_compat as trl_internals
+from appo.integrations._trl_compat import GRADED, GRPOConfig, GRPOSurface
 from appo.prefix_cache import build_branch_batch, gather_prefix_kv
 from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, TokenStats, future_value, token_stats
 
@@ -76,7 +77,7 @@ _SETTING_FIELDS = {"appo_branches_per_rollout": "branches_per_rollout", "appo_bs
 
 @dataclass
 class APPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus APPO's config block (every ``appo_*`` field; defaults are METHOD.md's).
+    """``GRPOConfig`` plus APPO's config block (every ``appo_*`` field; defaults are docs/method.md's).
 
     ``steps_per_generation`` defaults to 2 x ``gradient_accumulation_steps`` here (TRL's default is 1 x): one
     generation feeds two optimizer steps, so the second branches against a moved policy. Set it (or
@@ -124,16 +125,21 @@ class APPOConfig(GRPOConfig):
             raise ValueError(f"{fields_named[0]}:{reason}") from None
 
 
-class APPOTrainer(GRPOTrainer):
+class APPOTrainer(GRPOSurface):
     """TRL's GRPOTrainer with APPO's token branching, dual-group advantages and future-aware scaling.
 
     Same constructor as ``GRPOTrainer``; ``args`` must be an :class:`APPOConfig`. Runs on any number of DDP
     processes. Refused at construction, each with its reason: ``per_device_train_batch_size`` not a multiple
     of ``num_generations`` (a prompt group would be split across micro-batches or ranks), FSDP or DeepSpeed
     ZeRO-3 (sharded parameters; branch decoding runs a different number of forwards on each rank),
-    ``environment_factory`` (a branch would share and mutate its parent's stateful environment), and
-    ``tools=`` with vLLM on more than one process (the branch tool loop runs a rank-dependent number of
-    vLLM generations, each a collective).
+    ``environment_factory`` (a branch would share and mutate its parent's stateful environment), ``tools=``
+    with vLLM on more than one process (the branch tool loop runs a rank-dependent number of vLLM generations,
+    each a collective) or with a vision-language processor, and a dataset column named ``graded_completions``.
+
+    What a reward function reads: TRL's arguments as ``GRPOTrainer`` passes them, plus
+    ``graded_completions`` (list[str]), the text appo grades: the model's own tokens decoded, each tool result
+    an empty ``<result></result>`` block (``appo.rollout.tool_loop.graded_text``), for the initial completions
+    and the branches alike. Tool results reach the model's context as plain text (no special token id).
     """
 
     def __init__(self, *args, **kwargs):
@@ -171,6 +177,13 @@ class APPOTrainer(GRPOTrainer):
                              "branch continuations end at different lengths on each rank, so their decoding "
                              "runs a different number of forwards per rank, which sharded parameters cannot "
                              "serve")
+        if self.tools and self._trl_is_vlm:
+            raise ValueError("tools: APPOTrainer passes tool results to the model as plain text through a "
+                             "text tokenizer; a vision-language processing_class is not supported with tools")
+        columns = getattr(self.train_dataset, "column_names", None) or ()
+        if GRADED in columns:
+            raise ValueError(f"train_dataset: the column {GRADED!r} is the reward functions' keyword for the "
+                             "graded text APPOTrainer passes them; rename the column")
         if self.tools and self.use_vllm and processes > 1:
             raise ValueError("tools: with vLLM on more than one process, APPOTrainer's branch tool loop "
                              "would call vLLM's gathered generation a different number of times on each "
@@ -202,21 +215,16 @@ class APPOTrainer(GRPOTrainer):
             return torch.bfloat16 if precision == "bf16" else torch.float16
         return next(self.accelerator.unwrap_model(self.model).parameters()).dtype
 
-    # -------------------------------------------------------------------------------- TRL override points
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's reward computation; remembers the initial completions' reward inputs for the branches."""
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self._appo_context is None:
-            self._appo_context = {"inputs": inputs, "prompts": prompts, "completions": completions,
-                                  "completion_ids": completion_ids_list, "rewards_per_func": rewards_per_func}
-        return rewards_per_func
+    # --------------------------------------------------------- hooks (called by _trl_compat.GRPOSurface)
+    def _appo_rewarded(self, inputs, prompts, completions, completion_ids, model_masks, rewards) -> None:
+        """After TRL's reward functions scored a generation batch: keep its reward inputs for the branches."""
+        self._appo_context = {"inputs": inputs, "prompts": prompts, "completions": completions,
+                              "completion_ids": completion_ids, "model_masks": model_masks,
+                              "rewards_per_func": rewards}
 
-    def _generate_and_score_completions(self, inputs):
-        """TRL's generation and scoring; in training, the batch also carries ``appo_rewards`` float32 [B]
-        (this rank's rows of TRL's gathered rewards) and ``appo_row`` int64 [B] (row in this generation
-        batch)."""
-        self._appo_context = None
-        output = super()._generate_and_score_completions(inputs)
+    def _appo_generated(self, output: dict) -> dict:
+        """TRL's generated and scored batch; in training it also carries ``appo_rewards`` float32 [B] (this
+        rank's rows of TRL's gathered rewards) and ``appo_row`` int64 [B] (row in this generation batch)."""
         if not self.model.training:
             return output
         rows = output["completion_ids"].shape[0]
@@ -227,25 +235,25 @@ class APPOTrainer(GRPOTrainer):
         output["appo_row"] = torch.arange(rows, device=output["completion_ids"].device)
         return output
 
-    def _prepare_inputs(self, generation_batch):
+    def _appo_prepare_inputs(self, generation_batch):
         """TRL's buffering of one generation batch over ``steps_per_generation`` micro-steps (times
         ``num_iterations``), with slices of whole prompt groups (in TRL's order, not shuffled), pi_old
         recorded for each when the policy will move before it is consumed, and APPO at consumption: a slice
         branches once, at its first consumption; later passes over it reuse its branches and base
         advantages."""
         if not self.model.training or self.args.appo_branches_per_rollout == 0:
-            return super()._prepare_inputs(generation_batch)
+            return self._trl_prepare_inputs(generation_batch)
         steps = self.args.steps_per_generation
-        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
+        if self._trl_step % (steps * self.num_iterations) == 0 or self._trl_buffer is None:
+            batch = self._trl_generate_batch(generation_batch)
             if "pixel_values" in batch:
                 raise ValueError("generation_batch: APPOTrainer does not support image inputs yet")
-            slices = split_tensor_dict(batch, steps)
+            slices = trl_internals.split_tensor_dict(batch, steps)
             if self._appo_policy_moves():
                 for part in slices:
                     part["appo_old_logprobs"] = self._appo_forward(part, keep_cache=False)[0].logprobs
-            self._buffered_inputs = slices
-        part = self._buffered_inputs[self._step % steps]
+            self._trl_buffer = slices
+        part = self._trl_buffer[self._trl_step % steps]
         if "appo_base_advantages" in part:
             return self._appo_reuse(part)
         output = self._appo_consume(part)
@@ -264,7 +272,7 @@ class APPOTrainer(GRPOTrainer):
         loss_mask = self._appo_loss_mask(inputs)
         num_rows, device = completion_ids.shape[0], completion_ids.device
         group_ids = torch.arange(num_rows, device=device) // self.num_generations
-        plan, stats, old, branch_ids, completions = None, None, None, [], None
+        plan, stats, old, branch_ids, branch_masks, completions = None, None, None, [], [], None
         if loss_mask.any():
             stats, cache = self._appo_forward(inputs, keep_cache=True)
             old = inputs.get("appo_old_logprobs", stats.logprobs)
@@ -274,11 +282,13 @@ class APPOTrainer(GRPOTrainer):
             if plan.src.numel():
                 branch_ids = self._appo_decode_branches(inputs, cache, plan)
                 del cache
+                branch_masks = self._appo_branch_masks(inputs, plan.src, plan.pos, branch_ids)
                 if self.tools:
-                    branch_ids, completions = self._appo_branch_tool_loop(inputs, plan.src, plan.pos,
-                                                                          branch_ids)
+                    branch_ids, branch_masks, completions = self._appo_branch_tool_loop(
+                        inputs, plan.src, plan.pos, branch_ids, branch_masks)
         src = plan.src if plan is not None else torch.zeros(0, dtype=torch.long, device=device)
-        branch_rewards = self._appo_score_branches(inputs["appo_row"][src].tolist(), branch_ids, completions)
+        branch_rewards = self._appo_score_branches(inputs["appo_row"][src].tolist(), branch_ids, branch_masks,
+                                                   completions)
 
         advantages = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
         base = advantages.clone()
@@ -336,7 +346,7 @@ class APPOTrainer(GRPOTrainer):
         model.eval()
         try:
             checkpointing = self.args.gradient_checkpointing_kwargs
-            with (torch.no_grad(), disable_gradient_checkpointing(model, checkpointing),
+            with (torch.no_grad(), trl_internals.disable_gradient_checkpointing(model, checkpointing),
                   self.accelerator.autocast()):
                 out = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids,
                             use_cache=keep_cache, logits_to_keep=completion_ids.shape[1] + 1)
@@ -355,8 +365,8 @@ class APPOTrainer(GRPOTrainer):
         full_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         rows, positions = plan.src, plan.pos + prompt_width
         lengths = torch.full(full_ids.shape[:1], full_ids.shape[1], dtype=torch.long, device=full_ids.device)
-        prefix = build_branch_batch(full_ids, lengths, rows, positions, pad_id=self._tokenizer.pad_token_id,
-                                    include_token=include)
+        prefix = build_branch_batch(full_ids, lengths, rows, positions,
+                                    pad_id=self._trl_tokenizer.pad_token_id, include_token=include)
         # The original attention mask, gathered the same way, keeps the prompts' left padding masked out.
         attention = build_branch_batch(full_mask.long(), lengths, rows, positions, pad_id=0,
                                        include_token=include).input_ids
@@ -372,13 +382,13 @@ class APPOTrainer(GRPOTrainer):
         model.eval()
         try:
             checkpointing = self.args.gradient_checkpointing_kwargs
-            with torch.no_grad(), disable_gradient_checkpointing(model, checkpointing):
+            with torch.no_grad(), trl_internals.disable_gradient_checkpointing(model, checkpointing):
                 generated = model.generate(input_ids=prefix.input_ids, attention_mask=attention,
                                            past_key_values=branch_cache, generation_config=generation_config)
         finally:
             model.train(training)
         new_tokens = generated[:, prefix.input_ids.shape[1]:].tolist()
-        eos = set(self.eos_token_ids)
+        eos = set(self._trl_eos_ids)
         branches = []
         for k, row in enumerate(rows.tolist()):
             head = full_ids[row, prompt_width:prompt_width + int(kept[k])].tolist()
@@ -390,19 +400,35 @@ class APPOTrainer(GRPOTrainer):
             branches.append(head + tail)
         return branches
 
+    def _appo_branch_masks(self, inputs: dict, rows: torch.Tensor, positions: torch.Tensor,
+                           branch_ids: list[list[int]]) -> list[list[int]]:
+        """Per branch, a list of 1 where the model wrote the token and 0 on tool-result tokens: the kept
+        prefix of parent row ``rows[k]`` (``positions[k]`` completion tokens, one more with
+        ``appo_include_token``) has the parent's ``tool_mask``; the decoded continuation is the model's."""
+        keep = int(self.appo_settings.include_token)
+        tool_mask = inputs.get("tool_mask")
+        masks = []
+        for row, position, ids in zip(rows.tolist(), positions.tolist(), branch_ids):
+            kept = min(position + keep, len(ids))
+            head = tool_mask[row, :kept].tolist() if tool_mask is not None else [1] * kept
+            masks.append([int(bool(m)) for m in head] + [1] * (len(ids) - kept))
+        return masks
+
     def _appo_branch_tool_loop(self, inputs: dict, rows: torch.Tensor, positions: torch.Tensor,
-                               branch_ids: list[list[int]]) -> tuple[list[list[int]], list[list[dict]]]:
-        """Finish the K tool-using branches with TRL's own tool loop (``GRPOTrainer._tool_call_loop``).
+                               branch_ids: list[list[int]], branch_masks: list[list[int]]
+                               ) -> tuple[list[list[int]], list[list[int]], list[list[dict]]]:
+        """Finish the K tool-using branches with TRL's own tool loop (``_trl_compat``'s ``_trl_tool_loop``).
 
         A branch at completion position ``positions[k]`` of slice row ``rows[k]`` keeps the parent's earlier
         turns (assistant turns, tool calls and tool results, token for token) and regenerated the rest of the
         current assistant turn. That turn is parsed with TRL's ``parse_response``; if it calls tools, TRL's
-        loop executes them with the parent row's tool dicts, appends the tool-result tokens
-        (``_get_tool_suffix_ids``) and generates the next turns (``_generate_single_turn``, a full prefill),
-        until no call is left, ``max_completion_length`` is spent, or ``max_tool_calling_iterations`` is
-        reached, counting the tool rounds already in the prefix. Returns the K completed token-id lists
-        (tool-result tokens included, as TRL passes them to reward functions) and the K completions as TRL's
-        message lists (earlier turns + the loop's turns)."""
+        loop executes them with the parent row's tool functions, appends the tool-result tokens (as plain
+        text: ``GRPOSurface._get_tool_suffix_ids``) and generates the next turns (a full prefill), until no
+        call is left, ``max_completion_length`` is spent, or ``max_tool_calling_iterations`` is reached,
+        counting the tool rounds already in the prefix. Returns the K completed token-id lists (tool-result
+        tokens included, as TRL passes them to reward functions), their K model masks (``branch_masks``
+        extended: 0 on the appended tool-result tokens) and the K completions as TRL's message lists
+        (earlier turns + the loop's turns)."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         tool_mask = inputs.get("tool_mask")
         generation_rows = inputs["appo_row"][rows].tolist()
@@ -429,51 +455,47 @@ class APPOTrainer(GRPOTrainer):
             rounds_before.append(rounds)
             earlier.append(messages)
 
-        turns = [parse_response(self._tokenizer, ids[start:], prefix=prompt_lists[k] + ids[:start],
-                                tools=self.tools)
+        turns = [trl_internals.parse_turn(self._trl_tokenizer, ids[start:], prompt_lists[k] + ids[:start],
+                                          self.tools)
                  for k, (ids, start) in enumerate(zip(branch_ids, starts))]
         finished_ids = [list(ids) for ids in branch_ids]
+        finished_masks = [list(mask) for mask in branch_masks]
         finished_turns = [[turn] for turn in turns]
         calls = failures = 0
-        sync_dicts, async_dicts = self._sync_tool_dicts, self._async_tool_dicts
-        try:
-            # One TRL loop per number of earlier tool rounds, so each branch gets the rounds it has left.
-            for rounds in sorted(set(rounds_before)):
-                members = [k for k, r in enumerate(rounds_before)
-                           if r == rounds and turns[k].get("tool_calls")]
-                if not members or rounds >= limit:
-                    continue  # no call, or no round left: the call stays unexecuted, as in TRL at the limit
-                member_rows = [generation_rows[k] for k in members]
-                self._sync_tool_dicts = [sync_dicts[row] for row in member_rows]
-                self._async_tool_dicts = [async_dicts[row] for row in member_rows]
-                self.max_tool_calling_iterations = limit - rounds
-                contexts = [copy.deepcopy(prompts[row] + earlier[k]) for k, row in zip(members, member_rows)]
-                _, completions, completion_ids, _, count, failed, _ = self._tool_call_loop(
-                    contexts, [prompt_lists[k] for k in members], [finished_ids[k] for k in members],
-                    [finished_turns[k] for k in members], None, None, {})
-                calls, failures = calls + count, failures + failed
-                for j, k in enumerate(members):
-                    finished_ids[k], finished_turns[k] = completion_ids[j], completions[j]
-        finally:
-            self._sync_tool_dicts, self._async_tool_dicts = sync_dicts, async_dicts
-            self.max_tool_calling_iterations = limit
-        metrics = self._metrics["train"]
+        # One TRL loop per number of earlier tool rounds, so each branch gets the rounds it has left.
+        for rounds in sorted(set(rounds_before)):
+            members = [k for k, r in enumerate(rounds_before) if r == rounds and turns[k].get("tool_calls")]
+            if not members or rounds >= limit:
+                continue  # no call, or no round left: the call stays unexecuted, as in TRL at the limit
+            member_rows = [generation_rows[k] for k in members]
+            contexts = [copy.deepcopy(prompts[row] + earlier[k]) for k, row in zip(members, member_rows)]
+            completion_ids, masks, completions, count, failed = self._trl_tool_loop(
+                member_rows, contexts, [prompt_lists[k] for k in members], [finished_ids[k] for k in members],
+                [finished_turns[k] for k in members], limit - rounds)
+            calls, failures = calls + count, failures + failed
+            for j, k in enumerate(members):
+                before = len(finished_ids[k])
+                finished_ids[k], finished_turns[k] = completion_ids[j], completions[j]
+                finished_masks[k] = finished_masks[k] + list(masks[j][before:])
+        metrics = self._trl_train_metrics
         metrics["appo/branch_tool_calls"].append(float(calls))
         metrics["appo/branch_tool_failure_frequency"].append(failures / calls if calls else 0.0)
         completions = [earlier[k] + finished_turns[k] for k in range(len(branch_ids))]
-        return finished_ids, completions
+        return finished_ids, finished_masks, completions
 
     def _appo_score_branches(self, generation_rows: list[int], branch_ids: list[list[int]],
-                             branch_completions: list | None = None) -> torch.Tensor:
+                             branch_masks: list[list[int]], branch_completions: list | None = None
+                             ) -> torch.Tensor:
         """Rewards float32 [K] of this rank's K branches from TRL's reward functions (NaN where all gave
         None).
 
         ``generation_rows``: each branch's parent row in the generation batch (its reward inputs);
-        ``branch_completions`` (TRL message lists, from the tool loop) is used as given, else the ids are
-        decoded as plain text (one assistant message for conversational prompts). TRL gathers rewards over all
-        ranks, which needs the same row count everywhere: the ranks agree on the largest K, pad with copies of
-        a row (scored, then dropped) and keep their own slice. Reward-function logs of branches are
-        dropped."""
+        ``branch_masks``: 1 where the model wrote the token (the reward functions' ``graded_completions`` are
+        built from them); ``branch_completions`` (TRL message lists, from the tool loop) is used as given,
+        else the ids are decoded as plain text (one assistant message for conversational prompts). TRL gathers
+        rewards over all ranks, which needs the same row count everywhere: the ranks agree on the largest K,
+        pad with copies of a row (scored, then dropped) and keep their own slice. Reward-function logs of
+        branches are dropped."""
         device = self.accelerator.device
         count = len(generation_rows)
         width = count
@@ -484,24 +506,19 @@ class APPOTrainer(GRPOTrainer):
         context = self._appo_context
         if branch_completions is None:
             branch_completions = self.processing_class.batch_decode(branch_ids, skip_special_tokens=True)
-            if count and is_conversational({"prompt": context["prompts"][generation_rows[0]]}):
+            if count and trl_internals.is_conversational({"prompt": context["prompts"][generation_rows[0]]}):
                 branch_completions = [[{"role": "assistant", "content": text}] for text in branch_completions]
-        rows, ids, completions = list(generation_rows), list(branch_ids), list(branch_completions)
+        rows, ids, masks, completions = (list(generation_rows), list(branch_ids), list(branch_masks),
+                                         list(branch_completions))
         if not rows:                                   # nothing of our own: pad with the first initial row
-            rows, ids, completions = [0], [context["completion_ids"][0]], [context["completions"][0]]
+            rows, ids, masks, completions = ([0], [context["completion_ids"][0]], [context["model_masks"][0]],
+                                             [context["completions"][0]])
         filler = width - len(rows)
-        rows, ids, completions = rows + rows[-1:] * filler, ids + ids[-1:] * filler, \
-            completions + completions[-1:] * filler
-        saved_logs = {key: list(value) for key, value in self._pending_extra_logs.items()}
-        saved_metrics = {key: list(value) for key, value in self._pending_metrics.items()}
-        try:
-            per_func = super()._calculate_rewards([dict(context["inputs"][r]) for r in rows],
-                                                  [context["prompts"][r] for r in rows], completions, ids)
-        finally:
-            self._pending_extra_logs.clear()
-            self._pending_extra_logs.update(saved_logs)
-            self._pending_metrics.clear()
-            self._pending_metrics.update(saved_metrics)
+        rows, ids, masks, completions = (rows + rows[-1:] * filler, ids + ids[-1:] * filler,
+                                         masks + masks[-1:] * filler, completions + completions[-1:] * filler)
+        per_func = self._trl_rewards([dict(context["inputs"][r]) for r in rows],
+                                     [context["prompts"][r] for r in rows], completions, ids, masks,
+                                     keep_logs=False)
         rank = self.accelerator.process_index
         return self._appo_total_rewards(per_func[rank * width:rank * width + count])
 
@@ -534,7 +551,7 @@ class APPOTrainer(GRPOTrainer):
             local[10] = plan.pos.double().sum()
         totals = self.accelerator.gather(local[None]).view(-1, local.numel())
         summed = totals.sum(dim=0).tolist()
-        metrics = self._metrics["train"]
+        metrics = self._trl_train_metrics
         metrics["appo/omega_mean"].append(summed[4] / summed[3] if summed[3] else 1.0)
         metrics["appo/omega_max_shift"].append(float(totals[:, 5].max()))
         if branch_rewards is None:

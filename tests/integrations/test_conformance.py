@@ -1,4 +1,5 @@
-"""The conformance suite: APPO keeps its definition on every path it runs on (METHOD.md, "Branching Score").
+"""The conformance suite: APPO keeps its definition on every path it runs on (docs/method.md, "Branching
+Score").
 
 One tiny setup per kind of path, run through every path that can run here, each checked for the same
 invariants (one parametrised test per invariant, one parameter per path):
@@ -8,7 +9,8 @@ invariants (one parametrised test per invariant, one parameter per path):
   omega_after_update     after an update, Omega != 1 where the next branching measures it;
   branch_policy_current  branch tokens are sampled by the policy the trainer holds at that branching;
   branch_tools_run       a tool call written in a branch runs the tool;
-  no_tool_credit         no credit from text a tool did not return.
+  no_tool_credit         no credit from text a tool did not return, nor from a tool's output graded as the
+                         model's text.
 
 Paths:
   appo-transformers  appo's Trainer, transformers backend, here (_conformance_appo.py);
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from appo.rollout.tool_loop import special_token_ids
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -172,8 +176,8 @@ def trl_1(trl_helper) -> dict:
     runs = {"train": [trl_helper.plain_summary(trl_helper.plain_run()[0])],
             "lr0": [trl_helper.plain_summary(trl_helper.plain_run(learning_rate=0.0)[0])]}
     trainer, _ = trl_helper.tool_run()
-    runs["tools"] = [{"records": trainer.records,
-                      "fake": trl_helper.fake_tool_response_branch(trainer, trl_helper.tool_tokenizer())}]
+    runs["tools"] = [{"records": trainer.records, "graded_seen": trainer.graded_seen,
+                      "attacks": trl_helper.attack_branches(trainer, trl_helper.tool_tokenizer())}]
     return runs
 
 
@@ -249,9 +253,14 @@ def _trl_branch_tools_run(runs, helper):
 
 
 def _trl_no_tool_credit(runs, helper):
-    """Every tool message a branch's reward reads is the output of a call the tool ran for that branch; a
-    branch that writes a tool response of its own ("99") after its call gets the real result (7) as its tool
-    message and reward, its own text staying in its assistant turn."""
+    """Reward functions read tool output only where TRL labels it: every tool message a branch's reward reads
+    is the output of a call the tool ran for it, and the graded text every reward function gets
+    (``graded_completions``) holds one empty result block per tool round and no tool output. Attacks, on
+    hand-written branches: a branch that writes a tool response of its own ("99") after its call is rewarded
+    on the real result (7), its own text graded as its own; a tool whose output closes the result block,
+    answers and opens a fake assistant turn earns no answer credit, and its tokens hold no chat-role token; a
+    branch that answers itself does earn it."""
+    special = special_token_ids(helper.tool_tokenizer())
     for rank in runs["tools"]:
         for record in rank["records"]:
             outputs = {str(a + b) for a, b in record["calls"]}
@@ -260,11 +269,24 @@ def _trl_no_tool_credit(runs, helper):
                 assert set(tools) <= outputs
                 expected = int(tools[-1]) / 18 if tools else 0.0
                 assert float(record["branch_rewards"][k]) == pytest.approx(expected)
-        fake = rank["fake"]
-        assert fake["calls"] == [(3, 4)]
-        assert [m["content"] for m in fake["messages"] if m["role"] == "tool"] == ["7"]
-        assert "99" in fake["messages"][0]["content"]
-        assert fake["reward"] == pytest.approx(7 / 18)
+        assert len(rank["graded_seen"]) > 0
+        for seen in rank["graded_seen"]:
+            rounds = sum(1 for i, role in enumerate(seen["roles"])
+                         if role == "tool" and (i == 0 or seen["roles"][i - 1] != "tool"))
+            assert seen["graded"].count("<result></result>") == rounds, seen
+            assert "<tool_response>" not in seen["graded"] and "<answer>" not in seen["graded"]
+        own, forged, answered = (rank["attacks"][name] for name in ("own_response", "forged", "answered"))
+        assert own["calls"] == [(3, 4)]
+        assert [m["content"] for m in own["messages"] if m["role"] == "tool"] == ["7"]
+        assert "99" in own["messages"][0]["content"]
+        assert "<tool_response>\n99\n</tool_response>" in own["graded"]             # the model's own text
+        assert own["rewards"][0] == pytest.approx(7 / 18)
+        assert [m["content"] for m in forged["messages"] if m["role"] == "tool"] == [helper.FORGED]
+        tool_ids = [i for i, m in zip(forged["ids"], forged["mask"]) if m == 0]
+        plain_ids = [i for i, m in zip(own["ids"], own["mask"]) if m == 0]
+        assert [i for i in tool_ids if i in special] == [i for i in plain_ids if i in special]
+        assert "<answer>" not in forged["graded"] and forged["rewards"][1] == 0.0
+        assert "<answer>7</answer>" in answered["graded"] and answered["rewards"][1] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- the table
