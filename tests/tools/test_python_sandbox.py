@@ -216,18 +216,6 @@ def test_without_a_cgroup_the_bounds_are_per_process_and_nothing_outlives_the_ca
         assert processes_of(int(result.split()[0])) == []  # gone, zombies too, before the call returned
 
 
-def test_cpu_time_of_all_the_processes_of_a_call_is_bounded(monkeypatch):
-    code = ("import os\nfor _ in range(2):\n    if os.fork() == 0:\n        while True:\n            pass\n"
-            "os.wait()\nos.wait()")
-    for cgroup in (True, False):  # the cgroup's counter, then the parent's count over /proc
-        if not cgroup:
-            monkeypatch.setattr(cgroups, "layout", lambda: None)
-        tool = PythonTool(timeout_s=20, cpu_time_s=1)  # a busy machine may give it a fraction of a core
-        start = time.monotonic()
-        assert tool.run(code) == "TimeoutError: CPU time limit of 1 s exceeded (killed)"
-        assert time.monotonic() - start < 15
-
-
 def test_the_status_line_never_comes_from_the_code(tool):
     assert timed_run(tool, "import os\nos._exit(121)") == "Process exited with status 121"
     suicide = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
@@ -280,8 +268,8 @@ def test_appo_train_runs_its_python_tool_from_a_venv_under_tmp(venv_under_tmp, t
     Before issue 20 it stopped at once: the sandbox's /tmp hid the interpreter."""
     folder, _ = venv_under_tmp
     overrides = [f"model.name_or_path={tiny_model_dir}", "device=cpu", "threads=1", "steps=1",
-                 "prompts_per_step=2", "optim.minibatches_per_step=1", "data.train_size=4", "data.eval_size=2",
-                 "data.few_shot=1", "data.tool=python", "rollout.max_prompt_tokens=1500",
+                 "prompts_per_step=2", "optim.minibatches_per_step=1", "data.train_size=4",
+                 "data.eval_size=2", "data.few_shot=1", "data.tool=python", "rollout.max_prompt_tokens=1500",
                  "rollout.max_total_tokens=1540", "rollout.max_new_tokens_per_turn=8"]
     env = {k: v for k, v in os.environ.items() if k != ALLOW_UNCONFINED_ENV}
     done = subprocess.run([str(folder / "bin" / "python"), "-m", "appo.cli", "train", *overrides],
