@@ -23,14 +23,75 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple
 
 import torch
 
 from appo.algos import (APPOSettings, arpo_branch_points, dual_group_base, fresh_rollouts_to_fill,
                         grpo_advantages, plan_branches, scale_by_future)
-from appo.config import TrainConfig
 from appo.rollout.batch import RolloutBatch, concat
+from appo.settings import ConfigError, Range, check_fields, setting
+
+if TYPE_CHECKING:
+    from appo.config import TrainConfig
+
+_GROUP = 4096  # rollouts per prompt: far above any run, low enough that a typo is refused at once
+
+
+@dataclass(frozen=True)
+class ARPOSettings:
+    """ARPO's branching rule (``appo.algos.arpo.arpo_branch_points``; docs/method.md, "Baselines")."""
+
+    entropy_window: int = setting(20, "k: generated tokens averaged for the entropy after a tool result and "
+                                  "for the rollout's first-segment entropy", within=Range(1, 2**20))
+    entropy_weight: float = setting(0.2, "beta: weight of the entropy change dH in clip(U(0,1) - beta * dH, "
+                                    "0, 1)", within=Range(0, 100))
+    branch_threshold: float = setting(0.5, "tau: a tool result is branched when clip(U(0,1) - beta * dH, 0, 1) "
+                                      "<= tau", within=Range(0, 1))
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class AlgoConfig:
+    """The trainer's ``algo`` block: which algorithm, its budget, the PPO loss, and each algorithm's own block
+    (``appo``: the APPO settings the TRL and verl integrations read too; ``arpo``). Each algorithm checks the
+    rules between them (``Algorithm.check``); docs/method.md section 2 maps the paper's symbols to these keys."""
+
+    name: str = setting("appo", "the algorithm: a name in appo.algorithms.ALGORITHMS (appo, grpo, arpo)")
+    rollouts_per_prompt: int = setting(4, "M: trajectories per prompt, the budget, exact for every algorithm "
+                                       "(APPO: M = (B + 1) * N)", within=Range(1, _GROUP))
+    initial_rollouts: int = setting(2, "N: rollouts sampled from the prompt before branching (APPO, ARPO; "
+                                    "GRPO samples all M)", within=Range(1, _GROUP))
+    eps_low: float = setting(0.2, "PPO clip: the ratio's lower bound is 1 - eps_low",
+                             within=Range(0, 1, open_hi=True))
+    eps_high: float = setting(0.28, "PPO clip: the ratio's upper bound is 1 + eps_high", within=Range(0, 10))
+    tis_cap: float | None = setting(2.0, "truncated importance sampling: the loss weight min(pi_old / "
+                                    "pi_behaviour, tis_cap) corrects the rollout engine / trainer mismatch "
+                                    "(null disables it)", within=Range(0, 1000, open_lo=True))
+    kl_coef: float = setting(0.0, "weight of the KL penalty to the initial policy (0: no reference model)",
+                             within=Range(0, 100))
+    branch_when: Literal["per_minibatch", "once_per_step"] = setting(
+        "per_minibatch", "APPO in appo's trainer: branch each mini-batch from the policy after the updates "
+        "before it (the paper's loop), or every mini-batch before the first update (the authors' code)")
+    warmup_update: bool = setting(
+        False, "APPO in appo's trainer: with optim.minibatches_per_step updates per step, the first mini-batch "
+        "branches while pi_theta == pi_old, so its prompts never use Omega (half of them at 2 mini-batches); "
+        "true adds one update on the first mini-batch's initial rollouts (advantage A_init, no branches) "
+        "before any branching: one more forward, backward and optimizer step per step")
+    appo: APPOSettings = setting(help="APPO's block (appo.algos.chain.APPOSettings)", factory=APPOSettings)
+    arpo: ARPOSettings = setting(help="ARPO's block", factory=ARPOSettings)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def check_algo(algo: AlgoConfig) -> None:
+    """The rules of the algorithm ``algo.name`` (its class's ``check``); ConfigError naming the key."""
+    if algo.name not in ALGORITHMS:
+        raise ConfigError("algo.name", f"expected one of {list(ALGORITHMS)}, got {algo.name!r}")
+    ALGORITHMS[algo.name].check(algo)
 
 
 class PolicyForward(NamedTuple):
@@ -76,11 +137,24 @@ class Algorithm:
         self.config = config
         self.algo = config.algo
 
+    @classmethod
+    def check(cls, algo: AlgoConfig) -> None:
+        """The rules this algorithm sets on the ``algo`` block (each field's range is checked when it is
+        built); ConfigError naming the key. GRPO and ARPO: a group of M >= 2 (a group of one has advantage 0,
+        so nothing is learned); only APPO has a warm-up update."""
+        if algo.rollouts_per_prompt < 2:
+            raise ConfigError("algo.rollouts_per_prompt", f"{cls.__name__} needs M >= 2 rollouts per prompt (a "
+                              f"group of one has advantage 0, so nothing is learned), got {algo.rollouts_per_prompt}")
+        if algo.warmup_update:
+            raise ConfigError("algo.warmup_update", "needs algo.name=appo with algo.branch_when=per_minibatch "
+                              "(it makes APPO's per-mini-batch branching see a policy shift)")
+
     def rollouts(self, ctx: StepContext, prompts: list[list[int]], groups: list[int]
                  ) -> tuple[RolloutBatch, dict]:
         """M full rollouts per prompt."""
-        batch = ctx.engine.generate([p for p in prompts for _ in range(self.algo.M)],
-                                    [g for g in groups for _ in range(self.algo.M)], score=ctx.score)
+        count = self.algo.rollouts_per_prompt
+        batch = ctx.engine.generate([p for p in prompts for _ in range(count)],
+                                    [g for g in groups for _ in range(count)], score=ctx.score)
         return batch, {"trajectories": batch.num_rollouts}
 
     def after_old_forward(self, ctx: StepContext, index: int, sub: RolloutBatch, forward: PolicyForward) -> None:
@@ -102,12 +176,19 @@ class ARPO(Algorithm):
     branches decode from the KV cache decoding built (no extra forward, no prefill over the prefixes); a backend
     that records neither (vLLM) costs one no-grad forward for the entropies and uses its own prefix cache."""
 
+    @classmethod
+    def check(cls, algo):
+        super().check(algo)
+        if algo.initial_rollouts > algo.rollouts_per_prompt:
+            raise ConfigError("algo.initial_rollouts", f"ARPO needs N <= M, got N={algo.initial_rollouts}, "
+                              f"M={algo.rollouts_per_prompt}")
+
     def rollouts(self, ctx, prompts, groups):
         from appo.prefix_cache import gather_prefix_kv
 
         algo, engine = self.algo, ctx.engine
-        prompt_rows = [p for p in prompts for _ in range(algo.N)]
-        group_rows = [g for g in groups for _ in range(algo.N)]
+        prompt_rows = [p for p in prompts for _ in range(algo.initial_rollouts)]
+        group_rows = [g for g in groups for _ in range(algo.initial_rollouts)]
         cache = None
         if engine.accepts_gathered_cache:
             initial, cache = engine.generate_with_cache(prompt_rows, group_rows, score=ctx.score)
@@ -118,8 +199,10 @@ class ARPO(Algorithm):
             with torch.no_grad():
                 entropy = ctx.forward(initial, False).entropy
         spans = [[call.result_span for call in calls] for calls in initial.tool_calls]
-        src, pos = arpo_branch_points(entropy, initial.mask, spans, initial.group_ids, budget=algo.M,
-                                      k=algo.arpo_k, beta=algo.arpo_beta, tau=algo.arpo_tau,
+        rule = algo.arpo
+        src, pos = arpo_branch_points(entropy, initial.mask, spans, initial.group_ids,
+                                      budget=algo.rollouts_per_prompt, k=rule.entropy_window,
+                                      beta=rule.entropy_weight, tau=rule.branch_threshold,
                                       generator=ctx.generator)
         parts = [initial]
         if src.numel():
@@ -131,7 +214,7 @@ class ARPO(Algorithm):
             parts.append(engine.continue_branches(initial, src, pos, past_key_values=prefix_cache,
                                                   score=ctx.score))
         del cache
-        prompt_ids, fresh = fresh_rollouts_to_fill(initial.group_ids, src, algo.M)
+        prompt_ids, fresh = fresh_rollouts_to_fill(initial.group_ids, src, algo.rollouts_per_prompt)
         by_group = dict(zip(groups, prompts))
         extra = [g for g, count in zip(prompt_ids.tolist(), fresh.tolist()) for _ in range(count)]
         if extra:
@@ -147,20 +230,26 @@ class APPO(Algorithm):
 
     def __init__(self, config: TrainConfig):
         super().__init__(config)
-        algo = self.algo
-        self.settings = APPOSettings(
-            branches_per_rollout=algo.B, bs_gamma=algo.bs_gamma, bs_clip=algo.bs_clip, candidates=algo.candidates,
-            per=algo.per, min_gap=algo.min_gap, include_token=algo.include_token, entropy_only=algo.entropy_only,
-            uniform_points=algo.uniform_points, shift_tolerance=algo.shift_tolerance,
-            fut_gamma=algo.fut_gamma, fut_clip=algo.fut_clip, future_scale=algo.b, combine=algo.combine,
-            one_group=algo.one_group)
+        self.settings = self.algo.appo
         self.keeps_cache = True
-        self.branches_before_updates = algo.branch_when == "once_per_step"
+        self.branches_before_updates = self.algo.branch_when == "once_per_step"
         self.early: dict[int, tuple[RolloutBatch, dict]] = {}  # once_per_step: branches made before the updates
 
+    @classmethod
+    def check(cls, algo):
+        needed = (algo.appo.branches_per_rollout + 1) * algo.initial_rollouts
+        if algo.rollouts_per_prompt != needed:
+            raise ConfigError("algo.rollouts_per_prompt", f"APPO needs M = (B + 1) * N = (algo.appo."
+                              f"branches_per_rollout + 1) * algo.initial_rollouts = {needed}, got "
+                              f"{algo.rollouts_per_prompt}")
+        if algo.warmup_update and algo.branch_when != "per_minibatch":
+            raise ConfigError("algo.warmup_update", "needs algo.branch_when=per_minibatch (it makes APPO's "
+                              "per-mini-batch branching see a policy shift)")
+
     def rollouts(self, ctx, prompts, groups):
-        batch = ctx.engine.generate([p for p in prompts for _ in range(self.algo.N)],
-                                    [g for g in groups for _ in range(self.algo.N)], score=ctx.score)
+        count = self.algo.initial_rollouts
+        batch = ctx.engine.generate([p for p in prompts for _ in range(count)],
+                                    [g for g in groups for _ in range(count)], score=ctx.score)
         self.early.clear()
         return batch, {"trajectories": batch.num_rollouts}
 
@@ -231,5 +320,5 @@ ALGORITHMS = {"grpo": GRPO, "arpo": ARPO, "appo": APPO}
 
 
 def make_algorithm(config: TrainConfig) -> Algorithm:
-    """The algorithm object of ``config.algo.algo``."""
-    return ALGORITHMS[config.algo.algo](config)
+    """The algorithm object of ``config.algo.name``."""
+    return ALGORITHMS[config.algo.name](config)

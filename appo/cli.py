@@ -1,12 +1,13 @@
 """The ``appo`` command line.
 
-    appo train [--algo grpo|arpo|appo] [--config file.yaml] [--print-config] [--allow-config-change]
+    appo train [--algo appo|grpo|arpo] [--config file.yaml] [--print-config] [--allow-config-change]
                [key=value ...]
     appo eval  [--model PATH] [--data file.jsonl] [--limit N] [--samples K] [--out results.jsonl]
                [key=value ...]
     appo plot  run1/metrics.jsonl [run2/metrics.jsonl ...] --out curves.png
 
-``key=value`` overrides use the dotted config keys of ``appo.config`` (e.g. ``algo.M=8 optim.lr=2e-6``).
+``key=value`` overrides use the dotted config keys of ``appo.config`` (e.g. ``algo.rollouts_per_prompt=8
+optim.lr=2e-6``); ``--print-config`` prints them all with their effective values, as YAML ``--config`` reads.
 Bad input (a config value, a data row, a checkpoint that cannot be resumed) is reported as one line naming the
 key, the file and the line, before any model loads: exit status 2 for usage, 1 for a checkpoint.
 """
@@ -19,9 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
-from appo.config import ConfigError, check_available, load_config, to_dict
+from appo.algorithms import ALGORITHMS
+from appo.config import ConfigError, check_available, dump_yaml, load_config
 from appo.runs import resolve_model
 from appo.tasks.data import read_jsonl
 
@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a policy (the default config is the CPU demo)")
-    train.add_argument("--algo", choices=("appo", "grpo", "arpo"), help="shorthand for algo.algo=...")
-    train.add_argument("--config", help="YAML file applied on top of the built-in default")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--algo", choices=list(ALGORITHMS), help="shorthand for algo.name=...")
+    train.add_argument("--config", help="YAML file applied on top of the defaults (the CPU demo)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the effective config (defaults + --config + overrides) as YAML and exit")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume even though the config differs from the checkpoint's, applying each change "
                             "(same as allow_config_change=true)")
@@ -71,7 +72,7 @@ class UsageError(ValueError):
 def _config_from(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "algo", None):
-        overrides.insert(0, f"algo.algo={args.algo}")
+        overrides.insert(0, f"algo.name={args.algo}")
     if getattr(args, "allow_config_change", False):
         overrides.append("allow_config_change=true")
     try:
@@ -83,7 +84,7 @@ def _config_from(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     config = _config_from(args)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print(dump_yaml(config), end="")
         return 0
     try:
         summary = importlib.import_module("appo.trainer").train(config)

@@ -1,148 +1,80 @@
-"""Typed training configuration: dataclasses, a YAML file and dotted ``key=value`` overrides.
+"""The trainer's configuration: typed blocks, a YAML file and dotted ``key=value`` overrides.
 
-``load_config(path, ["algo.algo=grpo", "optim.lr=2e-6"])`` starts from the built-in DEFAULT (the CPU demo:
-SmolLM2-135M-Instruct, arithmetic task, python tool, APPO, 4 prompts x N=2, B=1 -> M=4 per prompt, short
-lengths), applies the YAML file, then the overrides (each value parsed with ``yaml.safe_load``). Unknown keys
-and bad values (type, range, choice; ``validate``) raise ConfigError, a ValueError naming the key, and
-the file and line when the key was set in a file.
+``load_config(path, ["algo.name=grpo", "optim.lr=2e-6"])`` starts from the dataclass defaults (``TrainConfig()``:
+the CPU demo), applies the YAML file, then the overrides (each value parsed with ``yaml.safe_load``). Every
+default, range and help text is written once, on its field (``appo.settings.setting``); the blocks are
+ModelConfig, DataConfig, ``appo.rollout.config.RolloutConfig`` (rollout), ``appo.algorithms.AlgoConfig``
+(algo, with ``appo.algos.chain.APPOSettings`` as algo.appo), OptimConfig and TrainConfig. ``appo train
+--print-config`` prints the effective config as YAML that ``--config`` reads back. Unknown keys, old key names
+(RENAMED: a one-line hint naming the new key) and bad values (type, range, choice; ``validate``) raise
+ConfigError, a ValueError naming the key, and the file and line when the key was set in a file.
 
 Config text is input, hostile or not: a file holds at most MAX_CONFIG_BYTES, the overrides as many together,
 nothing nests deeper than MAX_DEPTH levels (a file, an override's value or the mappings data.task_options and
 rollout.vllm, aliases expanded), and a key given twice in one mapping, at any depth, is refused naming the key
-and both lines. Every numeric field has a bounded range in RANGES (checked by ``validate``), and the text the
-environment writes into a rollout (rollout.result_template, rollout.response_prefix) cannot spell a tag the
-model writes or a special token (``check_result_template``, ``check_response_prefix``).
+and both lines. Every numeric field has a bounded range (on the field; RANGES lists them with the tasks'
+options), and the text the environment writes into a rollout (rollout.result_template, rollout.response_prefix)
+cannot spell a tag the model writes or a special token (``check_result_template``, ``check_response_prefix``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import reprlib
 import string
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from appo.algorithms import AlgoConfig, check_algo
+from appo.rollout.config import RolloutConfig
+from appo.settings import (MAX_DEPTH, ConfigError, Range, check_fields, check_tree, field_range, prefixed,
+                           setting, shown, walk)
+
+__all__ = ["RANGES", "RENAMED", "AlgoConfig", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
+           "Range", "RolloutConfig", "TrainConfig", "dump_yaml", "from_dict", "load_config", "to_dict",
+           "validate"]
+
+# Upper bounds: far above any run this library can make, low enough that a typo (threads=1e8, optim.lr=1e308)
+# is refused before anything loads instead of hanging or diverging later.
+_ITEMS, _GROUP = 10**7, 4096  # a data split or a run's steps; rollouts or updates
+_SEED = Range(0, 2**32 - 1)
+
 
 @dataclass
 class ModelConfig:
-    """The policy: ``name_or_path`` as accepted by ``appo.models.load_model``."""
+    """The policy."""
 
-    name_or_path: str = "smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    name_or_path: str = setting("smollm2-135m-instruct", "'smollm2-135m-instruct' or a transformers model "
+                                "folder (appo.models.load_model)")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "the weights' dtype")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
 class DataConfig:
-    """The task (``appo.tasks.get_task``) and its splits. path: a local .jsonl file, or a folder holding the
-    task's file, for the tasks that read data (gsm8k, hotpotqa); None looks in $APPO_DATA_DIR, then on the
-    Hugging Face hub (``appo.tasks.data``); the arithmetic task is generated and takes none. train_size /
-    eval_size: the first items of the task's "train" / "dev" splits; few_shot: demonstrations in the prompt
-    (``appo.tasks.render_prompt``); tool: the tool tag. task_options: keyword options of the task's
-    constructor (``appo.tasks.get_task``), e.g. the arithmetic task's difficulty {max_operands: 4,
-    max_operand: 200} and split sizes {num_dev: 256}; checked against the task's signature and RANGES;
-    an override ``data.task_options.max_operand=50`` changes that one option and keeps the others."""
+    """The task (``appo.tasks.get_task``) and its splits."""
 
-    task: Literal["gsm8k", "arithmetic", "hotpotqa"] = "arithmetic"
-    path: str | None = None
-    tool: Literal["python", "calculator", "search"] = "python"
-    train_size: int = 256
-    eval_size: int = 32
-    few_shot: int = 1
-    task_options: dict = field(default_factory=dict)
+    task: Literal["gsm8k", "arithmetic", "hotpotqa"] = setting(
+        "arithmetic", "the task; arithmetic is generated (nothing to download), gsm8k and hotpotqa read data")
+    path: str | None = setting(None, "a local .jsonl file, or a folder holding the task's file (gsm8k, "
+                               "hotpotqa); null looks in $APPO_DATA_DIR, then on the Hugging Face hub")
+    tool: Literal["python", "calculator", "search"] = setting("python", "the tool's tag")
+    train_size: int = setting(256, "the first items of the task's train split", within=Range(1, _ITEMS))
+    eval_size: int = setting(32, "the first items of the task's dev split (held-out evaluation)",
+                             within=Range(0, _ITEMS))
+    few_shot: int = setting(1, "demonstrations in the prompt (appo.tasks.render_prompt)", within=Range(0, 64))
+    task_options: dict = setting(
+        help="keyword options of the task's constructor, e.g. the arithmetic task's difficulty {max_operands: "
+        "4, max_operand: 200} and split sizes {num_dev: 256}; checked against the task's signature and "
+        "RANGES; an override data.task_options.max_operand=50 changes that one option", factory=dict)
 
-
-@dataclass
-class RolloutSettings:
-    """Sampling and the tool loop (see ``appo.rollout.engine.RolloutConfig``). Prompts longer than
-    max_prompt_tokens are dropped from the data. result_template: how tool output is appended (the few-shot
-    demonstrations use the same form): ``{result}`` exactly once, inside one ``<result>`` ... ``</result>``
-    wrapper, and no other tag or special-token-like text anywhere (the environment writes it, so a tag in it
-    would forge the model's answer, a tool call or a chat turn; ``check_result_template``, ``tag_like`` for
-    what counts). response_prefix: text that opens every response (masked 0), e.g. "<python>" to make a small
-    model start with a tool call; "" leaves the model free. It may hold ``<think>`` and the opening tag of a
-    tool call (``<python>``, ``<search>``, ``<calculator>``), and no other tag or special-token-like text (no
-    closing tag, no ``<answer>``, no ``<result>``; ``check_response_prefix``). max_batch_rows: rollouts decoded
-    together at most (bounds memory; None: all at once). backend: "transformers" (appo.rollout.engine) or
-    "vllm" (appo.rollout.vllm: needs vLLM installed; the trainer copies the policy's weights into vLLM before
-    it samples after an optimizer step: at the start of a step and before each mini-batch's branches, so
-    branches decode from the policy the trainer holds); vllm: extra keyword arguments for ``vllm.LLM`` (e.g.
-    gpu_memory_utilization)."""
-
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_prompt_tokens: int = 400
-    max_new_tokens_per_turn: int = 64
-    max_total_tokens: int = 480
-    max_tool_calls: int = 2
-    result_template: str = "<result>{result}</result>\n"
-    response_prefix: str = "<python>"
-    max_batch_rows: int | None = 32
-    backend: Literal["transformers", "vllm"] = "transformers"
-    vllm: dict = field(default_factory=dict)
-
-
-@dataclass
-class AlgoConfig:
-    """The algorithm and its options (METHOD.md); every [appo choice] with its documented default.
-
-    M: rollouts per prompt (budget, exactly M trajectories per prompt for every algorithm), N: initial rollouts
-    per prompt, B: branch tokens per rollout (APPO needs M = (B + 1) * N; a rollout with fewer candidate tokens
-    is made up for by its prompt's next-best tokens, see ``appo.algos.plan_branches``).
-    bs_gamma, bs_clip, candidates: the Branching Score's future value (discount per position, clip range) and
-    candidate rule. fut_gamma, fut_clip: A_fut's, set apart from the Branching Score's (the paper uses the same
-    values; the authors' code uses bs_gamma 1, bs_clip [0.8, 1.2], fut_gamma 2^(-1/64)). b: the A_fut weight
-    (0 is the "w/o A_fut" ablation); entropy_only: BS -> entropy ablation; one_group: "w/o dual-group" ablation.
-    per: "rollout" (top-B per rollout) or "group" (top B*N pooled per prompt, the authors' code). include_token:
-    keep the chosen token in the branch prefix (the authors' code) instead of re-sampling it. tis_cap: the
-    truncated importance-sampling weight min(pi_old / pi_behaviour, tis_cap) on the loss, correcting for the
-    rollout engine / trainer mismatch (null disables it). arpo_*: ARPO's rule.
-    uniform_points: the branch-point selection ablation: each row's (per group: each group's) branch points
-    drawn uniformly at random, from the step's seeded generator, among the candidates the Branching Score
-    would rank, with the same budget, min_gap and fill rule (metric branch_points_uniform). shift_tolerance: a
-    rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted and falls back to
-    entropy; null (default): from the dtype the forward computes in (fp32 2^-12, fp16 or TF32 2^-5, bf16
-    2^-2; docs/method.md section 4); 0: bit equality only.
-    warmup_update: with ``optim.minibatches_per_step`` updates per step, the first mini-batch branches while
-    pi_theta == pi_old, so its prompts never use Omega (half of them at the default 2 mini-batches). true: one
-    warm-up update on the first mini-batch's initial rollouts (advantage A_init, no branches) before any
-    branching, so every mini-batch branches after an update; it costs one more forward, backward and
-    optimizer step per step and trains the first mini-batch twice. Default false (the paper's loop).
-    """
-
-    algo: Literal["appo", "grpo", "arpo"] = "appo"
-    M: int = 4
-    N: int = 2
-    B: int = 1
-    bs_gamma: float = 2 ** (-1 / 32)
-    bs_clip: tuple[float, float] = (1.0, 1.2)
-    candidates: Literal["strict", "all"] = "strict"
-    fut_gamma: float = 2 ** (-1 / 32)
-    fut_clip: tuple[float, float] = (1.0, 1.2)
-    b: float = 0.5
-    combine: Literal["avg", "sum"] = "avg"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    tis_cap: float | None = 2.0
-    kl_coef: float = 0.0
-    entropy_only: bool = False
-    one_group: bool = False
-    branch_when: Literal["per_minibatch", "once_per_step"] = "per_minibatch"
-    per: Literal["rollout", "group"] = "rollout"
-    min_gap: int = 0
-    include_token: bool = False
-    arpo_k: int = 20
-    arpo_beta: float = 0.2
-    arpo_tau: float = 0.5
-    uniform_points: bool = False
-    shift_tolerance: float | None = None
-    warmup_update: bool = False
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -150,132 +82,88 @@ class OptimConfig:
     """AdamW and the PPO mini-batch schedule: a step's prompts are split into ``minibatches_per_step``
     optimizer updates, each accumulated over ``grad_accumulation`` micro-batches (split by prompt)."""
 
-    lr: float = 2e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    minibatches_per_step: int = 2
-    grad_accumulation: int = 1
+    lr: float = setting(2e-5, "AdamW learning rate; 0 is a real diagnostic (no update, so no mini-batch sees "
+                        "a policy shift)", within=Range(0, 1))
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", within=Range(0, 1, open_hi=True))
+    weight_decay: float = setting(0.0, "AdamW weight decay", within=Range(0, 10))
+    grad_clip: float = setting(1.0, "gradient norm clip", within=Range(0, 10**6, open_lo=True))
+    minibatches_per_step: int = setting(2, "optimizer updates per step", within=Range(1, _GROUP))
+    grad_accumulation: int = setting(1, "micro-batches per update", within=Range(1, _GROUP))
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs. ``bf16``: autocast to bf16 on GPU (ignored on CPU). ``threads``: torch CPU
-    threads (0 = torch's default, all cores); give each of several jobs sharing a machine its own share (e.g. 1),
-    since oversubscribed CPU threads slow small matmuls down by an order of magnitude."""
+    """Everything one run needs; the defaults are the CPU demo.
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutSettings = field(default_factory=RolloutSettings)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    prompts_per_step: int = 4
-    steps: int = 16
-    seed: int = 0
-    output_dir: str = "runs/appo-demo"
-    device: str = "auto"
-    threads: int = 0
-    eval_every: int = 0
-    eval_at_end: bool = True
-    eval_samples: int = 1
-    checkpoint_every: int = 8
-    keep_checkpoints: int = 2
-    attn_implementation: str = "sdpa"
-    bf16: bool = True
-    tensorboard: bool = False
-    resume: bool = True
-    # resume with a config that differs from the checkpoint's (each change is applied and logged)
-    allow_config_change: bool = False
+    The demo: SmolLM2-135M-Instruct on the procedural arithmetic task (nothing to download) with a python tool
+    and one demonstration in the prompt; 16 steps of APPO with a tiny budget (4 prompts x N=2, B=1 -> M=4),
+    then a held-out evaluation on 32 dev questions (README, "Quick start", has what it measured). Checkpoints
+    at steps 8 and 16 (1.6 GB each: weights and AdamW state). The response opens with "<python>" so the 135M
+    model starts with a tool call (rollout.response_prefix). GSM8K is one override away: data.task=gsm8k (data
+    from data.path, $APPO_DATA_DIR or the Hugging Face hub). Override any key on the command line, e.g.
+    ``appo train steps=2 algo.name=grpo``.
+    """
 
+    model: ModelConfig = setting(help="the policy", factory=ModelConfig)
+    data: DataConfig = setting(help="the task and its splits", factory=DataConfig)
+    rollout: RolloutConfig = setting(help="sampling and the tool loop (appo.rollout.config)",
+                                     factory=RolloutConfig)
+    algo: AlgoConfig = setting(help="the algorithm and its blocks (appo.algorithms)", factory=AlgoConfig)
+    optim: OptimConfig = setting(help="AdamW and the mini-batch schedule", factory=OptimConfig)
+    prompts_per_step: int = setting(4, "prompts per step", within=Range(1, 2**16))
+    steps: int = setting(16, "optimizer steps of the run (each of optim.minibatches_per_step updates)",
+                         within=Range(1, _ITEMS))
+    seed: int = setting(0, "seeds torch, the data order, the rollout engine and the algorithms' draws",
+                        within=_SEED)
+    output_dir: str = setting("runs/appo-demo", "metrics.jsonl, checkpoints/, config.yaml and curves.png")
+    device: str = setting("auto", "auto (the GPU when there is one), cpu, cuda or cuda:<index>")
+    threads: int = setting(0, "torch CPU threads (0: torch's default, all cores); give each of several jobs "
+                           "sharing a machine its own share (e.g. 1): oversubscribed threads slow small "
+                           "matmuls down by an order of magnitude", within=Range(0, 1024))
+    eval_every: int = setting(0, "held-out evaluation every this many steps (0: never during training)",
+                              within=Range(0, _ITEMS))
+    eval_at_end: bool = setting(True, "held-out evaluation after the last step")
+    eval_samples: int = setting(1, "rollouts per held-out question (pass@k with k = eval_samples)",
+                                within=Range(1, 1024))
+    checkpoint_every: int = setting(8, "save a checkpoint every this many steps (and at the last)",
+                                    within=Range(1, _ITEMS))
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest; 0 keeps all)", within=Range(0, 10**4))
+    attn_implementation: str = setting("sdpa", "transformers attention: one of ATTENTION (sdpa, eager, "
+                                       "flash_attention_2/3/4, flex_attention) or a hub kernel 'org/repo'")
+    bf16: bool = setting(True, "autocast to bf16 on GPU (ignored on CPU)")
+    tensorboard: bool = setting(False, "also log to tensorboard (needs the tensorboard package)")
+    resume: bool = setting(True, "continue from output_dir's latest checkpoint")
+    allow_config_change: bool = setting(False, "resume with a config that differs from the checkpoint's "
+                                        "(each change is applied and logged)")
 
-DEFAULT = """\
-# The CPU demo: SmolLM2-135M-Instruct on the procedural arithmetic task (nothing to download) with a python
-# tool and one demonstration in the prompt; 16 steps of APPO with a tiny budget (4 prompts x N=2, B=1 -> M=4),
-# then a held-out evaluation on 32 dev questions (README, "Quick start", has what it measured). Checkpoints at
-# steps 8 and 16 (1.6 GB each: weights and AdamW state).
-# GSM8K is one override away: data.task=gsm8k (data from data.path, $APPO_DATA_DIR or the Hugging Face hub).
-# The response opens with "<python>" so the 135M model starts with a tool call (rollout.response_prefix).
-# Override any key on the command line, e.g. `appo train steps=2 algo.algo=grpo`.
-model: {name_or_path: smollm2-135m-instruct, dtype: float32}
-data: {task: arithmetic, tool: python, train_size: 256, eval_size: 32, few_shot: 1}
-rollout: {temperature: 0.7, top_p: 1.0, max_prompt_tokens: 400, max_new_tokens_per_turn: 64,
-          max_total_tokens: 480, max_tool_calls: 2, response_prefix: "<python>"}
-algo: {algo: appo, M: 4, N: 2, B: 1, b: 0.5, combine: avg, candidates: strict, branch_when: per_minibatch}
-optim: {lr: 2.0e-5, grad_clip: 1.0, minibatches_per_step: 2, grad_accumulation: 1}
-prompts_per_step: 4
-steps: 16
-seed: 0
-output_dir: runs/appo-demo
-checkpoint_every: 8
-eval_at_end: true
-eval_samples: 1
-"""
+    def __post_init__(self):
+        check_fields(self)
 
 
-class ConfigError(ValueError):
-    """A config value that cannot be used. ``key`` is the dotted key the message names; ``where`` (optional) is
-    the file and line it was set on, put in front of the message."""
-
-    def __init__(self, key: str, message: str, where: str | None = None):
-        super().__init__(f"{where}: {key}: {message}" if where else f"{key}: {message}")
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a field accepts: ``lo`` / ``hi`` (None: unbounded), ``open_lo`` / ``open_hi`` exclude the
-    bound. NaN lies in no range."""
-
-    lo: float | None = None
-    hi: float | None = None
-    open_lo: bool = False
-    open_hi: bool = False
-
-    def __contains__(self, value) -> bool:
-        above = self.lo is None or (value > self.lo if self.open_lo else value >= self.lo)
-        below = self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)
-        return bool(above and below)
-
-    def __str__(self) -> str:
-        if self.hi is None:
-            return f"{'>' if self.open_lo else '>='} {self.lo}"
-        return f"in {'(' if self.open_lo else '['}{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
-
-
-# Kept for fields being added elsewhere; a new field needs an upper bound too (tests/test_config.py checks).
-_POSITIVE, _AT_LEAST_0, _AT_LEAST_1 = Range(0, open_lo=True), Range(0), Range(1)
-# Upper bounds: far above any run this library can make, low enough that a typo (threads=1e8, optim.lr=1e308,
-# rollout.max_total_tokens=1e12) is refused before anything loads instead of hanging or diverging later.
-_TOKENS, _ITEMS, _GROUP = 2**20, 10**7, 4096  # a sequence, a data split or a run's steps, rollouts or updates
-_UNIT, _SEED = Range(0, 1, open_lo=True), Range(0, 2**32 - 1)
-# The range of every numeric field (each element of a pair); ``validate`` checks them all. Every numeric
-# field of the config's dataclasses and of the tasks' options needs an entry with both bounds
-# (tests/test_config.py walks them).
-RANGES: dict[str, Range] = {
-    "data.train_size": Range(1, _ITEMS), "data.eval_size": Range(0, _ITEMS), "data.few_shot": Range(0, 64),
+# Old key names (the issue of one home per setting renamed what did not explain itself and moved APPO's knobs
+# into their block): each fails with a one-line hint naming the new key.
+RENAMED: dict[str, str] = {
+    "algo.algo": "algo.name", "algo.M": "algo.rollouts_per_prompt", "algo.N": "algo.initial_rollouts",
+    "algo.B": "algo.appo.branches_per_rollout", "algo.b": "algo.appo.future_scale",
+    "algo.per": "algo.appo.select_per", "algo.arpo_k": "algo.arpo.entropy_window",
+    "algo.arpo_beta": "algo.arpo.entropy_weight", "algo.arpo_tau": "algo.arpo.branch_threshold",
+    **{f"algo.{name}": f"algo.appo.{name}" for name in (
+        "bs_gamma", "bs_clip", "candidates", "fut_gamma", "fut_clip", "combine", "entropy_only", "one_group",
+        "min_gap", "include_token", "uniform_points", "shift_tolerance")},
+}
+# The ranges of the tasks' numeric constructor options (data.task_options.<name>), which are not fields.
+TASK_OPTION_RANGES: dict[str, Range] = {
     "data.task_options.num_train": Range(0, _ITEMS), "data.task_options.num_dev": Range(0, _ITEMS),
     "data.task_options.dev_size": Range(0, _ITEMS), "data.task_options.min_operands": Range(1, 64),
     "data.task_options.max_operands": Range(1, 64), "data.task_options.max_operand": Range(1, 10**12),
     "data.task_options.seed": _SEED,
-    "rollout.temperature": Range(0, 10, open_lo=True), "rollout.top_p": _UNIT,
-    "rollout.max_prompt_tokens": Range(1, _TOKENS), "rollout.max_new_tokens_per_turn": Range(1, _TOKENS),
-    "rollout.max_total_tokens": Range(2, _TOKENS), "rollout.max_tool_calls": Range(0, 1024),
-    "rollout.max_batch_rows": Range(1, 2**16),
-    "algo.M": Range(1, _GROUP), "algo.N": Range(1, _GROUP), "algo.B": Range(0, _GROUP),
-    "algo.bs_gamma": _UNIT, "algo.bs_clip": Range(0, 100), "algo.fut_gamma": _UNIT,
-    "algo.fut_clip": Range(0, 100), "algo.b": Range(0, 100), "algo.eps_low": Range(0, 1, open_hi=True),
-    "algo.eps_high": Range(0, 10), "algo.tis_cap": Range(0, 1000, open_lo=True),
-    "algo.kl_coef": Range(0, 100), "algo.min_gap": Range(0, _TOKENS),
-    "algo.arpo_k": Range(1, _TOKENS), "algo.arpo_beta": Range(0, 100), "algo.arpo_tau": Range(0, 1),
-    "algo.shift_tolerance": Range(0, 20),
-    "optim.lr": Range(0, 1),  # 0 is a real diagnostic: no update, so no mini-batch may see a policy shift
-    "optim.betas": Range(0, 1, open_hi=True), "optim.weight_decay": Range(0, 10),
-    "optim.grad_clip": Range(0, 10**6, open_lo=True), "optim.minibatches_per_step": Range(1, _GROUP),
-    "optim.grad_accumulation": Range(1, _GROUP),
-    "prompts_per_step": Range(1, 2**16), "steps": Range(1, _ITEMS), "seed": _SEED, "threads": Range(0, 1024),
-    "eval_every": Range(0, _ITEMS), "eval_samples": Range(1, 1024), "checkpoint_every": Range(1, _ITEMS),
-    "keep_checkpoints": Range(0, 10**4),
 }
+# Every numeric key's range, read off the fields (a view for tests and docs; the fields are the source).
+RANGES: dict[str, Range] = {**{key: field_range(item) for key, item, _ in walk(TrainConfig)
+                               if field_range(item) is not None}, **TASK_OPTION_RANGES}
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Keys that may differ between a run and its resume without allow_config_change: where the run is, how long it
@@ -283,104 +171,39 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 RESUME_FREE = frozenset({
     "steps", "output_dir", "resume", "allow_config_change", "device", "threads", "attn_implementation",
     "eval_every", "eval_at_end", "eval_samples", "checkpoint_every", "keep_checkpoints", "tensorboard",
-    "data.eval_size", "data.path", "rollout.max_batch_rows",
+    "data.eval_size", "data.path", "rollout.max_batch_rows", "rollout.reuse_cache",
 })
 
-
-def _coerce(value, hint, key: str):
-    """Check ``value`` against the type ``hint`` of field ``key``, converting int->float and list->tuple.
-    Floats must be finite; dict keys must be strings. Raises ConfigError naming ``key``."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(key, f"expected one of {list(typing.get_args(hint))}, got {_shown(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        inner = [h for h in typing.get_args(hint) if h is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(key, f"expected a list of {len(args)} values, got {_shown(value)}")
-        return tuple(_coerce(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, args)))
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(key, f"expected a number, got {_shown(value)}")
-        try:  # YAML 1.1 reads "2e-6" (no dot) as a string
-            number = float(value)
-        except ValueError:
-            raise ConfigError(key, f"expected a number, got {_shown(value)}") from None
-        if not math.isfinite(number):
-            raise ConfigError(key, f"expected a finite number, got {_shown(value)}")
-        return number
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {_shown(value)}")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(key, f"expected an integer, got {_shown(value)}")
-    if hint in (str, dict) and not isinstance(value, hint):
-        raise ConfigError(key, f"expected {hint.__name__}, got {_shown(value)}")
-    if hint is dict and not _plain_and_small(value):
-        raise ConfigError(key, f"expected plain YAML values (numbers, strings, lists, mappings) of at most "
-                          f"{_MAX_NODES} items in all, nested at most {MAX_DEPTH} deep")
-    if hint is dict and not all(isinstance(k, str) for k in value):
-        raise ConfigError(key, f"expected a mapping with string keys, got {_shown(value)}")
-    return value
-
-
 # Limits on config text: a config file's bytes (and the overrides' characters, all together), and the nesting
-# of a file, of an override's value and of a mapping option (aliases expanded). The deepest key the config has
-# is 3 levels down (data.task_options.<name>); a vllm option may hold a few more.
+# of a file and of an override's value (aliases expanded; appo.settings.MAX_DEPTH, which also bounds a mapping
+# option). The deepest key the config has is 3 levels down (data.task_options.<name>, algo.appo.<name>).
 MAX_CONFIG_BYTES = 256 * 1024
-MAX_DEPTH = 32
-_MAX_NODES = 1000  # values in one mapping option (data.task_options, rollout.vllm), aliases expanded
 
 
-def _shown(value) -> str:
-    """``repr(value)`` cut short (long strings, big integers, large or deep containers), for messages."""
-    shorter = reprlib.Repr()
-    shorter.maxlevel, shorter.maxstring, shorter.maxlong, shorter.maxother = 3, 120, 60, 120
-    return shorter.repr(value)
-
-
-def _plain_and_small(value) -> bool:
-    """Whether ``value`` holds only JSON-like plain values, at most _MAX_NODES of them counted with every alias
-    expanded (a YAML alias chain can stand for billions; the walk stops at the limit), nested at most
-    MAX_DEPTH deep (aliases can nest deeper than the text that spells them)."""
-    stack, count = [(value, 0)], 0
-    while stack:
-        item, depth = stack.pop()
-        count += 1
-        if count > _MAX_NODES or depth > MAX_DEPTH:
-            return False
-        if isinstance(item, dict):
-            stack += [(child, depth + 1) for child in (*item.keys(), *item.values())]
-        elif isinstance(item, (list, tuple)):
-            stack += [(child, depth + 1) for child in item]
-        elif not isinstance(item, (str, int, float, bool, type(None))):
-            return False
-    return True
-
-
-def _apply(target, updates: dict, prefix: str = "") -> None:
-    """Write the nested mapping ``updates`` into the dataclass ``target`` in place, checking keys and
-    types."""
+def _apply(block, updates: dict, prefix: str = ""):
+    """A copy of the dataclass ``block`` with the nested mapping ``updates`` written in (each block built anew,
+    so its constructor checks the values). Unknown and renamed keys raise ConfigError naming them."""
     if not isinstance(updates, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(target))
-    names = {f.name for f in dataclasses.fields(target)}
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {shown(updates)}")
+    names = [item.name for item in dataclasses.fields(block)]
+    changes = {}
     for name, value in updates.items():
         key = f"{prefix}{name}"
+        if key in RENAMED:
+            raise ConfigError(key, f"renamed: use {RENAMED[key]} (docs/method.md, section 2)")
         if name not in names:
             raise ConfigError(key, f"unknown config key (known: {', '.join(sorted(names))})")
-        current = getattr(target, name)
+        current = getattr(block, name)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, f"{key}.")
+            changes[name] = _apply(current, value, f"{key}.")
         elif name == "task_options" and isinstance(current, dict) and isinstance(value, dict):
-            setattr(target, name, _coerce({**current, **value}, hints[name], key))  # one option at a time
+            changes[name] = {**current, **value}  # one option at a time
         else:
-            setattr(target, name, _coerce(value, hints[name], key))
+            changes[name] = value
+    try:
+        return dataclasses.replace(block, **changes)
+    except ConfigError as err:
+        raise prefixed(err, prefix) from None
 
 
 class _NestingError(ValueError):
@@ -428,41 +251,25 @@ def _load_yaml(text: str, inspect=None):
 
 
 def _parse_override(text: str) -> dict:
-    """``"algo.M=8"`` -> ``{"algo": {"M": 8}}`` (the value parsed as YAML, as ``yaml.safe_load`` does, nested
-    at most MAX_DEPTH deep)."""
+    """``"algo.name=grpo"`` -> ``{"algo": {"name": "grpo"}}`` (the value parsed as YAML, as ``yaml.safe_load``
+    does, nested at most MAX_DEPTH deep)."""
     if "=" not in text:
-        raise ConfigError("overrides", f"expected key=value, got {_shown(text)}")
+        raise ConfigError("overrides", f"expected key=value, got {shown(text)}")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if not all(parts) or len(parts) > MAX_DEPTH:
-        raise ConfigError("overrides", f"malformed key in {_shown(text)}")
+        raise ConfigError("overrides", f"malformed key in {shown(text)}")
     try:
         value = _load_yaml(raw)[0] if raw.strip() else ""
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError("overrides", f"{_shown(text)}: the value is not valid YAML ({problem})") from None
+        raise ConfigError("overrides", f"{shown(text)}: the value is not valid YAML ({problem})") from None
     except ValueError as err:  # _NestingError, or a scalar Python refuses
-        raise ConfigError("overrides", f"{_shown(text)}: the value is {err}") from None
+        raise ConfigError("overrides", f"{shown(text)}: the value is {err}") from None
     nested: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         nested = {part: nested}
     return nested
-
-
-def _check_fields(target, prefix: str = "") -> None:
-    """Type and range of every field of the dataclass ``target`` (recursively), converting in place."""
-    hints = typing.get_type_hints(type(target))
-    for item in dataclasses.fields(target):
-        key, value = f"{prefix}{item.name}", getattr(target, item.name)
-        if dataclasses.is_dataclass(value):
-            _check_fields(value, f"{key}.")
-            continue
-        value = _coerce(value, hints[item.name], key)
-        setattr(target, item.name, value)
-        allowed = RANGES.get(key)
-        numbers = value if isinstance(value, tuple) else (value,)
-        if allowed is not None and any(isinstance(v, (int, float)) and v not in allowed for v in numbers):
-            raise ConfigError(key, f"must be {allowed}, got {_shown(value)}")
 
 
 def _check_text(config: TrainConfig) -> None:
@@ -470,7 +277,7 @@ def _check_text(config: TrainConfig) -> None:
     for key, value in (("model.name_or_path", config.model.name_or_path), ("output_dir", config.output_dir),
                        ("data.path", getattr(config.data, "path", None))):
         if value is not None and (not value.strip() or "\0" in value):
-            raise ConfigError(key, f"expected a non-empty name or path, got {_shown(value)}")
+            raise ConfigError(key, f"expected a non-empty name or path, got {shown(value)}")
     if not _DEVICE.fullmatch(config.device):
         raise ConfigError("device", f"expected auto, cpu, cuda or cuda:<index>, got {config.device!r}")
     if config.attn_implementation not in ATTENTION and "/" not in config.attn_implementation:
@@ -502,7 +309,7 @@ def check_template(key: str, text: str, *, allowed: tuple[str, ...] = (),
     extra = [piece for piece in tag_like(text) if piece not in allowed]
     if extra:
         raise ConfigError(key, f"{rule}, and no other tag or special-token-like text ({_TAG_KINDS}); it "
-                          f"writes {extra[0]!r}, got {_shown(text)}")
+                          f"writes {extra[0]!r}, got {shown(text)}")
 
 
 def check_response_prefix(prefix: str, key: str = "rollout.response_prefix") -> None:
@@ -529,7 +336,7 @@ def check_result_template(template: str, key: str = "rollout.result_template") -
         fields = []
     if fields != ["result"]:
         raise ConfigError(key, f"{rule}, and no other {{...}} field (write {{{{ and }}}} for braces), got "
-                          f"{_shown(template)}")
+                          f"{shown(template)}")
     split = next(index for index, (_, name, _, _) in enumerate(pieces) if name is not None)
     head = "".join(literal for literal, *_ in pieces[:split + 1])
     tail = "".join(literal for literal, *_ in pieces[split + 1:])
@@ -540,26 +347,13 @@ def check_result_template(template: str, key: str = "rollout.result_template") -
             count = found.count(wrapper)
             problem = f"it writes {extra[0]!r}" if extra else f"it has {count} {wrapper} {side} it"
             raise ConfigError(key, f"{rule}, and no other tag or special-token-like text ({_TAG_KINDS}); "
-                              f"{problem}, got {_shown(template)}")
+                              f"{problem}, got {shown(template)}")
 
 
 def _check_rules(config: TrainConfig) -> None:
     """The rules between fields."""
-    algo, optim, rollout = config.algo, config.optim, config.rollout
-    if algo.algo == "appo" and algo.M != (algo.B + 1) * algo.N:
-        raise ConfigError("algo.M", f"APPO needs M = (B + 1) * N = {(algo.B + 1) * algo.N}, got {algo.M}")
-    if algo.algo in ("grpo", "arpo") and algo.M < 2:
-        raise ConfigError("algo.M", f"{algo.algo.upper()} needs M >= 2 rollouts per prompt (a group of one "
-                          f"has advantage 0, so nothing is learned), got {algo.M}")
-    if algo.algo == "arpo" and algo.N > algo.M:
-        raise ConfigError("algo.N", f"ARPO needs N <= M, got N={algo.N}, M={algo.M}")
-    if algo.warmup_update and (algo.algo != "appo" or algo.branch_when != "per_minibatch"):
-        raise ConfigError("algo.warmup_update", "needs algo.algo=appo with algo.branch_when=per_minibatch "
-                          "(it makes APPO's per-mini-batch branching see a policy shift)")
-    for item in dataclasses.fields(algo):  # every clip pair (lo, hi), however many the algorithm has
-        value = getattr(algo, item.name)
-        if item.name.endswith("clip") and isinstance(value, tuple) and not value[0] <= value[1]:
-            raise ConfigError(f"algo.{item.name}", f"need lo <= hi, got {value}")
+    optim, rollout = config.optim, config.rollout
+    check_algo(config.algo)  # the algorithm's own rules (appo.algorithms: Algorithm.check)
     if rollout.max_prompt_tokens >= rollout.max_total_tokens:
         raise ConfigError("rollout.max_prompt_tokens", f"must be < rollout.max_total_tokens "
                           f"({rollout.max_total_tokens}), got {rollout.max_prompt_tokens}")
@@ -599,10 +393,10 @@ def _check_task_options(config: TrainConfig) -> None:
                               f"({'known: ' + ', '.join(known) if known else 'it takes none'})")
         kind = type(known[name])
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise ConfigError(key, f"expected {kind.__name__}, got {_shown(value)}")
-        allowed = RANGES.get(key)
+            raise ConfigError(key, f"expected {kind.__name__}, got {shown(value)}")
+        allowed = TASK_OPTION_RANGES.get(key)
         if allowed is not None and value not in allowed:
-            raise ConfigError(key, f"must be {allowed}, got {_shown(value)}")
+            raise ConfigError(key, f"must be {allowed}, got {shown(value)}")
     try:
         built = task(**data.task_options)
     except ValueError as err:  # the task's messages start with the option names: "min_operands: ..."
@@ -620,11 +414,12 @@ def _check_task_options(config: TrainConfig) -> None:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Check every value of ``config``: its type, its range (``RANGES``), its choices, and the rules between
-    fields; numbers are converted in place (int -> float, list -> tuple). Returns ``config``. Raises
+    """Check every value of ``config`` as its blocks' constructors do (type, range, choices; numbers converted
+    in place: int -> float, list -> tuple), for a config changed after it was built, then the rules between
+    fields and blocks (the algorithm's own: ``appo.algorithms.check_algo``). Returns ``config``. Raises
     ConfigError (a ValueError) naming the dotted key. Cheap and machine-independent (``check_available``
     checks what the machine has), so it runs before anything loads."""
-    _check_fields(config)
+    check_tree(config)
     _check_text(config)
     _check_rules(config)
     return config
@@ -669,9 +464,7 @@ def check_available(config: TrainConfig, *, model: bool = True, data: bool = Tru
 
 def from_dict(data: dict) -> TrainConfig:
     """A TrainConfig from a (possibly partial) nested mapping, on top of the dataclass defaults."""
-    config = TrainConfig()
-    _apply(config, data)
-    return validate(config)
+    return validate(_apply(TrainConfig(), data))
 
 
 def _key_lines(node, path: Path) -> dict[str, int]:
@@ -754,30 +547,39 @@ def _leaf_keys(nested: dict, prefix: str = ""):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """DEFAULT, then the YAML file at ``path`` (if given), then each ``key=value`` override, validated. Every
-    error names the key; one about a key set in the file also names the file and the line."""
-    config = TrainConfig()
-    _apply(config, yaml.safe_load(DEFAULT))
+    """The dataclass defaults (``TrainConfig()``), then the YAML file at ``path`` (if given), then each
+    ``key=value`` override, validated. Every error names the key; one about a key set in the file also names
+    the file and the line."""
+    merged: dict = {}
     origins: dict[str, str] = {}
     if path is not None:
-        data, lines = read_yaml(path)
+        merged, lines = read_yaml(path)
         origins = {key: f"{path}:{line}" for key, line in lines.items()}
-        try:
-            _apply(config, data)
-        except ConfigError as err:
-            raise _located(err, origins) from None
     if sum(len(text) for text in overrides) > MAX_CONFIG_BYTES:
         raise ConfigError("overrides", f"{sum(len(text) for text in overrides)} characters in all, more than "
                           f"{MAX_CONFIG_BYTES} (MAX_CONFIG_BYTES, the limit of config text)")
     for text in overrides:
         nested = _parse_override(text)
-        _apply(config, nested)
+        _merge(merged, nested)
         for key in _leaf_keys(nested):
             origins.pop(key, None)
-    try:
-        return validate(config)
+    try:  # one pass over file and overrides together: an override may replace a bad value of the file
+        return validate(_apply(TrainConfig(), merged))
     except ConfigError as err:
         raise _located(err, origins) from None
+
+
+def _merge(into: dict, updates: dict) -> None:
+    """Write the nested mapping ``updates`` (an override) into ``into`` (the file's mapping): mappings merge
+    key by key down to a field, except that a field's new value replaces the old one whole (data.task_options
+    merges option by option when ``_apply`` writes it)."""
+    for name, value in updates.items():
+        if isinstance(value, dict) and isinstance(into.get(name), dict) and name not in ("vllm", "task_options"):
+            _merge(into[name], value)
+        elif name == "task_options" and isinstance(value, dict) and isinstance(into.get(name), dict):
+            into[name] = {**into[name], **value}
+        else:
+            into[name] = value
 
 
 def _located(err: ConfigError, origins: dict[str, str]) -> ConfigError:
@@ -786,7 +588,7 @@ def _located(err: ConfigError, origins: dict[str, str]) -> ConfigError:
     where = origins.get(key)
     if where is None and key.startswith("data.task_options."):  # an option the mapping's line holds
         where = origins.get("data.task_options")
-    return ConfigError(err.key, str(err)[len(err.key) + 2:], where) if where else err
+    return ConfigError(err.key, err.message, where) if where else err
 
 
 def flat_dict(config) -> dict:
@@ -804,10 +606,12 @@ def flat_dict(config) -> dict:
 def resume_changes(saved: dict, config: TrainConfig) -> tuple[dict[str, tuple], list[str]]:
     """Compare a checkpoint's config dict ``saved`` with ``config``: ({key: (saved value, new value)} for each
     key that differs, RESUME_FREE keys left out; the keys only one side has, e.g. from another appo version)."""
-    old, new = flat_dict(saved), flat_dict(config)
+    old = {RENAMED.get(key, key): value for key, value in flat_dict(saved).items()}  # an older run's names
+    new = flat_dict(config)
     changes = {key: (old[key], new[key]) for key in new
                if key in old and key not in RESUME_FREE and old[key] != new[key]}
     return changes, sorted(set(old) ^ set(new))
+
 
 def to_dict(config) -> dict:
     """Plain nested dict (tuples as lists) that round-trips through YAML/JSON and ``from_dict``."""
@@ -818,3 +622,17 @@ def to_dict(config) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(config))
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML with a multi-line string written as one double-quoted scalar ("...\\n")."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style='"' if "\n" in text else None))
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """``config`` as the YAML text ``load_config`` reads back to an equal config (``appo train --print-config``
+    prints it; a run writes it to output_dir/config.yaml), keys in declaration order."""
+    return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False)

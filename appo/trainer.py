@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from appo.algorithms import PolicyForward, StepContext, make_algorithm
 from appo.algos import ppo_clip_loss
 from appo.checkpoint import (ResumeError, fingerprint, latest_checkpoint, load_checkpoint, plan_resume,
                              save_checkpoint)
-from appo.config import TrainConfig, check_available, to_dict, validate
+from appo.config import TrainConfig, check_available, dump_yaml, validate
 from appo.metrics import MetricsWriter, plot_metrics, read_metrics, truncate_metrics
 from appo.rollout.batch import RolloutBatch, concat
 from appo.scoring import token_stats
@@ -126,29 +125,21 @@ def make_engine(config: TrainConfig, model, tokenizer, seed: int, tools: dict | 
     """The rollout engine of ``rollout.backend`` with the configured sampling settings and tools (default: the
     ``data.tool`` tool built by ``appo.tools.make_tools``). The vLLM engine starts from ``model.name_or_path``
     and is given ``model``'s current weights at once (the policy may come from a checkpoint)."""
-    from appo.rollout.tool_loop import RolloutConfig
     from appo.tools import make_tools
 
     settings = config.rollout
-    rollout_config = RolloutConfig(temperature=settings.temperature, top_p=settings.top_p,
-                                   max_new_tokens_per_turn=settings.max_new_tokens_per_turn,
-                                   max_total_tokens=settings.max_total_tokens,
-                                   max_tool_calls=settings.max_tool_calls, seed=seed,
-                                   result_template=settings.result_template,
-                                   response_prefix=settings.response_prefix,
-                                   max_batch_rows=settings.max_batch_rows)
     tools = tools if tools is not None else make_tools([config.data.tool])
     if settings.backend == "vllm":
         from appo.models import model_path
         from appo.rollout.vllm import VLLMRolloutEngine
 
-        engine = VLLMRolloutEngine(str(model_path(config.model.name_or_path)), tokenizer, tools, rollout_config,
-                                   **{"dtype": config.model.dtype, **settings.vllm})
+        engine = VLLMRolloutEngine(str(model_path(config.model.name_or_path)), tokenizer, tools, settings,
+                                   seed=seed, **{"dtype": config.model.dtype, **settings.vllm})
         engine.load_weights(model)
         return engine
     from appo.rollout.engine import RolloutEngine
 
-    return RolloutEngine(model, tokenizer, tools, rollout_config)
+    return RolloutEngine(model, tokenizer, tools, settings, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- batch helpers
@@ -327,7 +318,7 @@ class Trainer:
         per_micro = len(groups) // (config.optim.minibatches_per_step * config.optim.grad_accumulation)
         micro = [take_rows(batch, rows_of_groups(batch, groups[i:i + per_micro]))
                  for i in range(0, len(groups), per_micro)]
-        rollouts_per_update = per_micro * config.optim.grad_accumulation * config.algo.M
+        rollouts_per_update = per_micro * config.optim.grad_accumulation * config.algo.rollouts_per_prompt
 
         tick = time.perf_counter()
         old_logprobs = {}
@@ -509,7 +500,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
         with open(out / "config_changes.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps({"step": trainer.step_count, "changes": {
                 key: {"from": old, "to": new} for key, (old, new) in changes.items()}}) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    (out / "config.yaml").write_text(dump_yaml(config))
     dropped = truncate_metrics(out / "metrics.jsonl", trainer.step_count)
     if dropped:
         warnings.warn(f"{out / 'metrics.jsonl'}: removed the records of steps {dropped[0]['step']}.."
@@ -517,7 +508,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
                       "again", stacklevel=2)
     metrics: dict = {}
     with MetricsWriter(out / "metrics.jsonl", tensorboard=config.tensorboard) as writer, \
-            tqdm(total=config.steps, initial=trainer.step_count, desc=f"{config.algo.algo} train") as bar:
+            tqdm(total=config.steps, initial=trainer.step_count, desc=f"{config.algo.name} train") as bar:
         while trainer.step_count < config.steps:
             metrics = trainer.step()
             if config.eval_every and trainer.step_count % config.eval_every == 0:
@@ -529,7 +520,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, train_data: TaskDa
             if trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps:
                 trainer.save(checkpoints)
     plot = plot_metrics([out / "metrics.jsonl"], out / "curves.png")
-    summary = {"algo": config.algo.algo, "steps": trainer.step_count, "output_dir": str(out),
+    summary = {"algo": config.algo.name, "steps": trainer.step_count, "output_dir": str(out),
                "metrics": str(out / "metrics.jsonl"), "plot": str(plot), "last_step": metrics}
     history = read_metrics(out / "metrics.jsonl")
     if history:

@@ -81,10 +81,10 @@ def run_rollouts(model, tokenizer, count: int, *, reuse_cache: bool = True, temp
     timer = TimedTool(tools["python"])
     rows = count * samples
     config = RolloutConfig(temperature=temperature, max_new_tokens_per_turn=max_new_tokens_per_turn,
-                           max_total_tokens=1024, max_tool_calls=2, seed=seed, reuse_cache=reuse_cache,
+                           max_total_tokens=1024, max_tool_calls=2, reuse_cache=reuse_cache,
                            result_template="<result>{result}</result>\n", response_prefix="<python>",
                            max_batch_rows=batch_size or rows)
-    engine = RolloutEngine(model, tokenizer, tools, config)
+    engine = RolloutEngine(model, tokenizer, tools, config, seed=seed)
     rewards = {}
 
     def score(group, text):

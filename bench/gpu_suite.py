@@ -538,12 +538,14 @@ TRAIN_MODEL = {"gpu": {"hidden_size": 576, "num_hidden_layers": 8, "num_attentio
 # The run: arithmetic (generated, no data), the calculator tool (no sandbox needed on the GPU machine).
 TRAIN_SETTINGS = {
     "common": ["data.task=arithmetic", "data.tool=calculator", "data.few_shot=1",
-               "rollout.response_prefix=''", "rollout.max_prompt_tokens=224", "algo.algo=appo",
+               "rollout.response_prefix=''", "rollout.max_prompt_tokens=224", "algo.name=appo",
                "optim.minibatches_per_step=2", "eval_at_end=false", "checkpoint_every=1",
                "keep_checkpoints=1", "seed=0"],
-    "gpu": ["device=cuda", "bf16=true", "prompts_per_step=8", "algo.M=8", "algo.N=4", "algo.B=1",
+    "gpu": ["device=cuda", "bf16=true", "prompts_per_step=8", "algo.rollouts_per_prompt=8",
+            "algo.initial_rollouts=4", "algo.appo.branches_per_rollout=1",
             "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=320", "data.train_size=64"],
-    "cpu": ["device=cpu", "threads=1", "prompts_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
+    "cpu": ["device=cpu", "threads=1", "prompts_per_step=2", "algo.rollouts_per_prompt=4",
+            "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1",
             "rollout.max_new_tokens_per_turn=16", "rollout.max_total_tokens=256", "data.train_size=8"],
 }
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

@@ -47,13 +47,14 @@ RECORDS = REPO / "bench" / "results" / "study"
 # "{N}" is the recipe's N: GRPO then optimises as many sequences per prompt as APPO does.
 ARMS = {
     "appo": [],                                        # the recipe as it is
-    "grpo": ["algo.algo=grpo"],                        # M = 8: equal trajectories
-    "grpo-m4": ["algo.algo=grpo", "algo.M={N}"],       # M = N = 4: equal optimised sequences
-    "appo-entropy": ["algo.entropy_only=true"],        # the Branching Score without Omega (paper's ablation)
-    "appo-uniform": ["algo.uniform_points=true"],      # branch points uniform over the same candidates
+    "grpo": ["algo.name=grpo"],                                     # M = 8: equal trajectories
+    "grpo-m4": ["algo.name=grpo", "algo.rollouts_per_prompt={N}"],  # M = N = 4: equal optimised sequences
+    "appo-entropy": ["algo.appo.entropy_only=true"],      # the Branching Score without Omega (paper's ablation)
+    "appo-uniform": ["algo.appo.uniform_points=true"],    # branch points uniform over the same candidates
 }
 # Not part of the study; available with --variants.
-EXTRA = {"arpo": ["algo.algo=arpo"], "appo-no-afut": ["algo.b=0"], "appo-one-group": ["algo.one_group=true"]}
+EXTRA = {"arpo": ["algo.name=arpo"], "appo-no-afut": ["algo.appo.future_scale=0"],
+         "appo-one-group": ["algo.appo.one_group=true"]}
 VARIANTS = {**ARMS, **EXTRA}
 SEEDS = list(range(12))
 COST_SEEDS = [0, 1]  # --step-cost: each arm's step cost is the mean over these seeds' runs
@@ -64,8 +65,9 @@ HELDOUT_TASK_SEED = 24
 # --quick: the recipe shrunk to a pipeline check that fits CI: 1 step of 2 prompts x M = 4 (APPO N = 2, B = 1;
 # one prompt per mini-batch, so APPO's second mini-batch branches after an update), 4 held-out questions, short
 # answers, one evaluation per run.
-QUICK = ["steps=1", "prompts_per_step=2", "optim.minibatches_per_step=2", "algo.M=4", "algo.N=2", "algo.B=1",
-         "data.train_size=64", "data.eval_size=4", "rollout.max_new_tokens_per_turn=24"]
+QUICK = ["steps=1", "prompts_per_step=2", "optim.minibatches_per_step=2", "algo.rollouts_per_prompt=4",
+         "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1", "data.train_size=64", "data.eval_size=4",
+         "rollout.max_new_tokens_per_turn=24"]
 # Per-step metrics kept in a record (besides every time/*, tokens/*, branches/* and tool_calls/* key); the
 # rest stays in metrics.jsonl.
 STEP_KEYS = ("step", "reward", "accuracy", "rollouts", "rollouts_per_prompt", "response_length", "tool_calls",
@@ -90,7 +92,7 @@ def run_config(variant: str, seed: int, args: argparse.Namespace, folder: str | 
         raise ValueError(f"variant: expected one of {sorted(VARIANTS)}, got {variant!r}")
     shared = [*(QUICK if args.quick else []), *args.override]
     base = load_config(args.config, shared)
-    keys = [k.format(N=base.algo.N) for k in VARIANTS[variant]]
+    keys = [k.format(N=base.algo.initial_rollouts) for k in VARIANTS[variant]]
     folder = folder or str(Path(args.runs_dir) / f"{variant}-s{seed}")
     config = load_config(args.config, [*shared, *keys, f"seed={seed}", f"output_dir={folder}", "eval_every=0",
                                        "eval_at_end=false", "keep_checkpoints=1", "resume=true",
@@ -256,7 +258,7 @@ def step_spend(row: dict, config) -> dict:
     the optimised ones) times their number, tool calls are ``tool_calls`` (per rollout) times the rollouts,
     and APPO's per-micro-batch ``branches_filled`` / ``branches_fresh`` are summed over its micro-batches;
     anything else is None."""
-    algo = config.algo.algo
+    algo = config.algo.name
     rollouts = int(row["rollouts"])
     branches = int(row.get("branches") or 0)
     optimised = rollouts - branches if algo == "appo" else rollouts
@@ -309,9 +311,10 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
         point.update(cumulative(history, config, point["step"]))
     counters = ("time/", "tokens/", "branches/", "tool_calls/")
     keep = [{k: v for k, v in r.items() if k in STEP_KEYS or k.startswith(counters)} for r in history]
-    record = {"kind": "run", "variant": variant, "algo": config.algo.algo, "seed": seed,
-              "steps": config.steps, "prompts_per_step": config.prompts_per_step, "M": config.algo.M,
-              "N": config.algo.N,
+    record = {"kind": "run", "variant": variant, "algo": config.algo.name, "seed": seed,
+              "steps": config.steps, "prompts_per_step": config.prompts_per_step,
+              "rollouts_per_prompt": config.algo.rollouts_per_prompt,
+              "initial_rollouts": config.algo.initial_rollouts,
               "threads": config.threads, "jobs": args.jobs, "heldout": heldout,
               "wall_s": time.perf_counter() - started, "evals": evals, "history": keep,
               "config": settings}
@@ -350,7 +353,7 @@ def step_cost_one(variant: str, seed: int, args: argparse.Namespace) -> dict:
               "the machine is not idle", file=sys.stderr)
     train(config)
     history = read_metrics(folder / "metrics.jsonl")
-    record = {"kind": "step_cost", "variant": variant, "algo": config.algo.algo, "seed": seed,
+    record = {"kind": "step_cost", "variant": variant, "algo": config.algo.name, "seed": seed,
               "threads": config.threads, "cpu_count": os.cpu_count(), "load_before": load_before,
               "load_after": os.getloadavg(),
               "history": [{k: v for k, v in r.items() if k == "step" or k.startswith("time/")}

@@ -75,11 +75,11 @@ def main() -> None:
     prompts = [render_prompt(tokenizer, example, tools=("python",), few_shot=args.few_shot)
                for example in GSM8K().examples("train")[:args.prompts]]
     config = RolloutConfig(temperature=args.temperature, max_new_tokens_per_turn=64, max_total_tokens=1024,
-                           max_tool_calls=2, seed=args.seed, result_template="<result>{result}</result>\n",
+                           max_tool_calls=2, result_template="<result>{result}</result>\n",
                            response_prefix="<python>")
     start = time.perf_counter()
-    engine = VLLMRolloutEngine(path, tools=make_tools(["python"]), config=config, dtype="float32",
-                               enforce_eager=True)
+    engine = VLLMRolloutEngine(path, tools=make_tools(["python"]), config=config, seed=args.seed,
+                               dtype="float32", enforce_eager=True)
     startup = time.perf_counter() - start
     batch, initial = phase(engine, lambda: engine.generate(prompts, list(range(len(prompts)))))
 

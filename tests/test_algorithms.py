@@ -1,12 +1,14 @@
 """The per-algorithm halves of a step (appo.algorithms) on a steered tiny model that calls a calculator."""
 
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from appo.algorithms import ARPO, StepContext, make_algorithm
-from appo.config import load_config
+from appo.algorithms import ALGORITHMS, APPO, ARPO, GRPO, StepContext, make_algorithm
+from appo.config import ConfigError, load_config
 
 sys.path.insert(0, str(Path(__file__).parent / "rollout"))
 from test_engine import LOOP_SCRIPT, make_engine, prompts_for  # noqa: E402
@@ -21,7 +23,8 @@ def test_arpo_uses_the_engines_entropies_and_cache_no_extra_forward():
     from decoding, the branches decode from the kept decoding cache (no prefill over their prefixes), and
     fresh rollouts fill the budget to exactly M per prompt."""
     engine = make_engine(LOOP_SCRIPT, 9.0, max_tool_calls=3, max_total_tokens=120)
-    config = load_config(None, ["algo.algo=arpo", "algo.N=2", "algo.M=5", "algo.arpo_k=3", "algo.arpo_tau=0.9"])
+    config = load_config(None, ["algo.name=arpo", "algo.initial_rollouts=2", "algo.rollouts_per_prompt=5",
+                                "algo.arpo.entropy_window=3", "algo.arpo.branch_threshold=0.9"])
     algorithm = make_algorithm(config)
     assert isinstance(algorithm, ARPO)
     ctx = StepContext(engine=engine, score=lambda g, text: (float(len(text) % 3), 0.0), forward=no_forward,
@@ -47,3 +50,38 @@ def test_arpo_uses_the_engines_entropies_and_cache_no_extra_forward():
         parent, pos = int(batch.parent[k]), int(batch.branch_pos[k])
         assert torch.equal(batch.tokens[k, :pos], batch.tokens[parent, :pos])
         assert any(call.result_span[1] == pos for call in batch.tool_calls[parent])
+
+
+@pytest.mark.parametrize("overrides, key, fragment", [
+    (["algo.rollouts_per_prompt=5"], "algo.rollouts_per_prompt", "APPO needs M = (B + 1) * N"),
+    (["algo.name=grpo", "algo.rollouts_per_prompt=1"], "algo.rollouts_per_prompt", "GRPO needs M >= 2"),
+    (["algo.name=arpo", "algo.rollouts_per_prompt=1"], "algo.rollouts_per_prompt", "ARPO needs M >= 2"),
+    (["algo.name=arpo", "algo.initial_rollouts=5"], "algo.initial_rollouts", "ARPO needs N <= M"),
+    (["algo.name=grpo", "algo.warmup_update=true"], "algo.warmup_update", "needs algo.name=appo"),
+    (["algo.warmup_update=true", "algo.branch_when=once_per_step"], "algo.warmup_update",
+     "needs algo.branch_when=per_minibatch"),
+])
+def test_each_algorithm_checks_its_own_rules(overrides, key, fragment):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*{re.escape(fragment)}"):
+        load_config(None, overrides)
+
+
+def test_the_rules_and_the_names_come_from_the_registry(monkeypatch):
+    """A registered algorithm is a valid algo.name and its own check runs at load time: nothing in the config
+    lists algorithm names or switches on them."""
+    assert {"appo": APPO, "grpo": GRPO, "arpo": ARPO}.items() <= ALGORITHMS.items()
+
+    class Triples(GRPO):
+        @classmethod
+        def check(cls, algo):
+            super().check(algo)
+            if algo.rollouts_per_prompt % 3:
+                raise ConfigError("algo.rollouts_per_prompt", "Triples needs M divisible by 3")
+
+    with pytest.raises(ConfigError, match=r"^algo\.name: expected one of \['grpo', 'arpo', 'appo'\]"):
+        load_config(None, ["algo.name=triples"])
+    monkeypatch.setitem(ALGORITHMS, "triples", Triples)
+    with pytest.raises(ConfigError, match="Triples needs M divisible by 3"):
+        load_config(None, ["algo.name=triples"])
+    config = load_config(None, ["algo.name=triples", "algo.rollouts_per_prompt=6"])
+    assert isinstance(make_algorithm(config), Triples)

@@ -5,7 +5,9 @@ import types
 import pytest
 import yaml
 
+from appo.algorithms import ALGORITHMS
 from appo.cli import build_parser, main
+from appo.config import TrainConfig, load_config, to_dict
 
 
 @pytest.fixture
@@ -16,7 +18,7 @@ def fake_trainer(monkeypatch):
 
     def train(config):
         calls.append(("train", config))
-        return {"algo": config.algo.algo, "steps": config.steps, "output_dir": "runs/x",
+        return {"algo": config.algo.name, "steps": config.steps, "output_dir": "runs/x",
                 "metrics": "runs/x/metrics.jsonl", "plot": "runs/x/curves.png",
                 "last_step": {"reward": 0.25, "accuracy": 0.5, "tool_calls": 1.0, "time/step": 3.0,
                               "time/rollout": 2.0, "time/update": 1.0},
@@ -36,11 +38,11 @@ def fake_trainer(monkeypatch):
 
 def test_train_applies_file_then_algo_then_overrides(tmp_path, fake_trainer):
     path = tmp_path / "run.yaml"
-    path.write_text("algo: {M: 8}\nsteps: 3\n")
+    path.write_text("algo: {rollouts_per_prompt: 8}\nsteps: 3\n")
     assert main(["train", "--config", str(path), "--algo", "grpo", "steps=5", "optim.lr=2e-6"]) == 0
     (kind, config), = fake_trainer
     assert kind == "train"
-    assert config.algo.algo == "grpo" and config.algo.M == 8
+    assert config.algo.name == "grpo" and config.algo.rollouts_per_prompt == 8
     assert config.steps == 5 and config.optim.lr == 2e-6
 
 
@@ -59,7 +61,7 @@ def test_allow_config_change_flag_sets_the_config_key(fake_trainer):
 def test_overrides_before_and_after_options_all_apply(fake_trainer, capsys):
     assert main(["train", "steps=2", "--allow-config-change", "seed=3", "--algo", "grpo", "optim.lr=1e-6"]) == 0
     (_, config), = fake_trainer
-    assert (config.steps, config.seed, config.optim.lr, config.algo.algo) == (2, 3, 1e-6, "grpo")
+    assert (config.steps, config.seed, config.optim.lr, config.algo.name) == (2, 3, 1e-6, "grpo")
     assert config.allow_config_change
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "steps=2", "--print-config", "--bogus", "seed=3"])
@@ -67,10 +69,46 @@ def test_overrides_before_and_after_options_all_apply(fake_trainer, capsys):
 
 
 def test_train_print_config_does_not_train(capsys, fake_trainer):
-    assert main(["train", "--algo", "arpo", "--print-config", "algo.M=6"]) == 0
+    assert main(["train", "--algo", "arpo", "--print-config", "algo.rollouts_per_prompt=6"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["algo"]["algo"] == "arpo" and printed["algo"]["M"] == 6
+    assert printed["algo"]["name"] == "arpo" and printed["algo"]["rollouts_per_prompt"] == 6
     assert fake_trainer == []
+
+
+def test_print_config_alone_prints_the_dataclass_defaults(capsys, tmp_path):
+    assert main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == to_dict(TrainConfig())
+    path = tmp_path / "printed.yaml"
+    path.write_text(text)
+    assert load_config(path) == TrainConfig()          # the printed YAML is a config file giving the defaults
+
+
+def test_print_config_prints_the_effective_config_that_config_reads_back(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algo: {name: grpo, rollouts_per_prompt: 8}\nrollout: {result_template: \"<result>\\n"
+                    "{result}\\n</result>\\n\"}\n")
+    argv = ["--config", str(path), "steps=3", "algo.eps_high=0.3", "data.task_options.max_operand=50"]
+    assert main(["train", "--print-config", *argv]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    effective = load_config(path, argv[2:])
+    assert effective.steps == 3 and effective.algo.rollouts_per_prompt == 8
+    assert load_config(printed) == effective
+
+
+def test_algo_choices_come_from_the_registry(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--algo", "ppo"])
+    listed = capsys.readouterr().err.split("choose from")[1]
+    assert {name for name in ("appo", "grpo", "arpo", "toy") if f"'{name}'" in listed} == set(ALGORITHMS)
+
+    class Toy(ALGORITHMS["grpo"]):
+        """A registered algorithm is a CLI choice and a config value, with no list to edit by hand."""
+
+    monkeypatch.setitem(ALGORITHMS, "toy", Toy)
+    assert main(["train", "--algo", "toy", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["algo"]["name"] == "toy"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -51,7 +51,7 @@ def test_every_appo_command_parses_to_a_valid_config(tmp_path):
         args = parser.parse_args(shlex.split(command)[1:])
         if args.command in ("train", "eval"):
             config_file = tmp_path / "my.yaml" if args.config else None
-            algo = [f"algo.algo={args.algo}"] if getattr(args, "algo", None) else []
+            algo = [f"algo.name={args.algo}"] if getattr(args, "algo", None) else []
             try:
                 load_config(config_file, [*algo, *args.overrides])
             except ValueError as err:

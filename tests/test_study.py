@@ -169,17 +169,19 @@ def test_arms_differ_only_in_their_algorithm_keys(study):
     flat = {v: study.comparable(c) for v, c in configs.items()}
     for variant, keys in flat.items():
         differing = {k for k in set(keys) | set(flat["appo"]) if keys.get(k) != flat["appo"].get(k)}
-        assert differing <= {"algo.algo", "algo.M", "algo.entropy_only", "algo.uniform_points"}, variant
+        assert differing <= {"algo.name", "algo.rollouts_per_prompt", "algo.appo.entropy_only",
+                             "algo.appo.uniform_points"}, variant
         assert configs[variant].seed == 1 and configs[variant].steps == 6
-    assert (configs["appo"].algo.M, configs["appo"].algo.N, configs["appo"].algo.B) == (8, 4, 1)
-    assert configs["grpo"].algo.M == 8 and configs["grpo-m4"].algo.M == configs["appo"].algo.N
-    assert configs["appo-entropy"].algo.entropy_only and configs["appo-uniform"].algo.uniform_points
+    appo, grpo, m4 = (configs[v].algo for v in ("appo", "grpo", "grpo-m4"))
+    assert (appo.rollouts_per_prompt, appo.initial_rollouts, appo.appo.branches_per_rollout) == (8, 4, 1)
+    assert grpo.rollouts_per_prompt == 8 and m4.rollouts_per_prompt == appo.initial_rollouts
+    assert configs["appo-entropy"].algo.appo.entropy_only and configs["appo-uniform"].algo.appo.uniform_points
     assert configs["appo"].checkpoint_every == configs["appo"].steps and configs["appo"].threads == 0
     quick = study.parse_args(["--quick", "--jobs", "2"])
     assert (quick.seeds, quick.evals) == ([0], 1) and quick.records_dir.endswith("study-quick/records")
     assert study.parse_args(["--step-cost"]).seeds == [0, 1]
     m4 = study.run_config("grpo-m4", 0, quick)
-    assert (m4.steps, m4.algo.M, m4.threads) == (1, 2, 1)   # quick: N = 2; two jobs: one thread each
+    assert (m4.steps, m4.algo.rollouts_per_prompt, m4.threads) == (1, 2, 1)  # quick: N = 2; 2 jobs: 1 thread each
     assert [t for t in study.plan(study.parse_args(["--seeds", "3", "--variants", "grpo", "appo"]))] == [
         3, ("grpo", 3), ("appo", 3)]
 
@@ -293,7 +295,8 @@ def test_quick_pipeline_writes_one_record_per_run_then_reuses_them(study, model_
     runs = {v: json.loads((records / f"run-{v}-s0.json").read_text()) for v in study.ARMS}
     for r in runs.values():
         assert [e["step"] for e in r["evals"]] == [1, 2] and len(r["evals"][0]["correct"]) == 4
-        assert [e["trajectories"] for e in r["evals"]] == [2 * r["M"], 4 * r["M"]]  # exactly M per prompt
+        m = r["rollouts_per_prompt"]
+        assert [e["trajectories"] for e in r["evals"]] == [2 * m, 4 * m]  # exactly M per prompt
         assert 0 < r["evals"][0]["train_s"] < r["evals"][1]["train_s"] and len(r["history"]) == 2
         assert r["evals"][-1]["optimised_tokens"] > 0 and r["heldout"]["size"] == 4
         assert r["commit"] and r["machine"]["cpu"]

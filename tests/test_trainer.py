@@ -32,13 +32,14 @@ SMALL = ["prompts_per_step=2", "optim.grad_accumulation=1"]
 @pytest.mark.slow
 @pytest.mark.parametrize("algo, extra", [
     ("appo", []),  # 4 prompts from a 3-item dataset (one repeats): 2 updates of 2 accumulated micro-batches
-    ("appo", [*SMALL, "algo.branch_when=once_per_step", "algo.per=group", "algo.entropy_only=true",
-              "algo.kl_coef=0.1", "algo.combine=sum", "algo.include_token=true"]),
+    ("appo", [*SMALL, "algo.branch_when=once_per_step", "algo.appo.select_per=group",
+              "algo.appo.entropy_only=true", "algo.kl_coef=0.1", "algo.appo.combine=sum",
+              "algo.appo.include_token=true"]),
     ("grpo", SMALL),
-    ("arpo", [*SMALL, "algo.arpo_k=3"]),
+    ("arpo", [*SMALL, "algo.arpo.entropy_window=3"]),
 ])
 def test_each_algorithm_trains_and_logs(tmp_path, algo, extra):
-    config, model, metrics = run(tmp_path, algo, [f"algo.algo={algo}", *extra], steps=1,
+    config, model, metrics = run(tmp_path, algo, [f"algo.name={algo}", *extra], steps=1,
                                  num_prompts=3 if not extra else 5)
     out = tmp_path / algo
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -47,10 +48,11 @@ def test_each_algorithm_trains_and_logs(tmp_path, algo, extra):
     last = records[-1]
     assert last["loss/tokens"] > 0 and last["grad_norm"] > 0
     # every algorithm samples exactly M trajectories per prompt
-    assert last["rollouts"] == config.prompts_per_step * config.algo.M
-    assert last["rollouts_per_prompt"] == config.algo.M
+    assert last["rollouts"] == config.prompts_per_step * config.algo.rollouts_per_prompt
+    assert last["rollouts_per_prompt"] == config.algo.rollouts_per_prompt
     if algo == "appo":
-        assert last["branches"] == config.prompts_per_step * config.algo.B * config.algo.N
+        branches_per_prompt = config.algo.appo.branches_per_rollout * config.algo.initial_rollouts
+        assert last["branches"] == config.prompts_per_step * branches_per_prompt
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -80,7 +82,8 @@ def test_no_update_means_no_policy_shift_in_any_minibatch(tmp_path, monkeypatch,
         monkeypatch.setattr(appo.trainer, "_autocast",
                             lambda config, device: torch.autocast("cpu", dtype=torch.bfloat16))
     trainer = make_trainer(tmp_path, ["optim.lr=0", "optim.minibatches_per_step=2", "optim.grad_accumulation=2",
-                                      "algo.N=2", "algo.B=1", "algo.M=4"])
+                                      "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1",
+                                      "algo.rollouts_per_prompt=4"])
     captured = []
     generate = trainer.engine.generate
     trainer.engine.generate = lambda *a, **k: captured.append(generate(*a, **k)) or captured[-1]
@@ -107,7 +110,8 @@ def test_after_an_update_later_minibatches_measure_a_policy_shift(tmp_path):
     """lr > 0: the first mini-batch still falls back (no update yet, ratio exactly 1); the second one, after
     an optimizer step, sees Omega != 1, so its Branching Score uses the future value."""
     trainer = make_trainer(tmp_path, ["optim.lr=3e-2", "optim.minibatches_per_step=2", "optim.grad_accumulation=1",
-                                      "algo.N=2", "algo.B=1", "algo.M=4"])
+                                      "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1",
+                                      "algo.rollouts_per_prompt=4"])
     trainer.step()
     first, second = trainer.micro_records
     assert first["loss"]["ratio_max"] == 1.0 and first["branching"]["bs_entropy_only"] == 1.0
@@ -119,13 +123,15 @@ def test_after_an_update_later_minibatches_measure_a_policy_shift(tmp_path):
 
 @pytest.mark.parametrize("algo, extra", [
     # B = 3 on responses of at most 4 tokens: candidate tokens run short, the fill rule makes up the budget
-    ("appo", ["algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4"]),
-    ("appo", ["algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4", "algo.per=group"]),
-    ("grpo", ["algo.M=8"]),
-    ("arpo", ["algo.N=2", "algo.M=8", "algo.arpo_k=3"]),
+    ("appo", ["algo.initial_rollouts=2", "algo.appo.branches_per_rollout=3", "algo.rollouts_per_prompt=8",
+              "rollout.max_new_tokens_per_turn=4"]),
+    ("appo", ["algo.initial_rollouts=2", "algo.appo.branches_per_rollout=3", "algo.rollouts_per_prompt=8",
+              "rollout.max_new_tokens_per_turn=4", "algo.appo.select_per=group"]),
+    ("grpo", ["algo.rollouts_per_prompt=8"]),
+    ("arpo", ["algo.initial_rollouts=2", "algo.rollouts_per_prompt=8", "algo.arpo.entropy_window=3"]),
 ])
 def test_every_algorithm_samples_exactly_m_trajectories_per_prompt(tmp_path, algo, extra):
-    trainer = make_trainer(tmp_path, [f"algo.algo={algo}", "optim.lr=1e-3", "optim.minibatches_per_step=2",
+    trainer = make_trainer(tmp_path, [f"algo.name={algo}", "optim.lr=1e-3", "optim.minibatches_per_step=2",
                                       "optim.grad_accumulation=1", *extra])
     metrics = trainer.step()
     assert metrics["rollouts"] == 4 * 8 and metrics["rollouts_per_prompt"] == 8
@@ -142,7 +148,8 @@ def test_appo_advantages_credit_the_shared_prefix_from_the_branch_group(tmp_path
     1.5 * A_init; computed here from the rewards with an independent fp64 loop (GRPO's rollout-level advantage
     would fail this)."""
     trainer = make_trainer(tmp_path, ["optim.lr=1e-3", "optim.minibatches_per_step=1", "optim.grad_accumulation=1",
-                                      "algo.N=3", "algo.B=1", "algo.M=6"], prompts=("hello", "abc"))
+                                      "algo.initial_rollouts=3", "algo.appo.branches_per_rollout=1",
+                                      "algo.rollouts_per_prompt=6"], prompts=("hello", "abc"))
     seen = []
     advantages = trainer.algorithm.advantages
 
@@ -175,8 +182,8 @@ def test_appo_advantages_credit_the_shared_prefix_from_the_branch_group(tmp_path
 
 def test_separate_branching_score_and_future_value_settings_reach_the_chain(tmp_path):
     """The authors'-code variant is expressible: BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64)."""
-    trainer = make_trainer(tmp_path, ["algo.bs_gamma=1.0", "algo.bs_clip=[0.8, 1.2]", "algo.fut_gamma=0.98923",
-                                      "algo.fut_clip=[1.0, 1.3]"])
+    trainer = make_trainer(tmp_path, ["algo.appo.bs_gamma=1.0", "algo.appo.bs_clip=[0.8, 1.2]",
+                                      "algo.appo.fut_gamma=0.98923", "algo.appo.fut_clip=[1.0, 1.3]"])
     settings = trainer.algorithm.settings
     assert (settings.bs_gamma, settings.bs_clip) == (1.0, (0.8, 1.2))
     assert (settings.fut_gamma, settings.fut_clip) == (0.98923, (1.0, 1.3))
@@ -220,8 +227,9 @@ def test_rounding_noise_is_no_policy_shift_but_an_update_is(tmp_path, lr, shifte
     back to entropy alone, exactly (the Branching Score's z(Omega) would blow the noise up to a full-size
     signal); after a real update the second mini-batch measures the shift."""
     trainer = with_forward_noise(make_trainer(tmp_path, [f"optim.lr={lr}", "optim.minibatches_per_step=2",
-                                                         "optim.grad_accumulation=1", "algo.N=2", "algo.B=1",
-                                                         "algo.M=4"]), 1e-7)
+                                                         "optim.grad_accumulation=1", "algo.initial_rollouts=2",
+                                                         "algo.appo.branches_per_rollout=1",
+                                                         "algo.rollouts_per_prompt=4"]), 1e-7)
     metrics = trainer.step()
     first, second = (r["branching"] for r in trainer.micro_records)
     assert first["bs_entropy_only"] == 1.0
@@ -236,7 +244,8 @@ def test_step_metrics_count_the_work_of_the_step(tmp_path):
     """What a study reads per step: generated tokens (initial rollouts plus the branches' new tokens), the
     tokens the loss optimised, tool calls run, branches chosen / filled / fresh and the seconds of each phase."""
     trainer = make_trainer(tmp_path, ["optim.lr=1e-3", "optim.minibatches_per_step=2", "optim.grad_accumulation=1",
-                                      "algo.N=2", "algo.B=3", "algo.M=8", "rollout.max_new_tokens_per_turn=4"])
+                                      "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=3",
+                                      "algo.rollouts_per_prompt=8", "rollout.max_new_tokens_per_turn=4"])
     seen = []
     advantages = trainer.algorithm.advantages
 
@@ -258,16 +267,17 @@ def test_step_metrics_count_the_work_of_the_step(tmp_path):
         assert metrics[f"time/{phase}"] >= 0.0
     assert metrics["time/branch"] > 0 and metrics["updates"] == 2
     assert metrics["weight_syncs"] == 0 and metrics["branch_points_uniform"] == 0.0  # the engine shares them
-    grpo = make_trainer(tmp_path / "grpo", ["algo.algo=grpo", "algo.M=4", "optim.minibatches_per_step=2",
-                                            "optim.grad_accumulation=1"]).step()
+    grpo = make_trainer(tmp_path / "grpo", ["algo.name=grpo", "algo.rollouts_per_prompt=4",
+                                            "optim.minibatches_per_step=2", "optim.grad_accumulation=1"]).step()
     assert grpo["tokens/optimised"] == grpo["tokens/generated"] > 0 and grpo["branches/chosen"] == 0
 
 
 def test_uniform_points_ablation_in_the_trainer(tmp_path):
-    """algo.uniform_points: the same budget (exactly B * N branches per prompt), points drawn from the step's
-    seeded generator (the same run twice draws the same points), recorded in the metrics."""
-    overrides = ["algo.uniform_points=true", "optim.lr=1e-3", "optim.minibatches_per_step=2",
-                 "optim.grad_accumulation=1", "algo.N=2", "algo.B=2", "algo.M=6"]
+    """algo.appo.uniform_points: the same budget (exactly B * N branches per prompt), points drawn from the
+    step's seeded generator (the same run twice draws the same points), recorded in the metrics."""
+    overrides = ["algo.appo.uniform_points=true", "optim.lr=1e-3", "optim.minibatches_per_step=2",
+                 "optim.grad_accumulation=1", "algo.initial_rollouts=2",
+                 "algo.appo.branches_per_rollout=2", "algo.rollouts_per_prompt=6"]
     runs = []
     for name in ("a", "b"):
         trainer = make_trainer(tmp_path / name, overrides)
@@ -291,7 +301,8 @@ def test_uniform_points_ablation_in_the_trainer(tmp_path):
 @pytest.mark.parametrize("lr", [0.0, 3e-2])
 def test_warmup_update_makes_every_minibatch_branch_after_an_update(tmp_path, lr):
     trainer = make_trainer(tmp_path, [f"optim.lr={lr}", "algo.warmup_update=true", "optim.minibatches_per_step=2",
-                                      "optim.grad_accumulation=1", "algo.N=2", "algo.B=1", "algo.M=4"])
+                                      "optim.grad_accumulation=1", "algo.initial_rollouts=2",
+                                      "algo.appo.branches_per_rollout=1", "algo.rollouts_per_prompt=4"])
     metrics = trainer.step()
     assert metrics["updates"] == 3 and metrics["branches"] == 4 * 2 * 1 and metrics["rollouts_per_prompt"] == 4
     fallback = [r["branching"]["bs_entropy_only"] for r in trainer.micro_records]
@@ -305,6 +316,6 @@ def test_warmup_update_makes_every_minibatch_branch_after_an_update(tmp_path, lr
 def test_warmup_update_is_refused_where_it_cannot_apply(tmp_path):
     from appo.config import ConfigError
 
-    for extra in (["algo.algo=grpo"], ["algo.branch_when=once_per_step"]):
+    for extra in (["algo.name=grpo"], ["algo.branch_when=once_per_step"]):
         with pytest.raises(ConfigError, match="algo.warmup_update"):
             load_config(None, ["algo.warmup_update=true", *extra])

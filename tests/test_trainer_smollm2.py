@@ -16,7 +16,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["data.task=arithmetic", "data.few_shot=1", "data.train_size=16", "prompts_per_step=2",
-            "algo.algo=appo", "algo.N=2", "algo.B=1", "algo.M=4", "optim.minibatches_per_step=2",
+            "algo.name=appo", "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1",
+            "algo.rollouts_per_prompt=4", "optim.minibatches_per_step=2",
             "optim.grad_accumulation=1", "rollout.max_new_tokens_per_turn=24", "rollout.max_total_tokens=400",
             "rollout.max_prompt_tokens=360", "device=cpu", "threads=1", "eval_at_end=false"]
 

@@ -20,82 +20,73 @@ pi_theta (A_fut is recomputed from the current policy, detached); the base advan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from appo.algos.advantages import dual_group_advantages, future_aware_scaling
 from appo.scoring import (FUTURE_VALUE_CLIP, GAMMA, BranchingScore, branching_score, future_value,
                           no_shift_tolerance, select_branch_points)
+from appo.settings import ConfigError, Range, check_fields, setting
+
+
+_UNIT = Range(0, 1, open_lo=True)
+_CLIP = Range(0, 100)
 
 
 @dataclass(frozen=True)
 class APPOSettings:
-    """Every knob of the APPO chain, with METHOD.md's defaults (the paper's implementation setting).
+    """Every knob of the APPO chain: the one APPO settings block. appo's trainer embeds it as ``algo.appo``,
+    the TRL integration exposes each field as ``APPOConfig.appo_<name>``, and verl reads it from
+    ``actor_rollout_ref.actor.policy_loss.appo`` (docs/integrations.md). Defaults are docs/method.md's (the
+    paper's implementation setting, with B = 1 as in the CPU demo); each field's help says what it does, its
+    range is checked when the block is built (a ConfigError, i.e. a ValueError, naming the field)."""
 
-    branches_per_rollout: B, branch points per initial rollout; a prompt with N rollouts always gets exactly
-        B * N branches (see ``plan_branches`` for the fill rule), so every prompt costs M = (B + 1) * N.
-    bs_gamma, bs_clip: the future value's discount and clip range inside the Branching Score (Eq. 5).
-    candidates: "strict" (z(Omega) > 0 and z(H) > 0) or "all". per: "rollout" (top-B per rollout) or "group"
-        (top B * N pooled per prompt, the authors' code). min_gap: minimum distance between one row's points
-        (the fill rule keeps it too; see ``plan_branches``).
-    include_token: the branch keeps the chosen token (authors' code) instead of re-sampling it.
-    entropy_only: the "BS -> entropy" ablation (rank by z(H) alone).
-    uniform_points: the branch-point selection ablation: draw the points uniformly at random (from the
-        generator ``plan_branches`` is given) among the same candidates the Branching Score would rank, with
-        the same budget, min_gap and fill rule.
-    shift_tolerance: a rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted
-        and falls back to entropy (``appo.scoring.branching_score``); None: ``no_shift_tolerance`` of the
-        forward's dtype (``plan_branches``'s compute_dtype); 0: exact equality only.
-    fut_gamma, fut_clip: discount and clip of A_fut = clip(exp(s), lo, hi) in the advantage (Eq. 7).
-    future_scale: b in A = A_base * (1 + b * A_fut); 0 is the "w/o A_fut" ablation.
-    combine: "avg" (appo's reading of the dual-group rule) or "sum" (authors' code); one_group: the
-        "w/o dual-group" ablation. eps: the z-scores' epsilon.
-    """
-
-    branches_per_rollout: int = 3
-    bs_gamma: float = GAMMA
-    bs_clip: tuple[float, float] = FUTURE_VALUE_CLIP
-    candidates: str = "strict"
-    per: str = "rollout"
-    min_gap: int = 0
-    include_token: bool = False
-    entropy_only: bool = False
-    uniform_points: bool = False
-    shift_tolerance: float | None = None
-    fut_gamma: float = GAMMA
-    fut_clip: tuple[float, float] = FUTURE_VALUE_CLIP
-    future_scale: float = 0.5
-    combine: str = "avg"
-    one_group: bool = False
-    eps: float = 1e-6
+    branches_per_rollout: int = setting(
+        1, "B: branch points per initial rollout; a prompt with N rollouts always gets exactly B * N branches "
+        "(plan_branches fills the budget), so it costs M = (B + 1) * N", within=Range(0, 4096))
+    bs_gamma: float = setting(GAMMA, "Branching Score: the future value's discount per position (Eq. 5)",
+                              within=_UNIT)
+    bs_clip: tuple[float, float] = setting(FUTURE_VALUE_CLIP, "Branching Score: the future value's clip "
+                                           "range [lo, hi]", within=_CLIP)
+    candidates: Literal["strict", "all"] = setting(
+        "strict", "'strict': branch only where z(Omega) > 0 and z(H) > 0; 'all': every generated token")
+    select_per: Literal["rollout", "group"] = setting(
+        "rollout", "'rollout': the top B points of each rollout; 'group': the top B * N of the prompt's "
+        "rollouts pooled (the authors' code)")
+    min_gap: int = setting(0, "minimum distance between two branch points of one row (the fill rule keeps it "
+                           "too)", within=Range(0, 2**20))
+    include_token: bool = setting(False, "the branch keeps the chosen token (the authors' code) instead of "
+                                  "re-sampling it")
+    entropy_only: bool = setting(False, "ablation 'BS -> entropy': rank the points by z(H) alone")
+    uniform_points: bool = setting(
+        False, "ablation: draw the branch points uniformly at random (from the step's seeded generator) among "
+        "the candidates the Branching Score would rank, with the same budget, min_gap and fill rule")
+    shift_tolerance: float | None = setting(
+        None, "a rollout whose largest |log pi_theta - log pi_old| is at most this counts as unshifted and "
+        "falls back to entropy; null: from the dtype the forward computes in (fp32 2^-12, fp16 or TF32 2^-5, "
+        "bf16 2^-2; docs/method.md section 4); 0: bit equality only", within=Range(0, 20))
+    fut_gamma: float = setting(GAMMA, "A_fut: the future value's discount per position (Eq. 7)", within=_UNIT)
+    fut_clip: tuple[float, float] = setting(FUTURE_VALUE_CLIP, "A_fut = clip(exp(s), lo, hi)", within=_CLIP)
+    future_scale: float = setting(0.5, "b in A = A_base * (1 + b * A_fut); 0 is the 'w/o A_fut' ablation",
+                                  within=Range(0, 100))
+    combine: Literal["avg", "sum"] = setting(
+        "avg", "dual-group rule for a shared prefix: 'avg' (appo's reading) or 'sum' (the authors' code)")
+    one_group: bool = setting(False, "ablation 'w/o dual-group': one group of all M trajectories")
+    eps: float = setting(1e-6, "the z-scores' epsilon", within=Range(0, 1, open_lo=True))
 
     def __post_init__(self):
-        branches = self.branches_per_rollout
-        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 0:
-            raise ValueError(f"branches_per_rollout: expected an int >= 0, got {branches!r}")
-        for name in ("bs_gamma", "fut_gamma"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: must lie in (0, 1], got {getattr(self, name)}")
+        check_fields(self)
         for name in ("bs_clip", "fut_clip"):
             lo, hi = getattr(self, name)
             if not lo <= hi:
-                raise ValueError(f"{name}: need lo <= hi, got {getattr(self, name)}")
-        choices = {"candidates": ("strict", "all"), "per": ("rollout", "group"), "combine": ("avg", "sum")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        if self.min_gap < 0:
-            raise ValueError(f"min_gap: must be >= 0, got {self.min_gap}")
-        if self.shift_tolerance is not None and not self.shift_tolerance >= 0:
-            raise ValueError(f"shift_tolerance: must be >= 0 or None, got {self.shift_tolerance}")
-        if self.future_scale < 0:
-            raise ValueError(f"future_scale: must be >= 0, got {self.future_scale}")
+                raise ConfigError(name, f"need lo <= hi, got {getattr(self, name)}")
 
     @classmethod
     def authors_code(cls, **overrides) -> "APPOSettings":
         """The authors' code's choices (METHOD.md): BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64), top
         B * N per prompt, the chosen token kept, dual-group "sum"."""
-        values = dict(bs_gamma=1.0, bs_clip=(0.8, 1.2), fut_gamma=2.0 ** (-1.0 / 64.0), per="group",
+        values = dict(bs_gamma=1.0, bs_clip=(0.8, 1.2), fut_gamma=2.0 ** (-1.0 / 64.0), select_per="group",
                       include_token=True, combine="sum")
         return cls(**{**values, **overrides})
 
@@ -143,8 +134,8 @@ def plan_branches(settings: APPOSettings, *, tokens: torch.Tensor, mask: torch.T
     selection.
     generator: the source of the draws of ``settings.uniform_points`` (required then, unused otherwise).
 
-    Selection: the top-B candidates of each row by the Branching Score (``per="rollout"``) or the top B * n_g
-    of the group (``per="group"``), at least ``min_gap`` positions apart within a row; with
+    Selection: the top-B candidates of each row by the Branching Score (``select_per="rollout"``) or the top
+    B * n_g of the group (``select_per="group"``), at least ``min_gap`` positions apart within a row; with
     ``uniform_points``, the same candidates ranked by uniform random keys instead of the score.
 
     Fill rule [appo choice]: when a row has fewer candidates, the prompt's budget is filled with its next-best
@@ -172,7 +163,7 @@ def plan_branches(settings: APPOSettings, *, tokens: torch.Tensor, mask: torch.T
         keys = torch.rand(ranking.shape, generator=generator, device=generator.device)
         ranking = torch.where(score.candidates, keys.to(ranking.device), -torch.inf)
     budget = settings.branches_per_rollout
-    src, pos = select_branch_points(ranking, budget, group_ids=group_ids, per=settings.per,
+    src, pos = select_branch_points(ranking, budget, group_ids=group_ids, per=settings.select_per,
                                     min_gap=settings.min_gap, allow_fewer=True)
     chosen = src.numel()
     points = list(zip(src.tolist(), pos.tolist()))

@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 # APPOConfig field -> APPOSettings field (the chain's names; the clips are split into low/high fields here).
 _SETTING_FIELDS = {"appo_branches_per_rollout": "branches_per_rollout", "appo_bs_gamma": "bs_gamma",
-                   "appo_candidates": "candidates", "appo_select_per": "per", "appo_min_gap": "min_gap",
+                   "appo_candidates": "candidates", "appo_select_per": "select_per", "appo_min_gap": "min_gap",
                    "appo_include_token": "include_token", "appo_entropy_only": "entropy_only",
                    "appo_fut_gamma": "fut_gamma", "appo_future_scale": "future_scale",
                    "appo_combine": "combine",

@@ -61,20 +61,22 @@ class RolloutEngine(ToolLoop):
     tokenizer: needs ``encode(text, add_special_tokens=False)``, ``decode(ids, skip_special_tokens=...,
         clean_up_tokenization_spaces=False)``, ``eos_token_id`` and ``pad_token_id``.
     tools: ``{tag: Tool}`` (e.g. ``appo.tools.make_tools(["python"])``).
+    config: the rollout settings (``appo.rollout.config.RolloutConfig``; None: its defaults, the CPU demo's).
+    seed: seeds the engine's torch.Generator (None: nondeterministic); appo's trainer passes the run's seed.
     """
 
     accepts_gathered_cache = True  # continue_branches(past_key_values=gather_prefix_kv(...)) skips the prefill
 
     def __init__(self, model, tokenizer, tools: dict[str, Tool] | None = None,
-                 config: RolloutConfig | None = None):
+                 config: RolloutConfig | None = None, *, seed: int | None = 0):
         self.model = model
         super().__init__(tokenizer, tools, config, next(model.parameters()).device)
         self.generator = torch.Generator(device=self.device)
         self._kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # generate_with_cache
-        if self.config.seed is None:
+        if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(self.config.seed)
+            self.generator.manual_seed(seed)
 
     # ------------------------------------------------------------------ public entry points
     def generate(self, prompts: list[list[int]], group_ids: list[int], score=None) -> RolloutBatch:

@@ -22,7 +22,7 @@ from itertools import pairwise
 import torch
 
 from appo.rollout.batch import RolloutBatch, ToolCall
-from appo.rollout.sampling import check_sampling_args
+from appo.rollout.config import RolloutConfig
 from appo.tasks.parsing import closing_tag_counts, escape_tool_output, extract_answer, tool_call_span
 from appo.tools.base import Tool
 
@@ -136,58 +136,6 @@ def graded_text(tokenizer, ids, model_mask, prefix_length: int = 0) -> str:
         pieces.append(decode(ids[start:end]) if mask[start] else RESULT_BLOCK)
         start = end
     return "".join(pieces)
-
-
-@dataclass
-class RolloutConfig:
-    """Sampling and tool-loop limits.
-
-    temperature / top_p: sampling (log-probs ignore top-p, see ``appo.rollout.sampling``).
-    max_new_tokens_per_turn: generated tokens between two tool results before a row ends with "length".
-    max_total_tokens: prompt + response (tool results included) per row; reaching it ends the row ("length").
-    max_tool_calls: calls a row may make; closing one more ends the row with "tool_limit" (call not run).
-    stop_tags: closing tags that end a turn: the tag of a tool in ``tools`` runs it, ``</answer>`` ends the
-        rollout ("answer"), any other (a tool that is not available) ends it with "error". EOS always stops.
-        A closing tool tag with no opening tag in the turn also ends the row with "error".
-    result_template: how a tool's output is appended (tokens masked 0); must contain "{result}". The
-        template's own text is encoded as it is (it may hold chat tokens); the output goes in as plain text
-        (``encode_plain``).
-    seed: seeds the engine's torch.Generator (None: nondeterministic).
-    reuse_cache: False re-prefills every row's whole history after each tool turn (baseline for benchmarks).
-    response_prefix: text appended to every prompt as the start of the response (e.g. "<python>" to make a
-        small model open a tool call). Its tokens are prompt tokens (mask 0, counted in prompt_lengths) but
-        belong to the first turn (a call it opens is found) and to ``texts``. Branching a batch assumes it
-        was generated with the same prefix.
-    max_batch_rows: rows decoded together at most (None: all at once). More rows are generated in
-        consecutive chunks of this size, bounding the KV cache and activation memory; the output is the same
-        bundle (row order kept). Branching from a gathered cache decodes all its rows together. (The vLLM
-        backend ignores it: vLLM schedules its own batches.)
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens_per_turn: int = 256
-    max_total_tokens: int = 1024
-    max_tool_calls: int = 3
-    stop_tags: tuple[str, ...] = ("</python>", "</search>", "</answer>")
-    result_template: str = "<result>\n{result}\n</result>\n"
-    seed: int | None = 0
-    reuse_cache: bool = True
-    response_prefix: str = ""
-    max_batch_rows: int | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field out of range."""
-        check_sampling_args(self.temperature, self.top_p)
-        for name in ("max_new_tokens_per_turn", "max_total_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_tool_calls < 0:
-            raise ValueError(f"max_tool_calls: must be >= 0, got {self.max_tool_calls}")
-        if self.max_batch_rows is not None and self.max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows: must be >= 1 or None, got {self.max_batch_rows}")
-        if "{result}" not in self.result_template:
-            raise ValueError("result_template: must contain '{result}'")
 
 
 @dataclass

@@ -67,19 +67,19 @@ class VLLMRolloutEngine(ToolLoop):
         ``max_model_len=config.max_total_tokens`` and ``llm_kwargs``.
     tokenizer: defaults to ``llm.get_tokenizer()``; tools, config: as for ``RolloutEngine``
         (``max_batch_rows`` and ``reuse_cache`` do not apply: vLLM schedules and caches by itself).
-    Per-request sampling seeds are drawn from ``self.generator`` (seeded by ``config.seed``), so a run is
-    reproducible on one machine.
+    seed: seeds ``self.generator``, which draws the per-request sampling seeds, so a run is reproducible on
+    one machine (None: nondeterministic); also vLLM's own seed when ``llm`` is a model path.
     """
 
     accepts_gathered_cache = False  # branches reuse vLLM's own prefix cache, not a gathered transformers cache
     records_entropy = False  # vLLM returns top-k log-probs, never the whole distribution: bundle entropy is None
 
     def __init__(self, llm, tokenizer=None, tools: dict[str, Tool] | None = None,
-                 config: RolloutConfig | None = None, **llm_kwargs):
+                 config: RolloutConfig | None = None, *, seed: int | None = 0, **llm_kwargs):
         config = config or RolloutConfig()
         if isinstance(llm, (str, os.PathLike)):
             config.validate()
-            llm = make_llm(str(llm), max_model_len=config.max_total_tokens, seed=config.seed, **llm_kwargs)
+            llm = make_llm(str(llm), max_model_len=config.max_total_tokens, seed=seed, **llm_kwargs)
         elif llm_kwargs:
             raise ValueError(f"llm_kwargs: only used when llm is a model path, got {sorted(llm_kwargs)}")
         self.llm = llm
@@ -87,10 +87,10 @@ class VLLMRolloutEngine(ToolLoop):
         super().__init__(tokenizer if tokenizer is not None else llm.get_tokenizer(), tools, config,
                          torch.device("cpu"))
         self.generator = torch.Generator()  # draws the per-request seeds (checkpointed like the HF engine's)
-        if self.config.seed is None:
+        if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(self.config.seed)
+            self.generator.manual_seed(seed)
 
     def _check_llm(self) -> None:
         try:

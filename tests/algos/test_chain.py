@@ -31,7 +31,8 @@ def plan(settings, tokens, mask, groups, logprobs, old, entropy, **options):
 @pytest.mark.parametrize("B", [1, 2, 5, 9])
 def test_every_group_gets_exactly_its_budget(per, B):
     tokens, mask, groups, logprobs, old, entropy = bundle()
-    result = plan(APPOSettings(branches_per_rollout=B, per=per), tokens, mask, groups, logprobs, old, entropy)
+    result = plan(APPOSettings(branches_per_rollout=B, select_per=per), tokens, mask, groups, logprobs, old,
+                  entropy)
     for g in (0, 1):
         assert int((groups[result.src] == g).sum()) == B * 2
     assert bool(mask[result.src, result.pos].all())                       # only generated tokens
@@ -164,7 +165,7 @@ def test_authors_code_settings():
     settings = APPOSettings.authors_code(branches_per_rollout=3)
     assert (settings.bs_gamma, settings.bs_clip) == (1.0, (0.8, 1.2))
     assert settings.fut_gamma == 2 ** (-1 / 64) and settings.fut_clip == (1.0, 1.2)
-    assert settings.include_token and settings.per == "group" and settings.combine == "sum"
+    assert settings.include_token and settings.select_per == "group" and settings.combine == "sum"
     assert torch.equal(settings.shared_prefix(torch.tensor([4, 7])), torch.tensor([5, 8]))
 
 
@@ -187,7 +188,7 @@ def test_token_advantages_compose_dual_group_and_future_scaling():
 
 def test_settings_reject_bad_values():
     for kwargs, name in (({"branches_per_rollout": -1}, "branches_per_rollout"), ({"bs_gamma": 0.0}, "bs_gamma"),
-                         ({"fut_clip": (1.3, 1.0)}, "fut_clip"), ({"per": "token"}, "per"),
+                         ({"fut_clip": (1.3, 1.0)}, "fut_clip"), ({"select_per": "token"}, "select_per"),
                          ({"future_scale": -0.5}, "future_scale"), ({"combine": "max"}, "combine")):
         with pytest.raises(ValueError, match=name):
             APPOSettings(**kwargs)
@@ -229,8 +230,9 @@ def test_fresh_branches_share_no_generated_token_unless_the_token_is_kept():
 @pytest.mark.parametrize("per", ["rollout", "group"])
 def test_uniform_points_draw_among_the_same_candidates_with_the_same_budget(per):
     tokens, mask, groups, logprobs, old, entropy = bundle(seed=2)
-    settings = APPOSettings(branches_per_rollout=2, per=per, uniform_points=True)
-    scored = plan(APPOSettings(branches_per_rollout=2, per=per), tokens, mask, groups, logprobs, old, entropy)
+    settings = APPOSettings(branches_per_rollout=2, select_per=per, uniform_points=True)
+    scored = plan(APPOSettings(branches_per_rollout=2, select_per=per), tokens, mask, groups, logprobs, old,
+                  entropy)
     draws = [plan(settings, tokens, mask, groups, logprobs, old, entropy,
                   generator=torch.Generator().manual_seed(seed)) for seed in range(40)]
     candidates = scored.score.candidates

@@ -161,7 +161,8 @@ def _config(spec: dict):
     return from_dict({"seed": 0, "steps": 2, "prompts_per_step": len(PROMPTS), "threads": 1, "device": "cpu",
                       "output_dir": spec["output_dir"], "eval_at_end": False,
                       "model": {"name_or_path": spec["model"]},
-                      "algo": {"algo": "appo", "M": M, "N": N, "B": B},
+                      "algo": {"name": "appo", "rollouts_per_prompt": M, "initial_rollouts": N,
+                               "appo": {"branches_per_rollout": B}},
                       "optim": {"lr": 0.0, "minibatches_per_step": 2, "grad_accumulation": 1},
                       "rollout": rollout})
 

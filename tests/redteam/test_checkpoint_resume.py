@@ -69,9 +69,9 @@ def test_changed_values_are_refused_naming_each_key_before_anything_loads(tmp_pa
     saved_yaml = (out / "config.yaml").read_text()
     monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: pytest.fail("built before the check"))
     with pytest.raises(ResumeError) as error:
-        run(out, "optim.lr=2e-2", "optim.weight_decay=0.1", "algo.algo=grpo", "prompts_per_step=4", steps=2)
+        run(out, "optim.lr=2e-2", "optim.weight_decay=0.1", "algo.name=grpo", "prompts_per_step=4", steps=2)
     message = str(error.value)
-    for change in ("optim.lr: 0.01 -> 0.02", "optim.weight_decay: 0.0 -> 0.1", "algo.algo: 'appo' -> 'grpo'",
+    for change in ("optim.lr: 0.01 -> 0.02", "optim.weight_decay: 0.0 -> 0.1", "algo.name: 'appo' -> 'grpo'",
                    "prompts_per_step: 2 -> 4"):
         assert change in message, message
     assert "--allow-config-change" in message

@@ -19,13 +19,14 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("text, line, fragment", [
-    ("steps: 3\nalgo: {M: 4\nseed: 2\n", 3, "invalid YAML"),           # unclosed flow mapping
+    ("steps: 3\nalgo: {rollouts_per_prompt: 4\nseed: 2\n", 3, "invalid YAML"),           # unclosed flow mapping
     ("steps: 3\noptim:\n  lr: 1e-5\n   betas: [0.9, 0.99]\n", 4, "invalid YAML"),  # bad indentation
     ("steps: 3\n\tseed: 1\n", 2, "invalid YAML"),                       # a tab
     ("steps: 3\nrollout: {temperature: 0.7}\nsteps: 4\n", 3, "steps: given twice (first on line 1)"),
     ("steps: 3\nrollout:\n  temprature: 0.7\n", 3, "rollout.temprature: unknown config key"),
     ("steps: 3\noptim:\n  grad_clip: -1\n", 3, "optim.grad_clip: must be in (0, 1000000], got -1"),
-    ("algo: {M: 8}\n", 1, "algo.M: APPO needs M = (B + 1) * N"),
+    ("algo: {rollouts_per_prompt: 8}\n", 1, "algo.rollouts_per_prompt: APPO needs M = (B + 1) * N"),
+    ("steps: 3\nalgo: {M: 8}\n", 2, "algo.M: renamed: use algo.rollouts_per_prompt"),  # an old name
     ("- steps\n- 3\n", 1, "expected a mapping"),
     ("steps: 3\nseed: \xff\n".encode("latin-1"), 2, "not UTF-8"),
 ])
@@ -60,7 +61,7 @@ def test_override_wins_over_a_bad_file_value_and_its_own_errors_name_it(tmp_path
 
 def test_appo_train_reports_a_broken_config_file_in_one_line(tmp_path, capsys, no_model_load):
     path = tmp_path / "run.yaml"
-    path.write_text("steps: 3\nalgo: {M: 4\n")
+    path.write_text("steps: 3\nalgo: {rollouts_per_prompt: 4\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", str(path), f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err

@@ -16,12 +16,17 @@ ANSWER_SCRIPT = {":": "<python>", "<python>": "6", "6": "*", "*": "7", "7": "</p
 LOOP_SCRIPT = {**ANSWER_SCRIPT, "\n": "<python>"}
 
 
+# The settings these tests were written with, where they differ from RolloutConfig's (the CPU demo's) defaults.
+LIBRARY = {"temperature": 1.0, "result_template": "<result>\n{result}\n</result>\n", "response_prefix": "",
+           "max_batch_rows": None}
+
+
 def make_engine(script, strength, *, tools=True, seed=0, arch="llama", **config):
     tokenizer = CharTokenizer()
     model = SteeredModel(tiny_model(arch, vocab_size=128, seed=seed), tokenizer, script, strength)
-    config = RolloutConfig(**{"max_new_tokens_per_turn": 12, "max_total_tokens": 96, "max_tool_calls": 2,
-                              "seed": seed, **config})
-    return RolloutEngine(model, tokenizer, {"python": Calculator()} if tools else {}, config)
+    config = RolloutConfig(**{**LIBRARY, "max_new_tokens_per_turn": 12, "max_total_tokens": 96,
+                              "max_tool_calls": 2, **config})
+    return RolloutEngine(model, tokenizer, {"python": Calculator()} if tools else {}, config, seed=seed)
 
 
 def prompts_for(engine, count):

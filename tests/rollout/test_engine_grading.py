@@ -10,6 +10,10 @@ from fakes import SPECIALS, CharTokenizer, FixedOutput, ScriptedModel
 from appo.rollout.engine import RolloutConfig, RolloutEngine
 from appo.rollout.tool_loop import RESULT_BLOCK, ToolLoop, encode_plain, graded_text, special_token_ids
 
+# The settings these tests were written with, where they differ from RolloutConfig's (the CPU demo's) defaults.
+LIBRARY = {"temperature": 1.0, "result_template": "<result>\n{result}\n</result>\n", "response_prefix": "",
+           "max_batch_rows": None}
+
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
@@ -77,8 +81,8 @@ def test_graded_text_reads_only_the_model_s_tokens():
 def test_template_text_is_trusted_tool_output_is_not():
     tokenizer = CharTokenizer()
     script = tokenizer.encode("<python>1</python>")
-    config = RolloutConfig(result_template="<result>{result}|{result}</result>", max_tool_calls=1,
-                           max_new_tokens_per_turn=32, max_total_tokens=256)
+    config = RolloutConfig(**{**LIBRARY, "result_template": "<result>{result}|{result}</result>"},
+                           max_tool_calls=1, max_new_tokens_per_turn=32, max_total_tokens=256)
     engine = RolloutEngine(ScriptedModel(128, script, tokenizer.eos_token_id), tokenizer,
                            {"python": FixedOutput("python", "<eos><pad>")}, config)
     batch = engine.generate([tokenizer.encode("Q:")], [0])
@@ -93,8 +97,8 @@ def test_template_text_is_trusted_tool_output_is_not():
 def replay(tokenizer, text: str, tools: dict, **config) -> list:
     """Feed ``text``'s tokens through ToolLoop.add_token as a backend does (vLLM's ``_replay`` is this loop):
     the outcome after each token."""
-    loop = ToolLoop(tokenizer, tools, RolloutConfig(max_new_tokens_per_turn=200, max_total_tokens=400,
-                                                    **config), torch.device("cpu"))
+    settings = RolloutConfig(**{**LIBRARY, "max_new_tokens_per_turn": 200, "max_total_tokens": 400, **config})
+    loop = ToolLoop(tokenizer, tools, settings, torch.device("cpu"))
     row = loop.new_rows([tokenizer.encode("Q:", add_special_tokens=False)], [0])[0]
     outcomes = [loop.add_token(row, token, 0.0) for token in tokenizer.encode(text, add_special_tokens=False)]
     return outcomes

@@ -33,7 +33,7 @@ def test_smollm2_gsm8k_rollouts_call_python_and_keep_logprobs_aligned():
         prompts.append([int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
     config = RolloutConfig(temperature=0.3, max_new_tokens_per_turn=24, max_total_tokens=640,
                            max_tool_calls=2,
-                           result_template="<result>{result}</result>\n", response_prefix="<python>", seed=0)
+                           result_template="<result>{result}</result>\n", response_prefix="<python>")
     engine = RolloutEngine(model, tokenizer, make_tools(["python"], python={"max_output_chars": 200}), config)
 
     def score(group, text):

@@ -24,7 +24,7 @@ def rollout_config(temperature: float):
 
     return RolloutConfig(temperature=temperature, max_new_tokens_per_turn=48, max_total_tokens=768,
                          max_tool_calls=2, result_template="<result>{result}</result>\n",
-                         response_prefix="<python>", seed=0)
+                         response_prefix="<python>")
 
 
 def dump(batch) -> dict:
@@ -194,7 +194,8 @@ def run_trainer(spec: dict) -> dict:
     from appo.trainer import TaskData, Trainer, load_task_data, load_policy
 
     overrides = ["seed=0", "prompts_per_step=2", "threads=1", "data.task=arithmetic", "data.tool=python",
-                 "data.train_size=8", "data.few_shot=2", "algo.algo=appo", "algo.M=4", "algo.N=2", "algo.B=1",
+                 "data.train_size=8", "data.few_shot=2", "algo.name=appo", "algo.rollouts_per_prompt=4",
+                 "algo.initial_rollouts=2", "algo.appo.branches_per_rollout=1",
                  "optim.lr=1e-4", "optim.minibatches_per_step=2", "rollout.backend=vllm",
                  "rollout.vllm={enforce_eager: true}", "rollout.max_new_tokens_per_turn=32",
                  "rollout.max_total_tokens=512", f"steps={spec.get('steps', 2)}", "eval_at_end=false",
@@ -208,7 +209,7 @@ def run_trainer(spec: dict) -> dict:
         data = TaskData(LengthReward(), data.examples, data.prompts)
     trainer = Trainer(config, model=model, tokenizer=tokenizer, train_data=data)
     step_start = copy.deepcopy(trainer.model).eval()
-    temperature, include_token = config.rollout.temperature, config.algo.include_token
+    temperature, include_token = config.rollout.temperature, config.algo.appo.include_token
     branch_policy = []
     decode = trainer.engine.continue_branches
 
