@@ -440,7 +440,20 @@ def tool_run():
         trainer.train()
         trainer.graded_seen = list(GRADED_SEEN)
         _RUNS["tools"] = trainer, before
-    return _RUNS["tools"]
+    trainer, before = _RUNS["tools"]
+    _revive_accelerate_state()
+    return trainer, before
+
+
+def _revive_accelerate_state() -> None:
+    """Each new TrainingArguments resets accelerate's process-wide state (``AcceleratorState._reset_state``),
+    which a cached trainer still reads (``accelerator.device``) when a test calls into it later; set it up
+    again, as this one-process CPU run had it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        Accelerator(cpu=True)
 
 
 # ------------------------------------------------------------------------------------------------ ranks

@@ -308,7 +308,10 @@ def test_process_bombs_are_contained(results):
     text = result_of(results, "process_limit")
     assert text.startswith("refused after ") and "Resource temporarily unavailable" in text, text
     assert int(text.split()[2]) <= TOOL_OPTIONS["max_processes"]
-    assert "TimeoutError: execution exceeded 3 s (killed)" in result_of(results, "fork_bomb")
+    # killed at the 3 s deadline, or earlier by the call's CPU budget (4 s summed over its processes)
+    bomb = result_of(results, "fork_bomb")
+    assert ("TimeoutError: execution exceeded 3 s (killed)" in bomb
+            or "TimeoutError: CPU time limit of 4 s exceeded (killed)" in bomb), bomb
     assert result_of(results, "daemon") == "left a daemon behind"  # and gone: checked on the host
 
 
