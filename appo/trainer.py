@@ -1,4 +1,4 @@
-"""The lean training loop (ARCHITECTURE.md): APPO, with GRPO and ARPO as baselines, from one ``TrainConfig``.
+"""The lean training loop (docs/architecture.md): APPO, with GRPO and ARPO as baselines, from one ``TrainConfig``.
 
 One step (``Trainer.step``; the per-algorithm parts are objects in ``appo.algorithms``):
   1. rollouts: the algorithm samples exactly M trajectories per prompt in all: GRPO M full rollouts; ARPO N,

@@ -51,7 +51,7 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float =
 def dual_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, parent: torch.Tensor,
                           branch_pos: torch.Tensor, mask: torch.Tensor, *, combine: str = "avg",
                           one_group: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """APPO's token-level base advantages of the INITIAL rollouts (METHOD.md "Advantages", Eqs. 6-7).
+    """APPO's token-level base advantages of the INITIAL rollouts (docs/method.md section 7, Eqs. 6-7).
 
     Inputs describe R rollouts, initial (``parent == -1``) and branches, in one bundle:
       rewards    float [R]; group_ids int64 [R] (prompt id); parent int64 [R] (-1, or the row a branch came

@@ -1,4 +1,4 @@
-"""ARPO's branching rule (arXiv 2507.19849), the tree baseline of METHOD.md "Baselines".
+"""ARPO's branching rule (arXiv 2507.19849), the tree baseline of docs/method.md section 10.
 
 After each tool result of a rollout, the mean full-vocabulary entropy of the next k generated tokens is
 compared with the rollout's first-segment entropy (the mean over its first k generated tokens): dH = H_now -

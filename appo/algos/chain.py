@@ -1,5 +1,5 @@
 """The APPO chain, written once: Branching Score -> branch points (with the budget filled) -> dual-group
-advantages -> future-aware scaling (METHOD.md "Branching Score" to "Advantages").
+advantages -> future-aware scaling (docs/method.md sections 5 to 7).
 
 appo's trainer, the TRL integration and the verl integration all call these three functions; only the step
 between them, generating the branch continuations, belongs to each engine:
@@ -12,7 +12,7 @@ between them, generating the branch continuations, belongs to each engine:
 
 ``old_logprobs`` is always pi_old in the trainer's own numerics (a forward of the policy that sampled, same
 micro-batches, dtype and kernels as the loss forward), never the rollout engine's log-probs: with pi_theta ==
-pi_old the future value is exactly 1, the Branching Score falls back to entropy alone (METHOD.md), and Omega
+pi_old the future value is exactly 1, the Branching Score falls back to entropy alone (docs/method.md section 5), and Omega
 never measures engine noise. ``scale_by_future`` is meant to be called at every update, with that update's
 pi_theta (A_fut is recomputed from the current policy, detached); the base advantages stay fixed.
 """
@@ -84,7 +84,7 @@ class APPOSettings:
 
     @classmethod
     def authors_code(cls, **overrides) -> "APPOSettings":
-        """The authors' code's choices (METHOD.md): BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64), top
+        """The authors' code's choices (docs/method.md section 11): BS gamma 1 and clip [0.8, 1.2], A_fut gamma 2^(-1/64), top
         B * N per prompt, the chosen token kept, dual-group "sum"."""
         values = dict(bs_gamma=1.0, bs_clip=(0.8, 1.2), fut_gamma=2.0 ** (-1.0 / 64.0), select_per="group",
                       include_token=True, combine="sum")

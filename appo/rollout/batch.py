@@ -34,7 +34,7 @@ class RolloutBatch:
       mask          bool    [R, T]  True where the model generated the token (never prompt, tool result, pad)
       behaviour_logprobs float32 [R, T]  log-prob of the token under the distribution the engine sampled it
                     from, as the engine computed it (0 where not mask). These are the behaviour policy's
-                    log-probs; the trainer recomputes pi_old with its own forward (METHOD.md "Notation").
+                    log-probs; the trainer recomputes pi_old with its own forward (docs/method.md section 2, "Notation").
       lengths       int64   [R]     valid tokens per row (prompt + response)
       prompt_lengths int64  [R]     prompt tokens per row
       group_ids     int64   [R]     index of the prompt the rollout answers (rollouts of one prompt share it)

@@ -14,7 +14,7 @@ def zscores(values):
 
 
 def reference_dual_group(rewards, group_ids, parent, branch_pos, mask, combine):
-    """Loop-by-loop transcription of METHOD.md's dual-group rule, in fp64."""
+    """Loop-by-loop transcription of docs/method.md's dual-group rule, in fp64."""
     rows = range(len(rewards))
     initial = [r for r in rows if parent[r] < 0]
     a_init, a_br = {}, {}
