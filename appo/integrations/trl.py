@@ -1,7 +1,7 @@
 """APPO inside TRL: ``APPOTrainer(GRPOTrainer)`` and ``APPOConfig(GRPOConfig)``.
 
 A TRL GRPO script becomes an APPO script by swapping ``GRPOTrainer`` -> ``APPOTrainer`` and
-``GRPOConfig`` -> ``APPOConfig`` (whose ``appo_*`` fields are the APPO config block). Everything else
+``GRPOConfig`` -> ``APPOConfig`` (whose ``appo_*`` fields are APPO's settings block, APPOSettings). Everything else
 (datasets, reward functions, ``accelerate launch`` / ``torchrun``, logging) stays TRL's.
 
 When the method runs. TRL generates one batch of N completions per prompt and feeds it to
@@ -51,9 +51,11 @@ TRL's internals (the private methods this hooks into, the private state it reads
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -61,48 +63,59 @@ from appo.algos.chain import APPOSettings, BranchPlan, dual_group_base, plan_bra
 from appo.integrations import _trl_compat as trl_internals
 from appo.integrations._trl_compat import GRADED, GRPOConfig, GRPOSurface
 from appo.prefix_cache import build_branch_batch, gather_prefix_kv
-from appo.scoring import FUTURE_VALUE_CLIP, GAMMA, TokenStats, future_value, token_stats
+from appo.scoring import TokenStats, future_value, token_stats
+from appo.settings import ConfigError, check_renamed, field_help, prefixed
 
 logger = logging.getLogger(__name__)
 
-# APPOConfig field -> APPOSettings field (the chain's names; the clips are split into low/high fields here).
-_SETTING_FIELDS = {"appo_branches_per_rollout": "branches_per_rollout", "appo_bs_gamma": "bs_gamma",
-                   "appo_candidates": "candidates", "appo_select_per": "select_per", "appo_min_gap": "min_gap",
-                   "appo_include_token": "include_token", "appo_entropy_only": "entropy_only",
-                   "appo_fut_gamma": "fut_gamma", "appo_future_scale": "future_scale",
-                   "appo_combine": "combine",
-                   "appo_one_group": "one_group", "appo_uniform_points": "uniform_points",
-                   "appo_shift_tolerance": "shift_tolerance"}
+# Older APPOConfig fields -> the current ones (each fails with a one-line hint naming its replacement).
+RENAMED_FIELDS = {f"appo_{name}_clip_{side}": f"appo_{name}_clip=[lo, hi]" for name in ("bs", "fut")
+                  for side in ("low", "high")}
 
 
-@dataclass
+def _with_appo_block(cls):
+    """``cls`` as a dataclass with ``appo_<name>`` for each field of ``appo.algos.chain.APPOSettings`` (APPO's
+    one settings block: its default and help; its range is checked when ``appo_settings`` builds it; a pair,
+    e.g. a clip, is a list of two numbers, as HfArgumentParser reads lists), and an ``__init__`` that refuses
+    an older field name (RENAMED_FIELDS) with a hint."""
+    annotations = cls.__dict__.get("__annotations__")
+    if annotations is None:
+        annotations = {}
+        cls.__annotations__ = annotations
+    hints = typing.get_type_hints(APPOSettings)
+    for item in fields(APPOSettings):
+        hint, metadata = hints[item.name], {"help": field_help(item)}
+        if typing.get_origin(hint) is tuple:
+            hint, spec = list[float], field(default_factory=functools.partial(list, item.default),
+                                            metadata=metadata)
+        else:
+            spec = field(default=item.default, metadata=metadata)
+        annotations[f"appo_{item.name}"] = hint
+        setattr(cls, f"appo_{item.name}", spec)
+    cls = dataclass(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        check_renamed(kwargs, RENAMED_FIELDS)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_with_appo_block
 class APPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus APPO's config block (every ``appo_*`` field; defaults are docs/method.md's).
+    """``GRPOConfig`` plus APPO's settings block: ``appo_<name>`` for each field of
+    ``appo.algos.chain.APPOSettings`` (the block appo's trainer reads as ``algo.appo.<name>`` and verl as
+    ``actor_rollout_ref.actor.policy_loss.appo.<name>``: same names, defaults, ranges and help), e.g.
+    ``appo_branches_per_rollout`` (B), ``appo_future_scale`` (b), ``appo_bs_clip=[lo, hi]``.
 
     ``steps_per_generation`` defaults to 2 x ``gradient_accumulation_steps`` here (TRL's default is 1 x): one
     generation feeds two optimizer steps, so the second branches against a moved policy. Set it (or
     ``generation_batch_size``) yourself to choose; with 1 x and ``num_iterations=1`` the Branching Score is
     entropy-only by construction (pi_theta == pi_old at every branching), which APPOTrainer reports.
     """
-
-    appo_branches_per_rollout: int = field(default=3, metadata={"help": "B: branch points per completion."})
-    appo_bs_gamma: float = field(default=GAMMA, metadata={"help": "Branching Score: future-value discount."})
-    appo_bs_clip_low: float = field(default=FUTURE_VALUE_CLIP[0], metadata={"help": "BS: Omega clip low."})
-    appo_bs_clip_high: float = field(default=FUTURE_VALUE_CLIP[1], metadata={"help": "BS: Omega clip high."})
-    appo_candidates: str = field(default="strict", metadata={"help": "'strict' or 'all' (Branching Score)."})
-    appo_select_per: str = field(default="rollout", metadata={"help": "'rollout' or 'group' (top B*N)."})
-    appo_min_gap: int = field(default=0, metadata={"help": "Minimum gap between a row's branch points."})
-    appo_include_token: bool = field(default=False, metadata={"help": "Keep the branch token (authors')."})
-    appo_entropy_only: bool = field(default=False, metadata={"help": "The 'BS -> entropy' ablation."})
-    appo_fut_gamma: float = field(default=GAMMA, metadata={"help": "A_fut: future-value discount."})
-    appo_fut_clip_low: float = field(default=FUTURE_VALUE_CLIP[0], metadata={"help": "A_fut clip low."})
-    appo_fut_clip_high: float = field(default=FUTURE_VALUE_CLIP[1], metadata={"help": "A_fut clip high."})
-    appo_future_scale: float = field(default=0.5, metadata={"help": "b in A_base * (1 + b * A_fut)."})
-    appo_combine: str = field(default="avg", metadata={"help": "'avg' (appo) or 'sum' (authors' code)."})
-    appo_one_group: bool = field(default=False, metadata={"help": "The w/o dual-group ablation."})
-    appo_uniform_points: bool = field(default=False, metadata={"help": "Ablation: uniform branch points."})
-    appo_shift_tolerance: float | None = field(default=None, metadata={
-        "help": "Largest |log-ratio| that counts as no policy shift (None: by the forward's dtype)."})
 
     def __post_init__(self):
         self.appo_settings()  # bad APPO fields fail before TRL's own checks
@@ -111,18 +124,13 @@ class APPOConfig(GRPOConfig):
         super().__post_init__()
 
     def appo_settings(self) -> APPOSettings:
-        """The chain's settings (``appo.algos.chain.APPOSettings``); a bad value is a ValueError naming the
-        ``appo_*`` field."""
-        values = {name: getattr(self, key) for key, name in _SETTING_FIELDS.items()}
-        values["bs_clip"] = (self.appo_bs_clip_low, self.appo_bs_clip_high)
-        values["fut_clip"] = (self.appo_fut_clip_low, self.appo_fut_clip_high)
+        """The chain's settings (``appo.algos.chain.APPOSettings``) of the ``appo_*`` fields; a bad value is a
+        ConfigError (a ValueError) naming the ``appo_*`` field."""
+        values = {item.name: getattr(self, f"appo_{item.name}") for item in fields(APPOSettings)}
         try:
             return APPOSettings(**values)
-        except ValueError as error:       # "bs_clip: ..." -> "appo_bs_clip_low/high: ..."
-            name, _, reason = str(error).partition(":")
-            fields_named = [key for key, value in _SETTING_FIELDS.items() if value == name]
-            fields_named = fields_named or [f"appo_{name}_low/high"]
-            raise ValueError(f"{fields_named[0]}:{reason}") from None
+        except ConfigError as error:
+            raise prefixed(error, "appo_") from None
 
 
 class APPOTrainer(GRPOSurface):

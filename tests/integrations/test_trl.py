@@ -134,7 +134,7 @@ def test_branches_decode_from_the_policy_the_trainer_holds(trained):
 
 
 def _reference_advantages(record, b=0.5):
-    """fp64 loop form of METHOD.md's dual-group advantages times (1 + b * A_fut), A_fut = clip(Omega, 1, 1.2)
+    """fp64 loop form of docs/method.md's dual-group advantages times (1 + b * A_fut), A_fut = clip(Omega, 1, 1.2)
     of this micro-step's pi_theta against pi_old."""
     mask = record["completion_mask"].bool()
     rewards = record["appo_rewards"].double()
@@ -312,16 +312,21 @@ def test_config_rejects_bad_appo_fields(tmp_path, field, value):
         APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{field: value})
 
 
-def test_config_rejects_a_bad_clip_naming_its_fields(tmp_path):
-    with pytest.raises(ValueError, match="^appo_bs_clip_low/high:"):
-        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_clip_low=1.3)
-    with pytest.raises(ValueError, match="^appo_fut_clip_low/high:"):
-        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_fut_clip_high=0.5)
+def test_config_rejects_a_bad_clip_naming_its_field(tmp_path):
+    with pytest.raises(ValueError, match="^appo_bs_clip:"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_clip=[1.3, 1.2])
+    with pytest.raises(ValueError, match="^appo_fut_clip:"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_fut_clip=[1.0, 0.5])
+
+
+def test_an_old_clip_field_fails_with_a_hint_naming_its_replacement(tmp_path):
+    with pytest.raises(ValueError, match=r"^appo_bs_clip_low: renamed: use appo_bs_clip=\[lo, hi\]"):
+        APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_clip_low=0.8)
 
 
 def test_bs_and_future_settings_are_separate(tmp_path):
     config = APPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, appo_bs_gamma=1.0,
-                        appo_bs_clip_low=0.8, appo_fut_gamma=2 ** (-1 / 64))
+                        appo_bs_clip=[0.8, 1.2], appo_fut_gamma=2 ** (-1 / 64))
     settings = config.appo_settings()
     assert (settings.bs_gamma, settings.bs_clip) == (1.0, (0.8, 1.2))
     assert (settings.fut_gamma, settings.fut_clip) == (2 ** (-1 / 64), (1.0, 1.2))
