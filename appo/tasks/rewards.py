@@ -149,16 +149,8 @@ def precision_times_recall(predicted: str | None, gold: str) -> float:
     what committing to the likeliest candidate earns. Partial answers still earn partial credit ("Obama" for
     "Barack Obama": 1/2; F1 gives 2/3).
     """
-    if predicted is None:
-        return 0.0
-    pred, want = normalize_answer(predicted), normalize_answer(gold)
-    if (pred in ("yes", "no", "noanswer") or want in ("yes", "no", "noanswer")) and pred != want:
-        return 0.0
-    pred_tokens, gold_tokens = pred.split(), want.split()
-    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if common == 0:
-        return 0.0
-    return (common / len(pred_tokens)) * (common / len(gold_tokens))
+    precision, recall = _token_precision_recall(predicted, gold)
+    return precision * recall
 
 
 def token_f1(predicted: str | None, gold: str) -> float:
@@ -166,14 +158,23 @@ def token_f1(predicted: str | None, gold: str) -> float:
 
     As there, a yes/no/noanswer answer on either side scores 0 unless both normalised strings are equal.
     """
-    if predicted is None:
+    precision, recall = _token_precision_recall(predicted, gold)
+    if precision == 0.0:
         return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _token_precision_recall(predicted: str | None, gold: str) -> tuple[float, float]:
+    """(precision, recall) of the normalised answers' tokens, as the HotpotQA evaluation script counts them:
+    (0.0, 0.0) for a missing answer, no common token, or a yes/no/noanswer answer on either side that the
+    other does not equal."""
+    if predicted is None:
+        return 0.0, 0.0
     pred, want = normalize_answer(predicted), normalize_answer(gold)
     if (pred in ("yes", "no", "noanswer") or want in ("yes", "no", "noanswer")) and pred != want:
-        return 0.0
+        return 0.0, 0.0
     pred_tokens, gold_tokens = pred.split(), want.split()
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
     if common == 0:
-        return 0.0
-    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+        return 0.0, 0.0
+    return common / len(pred_tokens), common / len(gold_tokens)
