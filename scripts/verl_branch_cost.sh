@@ -4,8 +4,8 @@
 #
 # Runs APPOTrainer through verl 0.9.1's own step (PPOTrainer.step: replay buffer, agent loops, balancing,
 # old-log-prob pass, TransferQueue) on the CPU stand-ins of tests/integrations/_verl_cpu.py: 2 gloo actor
-# ranks and a CPU rollout server holding the model, 4 prompts x N = 2, B = 2, two update parts per step,
-# 24-token responses.
+# ranks and a CPU rollout server holding the model, 4 prompts x N = 2, B = 2 (policy_loss.appo in verl's
+# config tree), two update parts per step, 24-token responses.
 # These are CPU figures (the stand-ins' sync is a state_dict through Ray's object store, not verl's CUDA IPC).
 # Usage: bash scripts/verl_branch_cost.sh [--model smollm2-135m-instruct|PATH] [--steps K]
 #        (default: SmolLM2-135M-Instruct, 3 steps). Prints one JSON line, seconds per step and phase; the
@@ -21,7 +21,7 @@ cd "$REPO"
 LOG=$(mktemp)
 trap 'rm -f "$LOG" "$LOG.out"' EXIT
 if ! VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin \
-     APPO_VERL_SETTINGS='{"branches_per_rollout": 2}' PYTHONPATH="$REPO:$REPO/tests/integrations" \
+     PYTHONPATH="$REPO:$REPO/tests/integrations" \
      RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 \
      "$PY" "$REPO/tests/integrations/_verl_cpu.py" cost "${ARGS[@]}" >"$LOG.out" 2>"$LOG"; then
   tail -n 40 "$LOG" >&2

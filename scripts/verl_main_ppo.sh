@@ -9,7 +9,11 @@
 #                                                             branches, configured by $OUT/agent_loops.yaml
 #   algorithm.adv_estimator=appo                              dual-group advantages
 #   actor_rollout_ref.actor.policy_loss.loss_mode=appo        A_fut at every update, then verl's PPO loss
-#   APPO_VERL_SETTINGS='{"branches_per_rollout": 3}'          APPO's settings (appo.algos.chain.APPOSettings)
+#   actor_rollout_ref.actor.policy_loss._target_=appo.integrations.verl_config.APPOPolicyLossConfig
+#   +actor_rollout_ref.actor.policy_loss.appo.branches_per_rollout=3
+#                                                             APPO's settings block (appo.algos.chain.
+#                                                             APPOSettings: appo train's algo.appo), read by
+#                                                             the trainer and by every actor worker's loss
 # Usage: bash scripts/verl_main_ppo.sh [extra hydra overrides...]
 # Env:   VERL_PYTHON (default python3), APPO_VERL_MODEL (default HuggingFaceTB/SmolLM2-135M-Instruct),
 #        APPO_VERL_OUT (default /tmp/appo_verl_main_ppo: data files and verl's outputs)
@@ -55,14 +59,18 @@ cat > "$OUT/agent_loops.yaml" <<'YAML'
   appo_tools: [calculator]
   stop_tags: ["</calculator>", "</answer>"]
   max_tool_calls: 2
+  max_new_tokens_per_turn: 256
+  response_prefix: ""
+  result_template: "<result>\n{result}\n</result>\n"
 YAML
 
 export VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin
-export APPO_VERL_SETTINGS=${APPO_VERL_SETTINGS:-'{"branches_per_rollout": 3}'}
 cd "$OUT"
 "$PY" -m verl.trainer.main_ppo \
   trainer.use_v1=True trainer.v1.trainer_mode=appo \
   algorithm.adv_estimator=appo actor_rollout_ref.actor.policy_loss.loss_mode=appo \
+  actor_rollout_ref.actor.policy_loss._target_=appo.integrations.verl_config.APPOPolicyLossConfig \
+  +actor_rollout_ref.actor.policy_loss.appo.branches_per_rollout=3 \
   actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28 \
   actor_rollout_ref.model.path="$MODEL" \
   actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=4 \

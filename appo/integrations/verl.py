@@ -4,7 +4,7 @@ Four pieces, all registered by name when verl itself loads ``appo.integrations.v
 (``VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin``, which verl imports in every process it starts):
 
 * ``algorithm.adv_estimator=appo`` -> :func:`appo_advantage` (``register_adv_est``): the dual-group base
-  advantages (METHOD.md Eqs. 6-7, ``appo.algos.chain.dual_group_base``) of the initial rows, 0 on branch rows;
+  advantages (docs/method.md section 7, Eqs. 6-7, ``appo.algos.chain.dual_group_base``) of the initial rows, 0 on branch rows;
 * ``actor_rollout_ref.actor.policy_loss.loss_mode=appo`` -> :func:`appo_policy_loss`
   (``register_policy_loss``): at every update, A = A_base * (1 + b * A_fut) with A_fut from the CURRENT
   log-probs against verl's recomputed ``old_log_prob`` (``appo.algos.chain.scale_by_future``), then verl's own
@@ -19,9 +19,16 @@ the rollouts and their branches; * ``trainer.v1.trainer_mode=appo`` ->
 This module needs only torch and numpy to import; verl is imported by :func:`register` and the functions that
 build ``DataProto`` objects.
 
-The settings (an ``appo.algos.chain.APPOSettings``) come from :func:`register`'s argument, else from the JSON
-object in ``$APPO_VERL_SETTINGS`` (field names of ``APPOSettings``, e.g. ``{"branches_per_rollout": 3,
-"combine": "sum"}``; environment variables reach every Ray worker), else METHOD.md's defaults.
+The settings are APPO's one settings block (``appo.algos.chain.APPOSettings``, the ``algo.appo`` block of
+appo's trainer, with the same names and defaults), in verl's own config tree:
+
+    actor_rollout_ref.actor.policy_loss._target_=appo.integrations.verl_config.APPOPolicyLossConfig
+    +actor_rollout_ref.actor.policy_loss.appo.branches_per_rollout=3   (any field of APPOSettings)
+
+verl builds the actor config from that tree in the driver (``validate_config``: a bad value fails there,
+naming the key) and in every actor worker, so the "appo" policy loss reads the block from the ``config`` verl
+passes it and ``APPOTrainer`` from the same tree (:func:`settings_of`). Without the block, the defaults apply.
+The JSON of ``$APPO_VERL_SETTINGS`` (earlier versions) is refused with a message naming the keys.
 
 Omega in verl. ``APPOTrainer`` branches the step's first update part before any update (pi_theta == pi_old:
 the Branching Score falls back to entropy alone) and every later part after the updates before it, from a
@@ -41,7 +48,6 @@ Data contract: one verl ``DataProto`` holds a step's initial rollouts AND their 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import fields, replace
 from typing import Any
@@ -52,32 +58,72 @@ import torch
 from appo.algos.chain import APPOSettings, dual_group_base, plan_branches, scale_by_future
 from appo.prefix_cache import build_branch_batch
 from appo.scoring import future_value
+from appo.settings import ConfigError, check_renamed, prefixed
 
 APPO_NAME = "appo"
 PARENT_KEY = "appo_parent"
 BRANCH_POS_KEY = "appo_branch_pos"
-SETTINGS_ENV = "APPO_VERL_SETTINGS"
+SETTINGS_KEY = "actor_rollout_ref.actor.policy_loss.appo"      # where the block sits in verl's config tree
+POLICY_LOSS_TARGET = "appo.integrations.verl_config.APPOPolicyLossConfig"
+SETTINGS_ENV = "APPO_VERL_SETTINGS"                            # removed: refused with a hint
+RENAMED = {"per": "select_per"}                                # the block's older names -> the current ones
 
-_registered_settings: APPOSettings | None = None
 
-
-def settings() -> APPOSettings:
-    """The APPO settings in force: :func:`register`'s, else ``$APPO_VERL_SETTINGS`` (JSON), else defaults."""
-    if _registered_settings is not None:
-        return _registered_settings
-    text = os.environ.get(SETTINGS_ENV, "").strip()
-    if not text:
+def appo_settings(block, key: str = SETTINGS_KEY) -> APPOSettings:
+    """The APPOSettings of a mapping of its fields (a dict or an OmegaConf node, as verl's config tree holds
+    the block; an APPOSettings is returned as it is). Unknown keys, old names (a one-line hint naming the new
+    one) and bad values raise ConfigError (a ValueError) naming ``key``.<field>."""
+    if isinstance(block, APPOSettings):
+        return block
+    if block is None:
         return APPOSettings()
+    if type(block).__name__ in ("DictConfig", "ListConfig"):
+        from omegaconf import OmegaConf
+
+        block = OmegaConf.to_container(block, resolve=True)
+    if not isinstance(block, dict):
+        raise ConfigError(key, f"expected a mapping of APPOSettings fields, got {type(block).__name__}")
+    check_renamed(block, RENAMED, prefix=f"{key}.")
+    known = [item.name for item in fields(APPOSettings)]
+    unknown = sorted(str(name) for name in block if name not in known)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"unknown APPO setting (known: {', '.join(known)})")
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{SETTINGS_ENV}: not a JSON object ({error})") from None
-    known = {f.name for f in fields(APPOSettings)}
-    if not isinstance(values, dict) or set(values) - known:
-        raise ValueError(f"{SETTINGS_ENV}: expected a JSON object with keys among {sorted(known)}, "
-                         f"got {text!r}")
-    return APPOSettings(**{key: tuple(value) if isinstance(value, list) else value
-                           for key, value in values.items()})
+        return APPOSettings(**block)
+    except ConfigError as err:
+        raise prefixed(err, f"{key}.") from None
+
+
+def settings_of(config) -> APPOSettings:
+    """The APPO settings a verl config holds: from the whole tree (``actor_rollout_ref``), the actor's
+    config (``policy_loss``), the policy loss config (``appo``; :class:`APPOPolicyLossConfig` holds it built)
+    or the block itself; APPOSettings() when the tree has no block (``policy_loss`` without ``appo``)."""
+    for name in ("actor_rollout_ref", "actor", "policy_loss"):
+        inner = _get(config, name)
+        if inner is not None:
+            return settings_of(inner)
+    if isinstance(config, APPOSettings):
+        return config
+    return appo_settings(_get(config, "appo"))
+
+
+def _get(config, name: str):
+    """``config[name]`` of a dict, an OmegaConf node or a verl config dataclass; None when absent."""
+    if config is None or isinstance(config, APPOSettings):
+        return None
+    if isinstance(config, dict) or type(config).__name__ == "DictConfig":
+        return config.get(name, None)
+    return getattr(config, name, None)
+
+
+def check_no_settings_env() -> None:
+    """Refuse ``$APPO_VERL_SETTINGS`` (earlier versions read the settings from it): a ValueError naming the
+    config keys that replace it."""
+    if os.environ.get(SETTINGS_ENV, "").strip():
+        raise ValueError(f"${SETTINGS_ENV}: no longer read; APPO's settings are verl config keys: "
+                         f"actor_rollout_ref.actor.policy_loss._target_={POLICY_LOSS_TARGET} and "
+                         f"+{SETTINGS_KEY}.<name>=<value> for each field of appo.algos.chain.APPOSettings "
+                         "(docs/integrations.md, verl)")
 
 
 def _int_field(non_tensor_batch: dict, key: str, rows: int, device: torch.device) -> torch.Tensor:
@@ -97,13 +143,16 @@ def _group_ids(uids, device: torch.device | None = None) -> torch.Tensor:
 
 def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                    index: np.ndarray | None = None, config: Any = None, non_tensor_batch: dict | None = None,
-                   epsilon: float = 1e-6, **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                   epsilon: float | None = None, chain_settings: APPOSettings | None = None,
+                   **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator "appo": APPO's dual-group token advantages, float32 [R, L] (returned twice,
     as advantages and returns), 0 on branch rows and off the mask.
 
     token_level_rewards float [R, L]; response_mask [R, L]; index object [R] (verl's ``uid``: prompt groups);
     non_tensor_batch holds ``appo_parent`` int [R] and ``appo_branch_pos`` int [R] (and ``uid`` when
-    ``index`` is None). The combination rule and the one-group ablation come from :func:`settings`.
+    ``index`` is None). chain_settings: the APPO settings (``settings_of`` the run's config; None: the
+    defaults): the combination rule, the one-group ablation and the z-scores' epsilon (verl's ``epsilon``
+    replaces it when given).
     """
     if non_tensor_batch is None:
         raise ValueError("non_tensor_batch: the 'appo' estimator needs the branch metadata; call "
@@ -121,7 +170,9 @@ def appo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tenso
     parent = _int_field(non_tensor_batch, PARENT_KEY, rows, device)
     shared = _int_field(non_tensor_batch, BRANCH_POS_KEY, rows, device)
     initial = parent < 0
-    chain = replace(settings(), eps=float(epsilon))
+    chain = appo_settings(chain_settings)
+    if epsilon is not None:
+        chain = replace(chain, eps=float(epsilon))
     base = dual_group_base(chain, rewards=token_level_rewards.float().sum(dim=-1), group_ids=group_ids,
                            parent=parent, shared_prefix=shared, mask=response_mask.bool()[initial])
     advantages = torch.zeros(token_level_rewards.shape, dtype=torch.float32, device=device)
@@ -137,12 +188,14 @@ def appo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advanta
     A_fut = clip(exp(s), fut_clip) with s the discounted (``fut_gamma`` per position) sum of
     (log_prob - old_log_prob) * mask to the end of the response, from the current policy and detached
     (``appo.algos.chain.scale_by_future``). ``old_log_prob`` is verl's recomputed pi_old (the actor's own
-    forward), so A_fut measures how far this update's policy has moved. Returns (loss, metrics) as verl's
-    losses do, plus ``appo/future_value_mean`` (mean clipped A_fut over the mask).
+    forward), so A_fut measures how far this update's policy has moved. The settings (b, fut_gamma,
+    fut_clip) are the block of the actor ``config`` verl passes (``policy_loss.appo``, :func:`settings_of`).
+    Returns (loss, metrics) as verl's losses do, plus ``appo/future_value_mean`` (mean clipped A_fut over the
+    mask).
     """
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    chain = settings()
+    chain = settings_of(config)
     mask = response_mask.bool()
     scaled = scale_by_future(chain, advantages.float(), logprobs=log_prob, old_logprobs=old_log_prob,
                              mask=mask)
@@ -156,10 +209,11 @@ def appo_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advanta
     return loss, metrics
 
 
-def compute_advantage(data, *, drop_branches: bool = True):
+def compute_advantage(data, *, drop_branches: bool = True, chain_settings: APPOSettings | None = None):
     """Run verl's registered "appo" estimator on a ``DataProto``: what verl's ``compute_advantage`` does for
-    other estimators, plus ``non_tensor_batch``. Sets ``batch["advantages"]`` and ``batch["returns"]``
-    [R, L]; with ``drop_branches`` returns only the initial rows (those APPO optimises), else all R rows."""
+    other estimators, plus ``non_tensor_batch`` and the APPO settings (None: the defaults). Sets
+    ``batch["advantages"]`` and ``batch["returns"]`` [R, L]; with ``drop_branches`` returns only the initial
+    rows (those APPO optimises), else all R rows."""
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
     if "response_mask" not in data.batch.keys():
@@ -168,7 +222,7 @@ def compute_advantage(data, *, drop_branches: bool = True):
     advantages, returns = estimator(token_level_rewards=data.batch["token_level_rewards"],
                                     response_mask=data.batch["response_mask"],
                                     index=data.non_tensor_batch["uid"],
-                                    non_tensor_batch=data.non_tensor_batch)
+                                    non_tensor_batch=data.non_tensor_batch, chain_settings=chain_settings)
     data.batch["advantages"] = advantages
     data.batch["returns"] = returns
     if not drop_branches:
@@ -177,18 +231,14 @@ def compute_advantage(data, *, drop_branches: bool = True):
     return data.select_idxs(initial)
 
 
-def register(chain_settings: APPOSettings | None = None) -> None:
-    """Register ``"appo"`` with verl's ``register_adv_est`` and ``register_policy_loss`` (imports verl), and
-    use ``chain_settings`` (default: :func:`settings`, i.e. ``$APPO_VERL_SETTINGS`` or METHOD.md's) in this
-    process. Calling it again replaces the settings. The trainer mode is registered by importing
-    ``appo.integrations.verl_trainer`` (``appo.integrations.verl_plugin`` does both)."""
-    global _registered_settings
-    if chain_settings is not None and not isinstance(chain_settings, APPOSettings):
-        raise ValueError(f"chain_settings: expected an APPOSettings, got {type(chain_settings).__name__}")
+def register() -> None:
+    """Register ``"appo"`` with verl's ``register_adv_est`` and ``register_policy_loss`` (imports verl). The
+    trainer mode is registered by importing ``appo.integrations.verl_trainer``
+    (``appo.integrations.verl_plugin`` does both). ``$APPO_VERL_SETTINGS`` is refused here
+    (:func:`check_no_settings_env`), in every process verl starts."""
+    check_no_settings_env()
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est, register_policy_loss
 
-    _registered_settings = chain_settings if chain_settings is not None else None
-    settings()                          # a bad $APPO_VERL_SETTINGS fails here, at registration
     if ADV_ESTIMATOR_REGISTRY.get(APPO_NAME) is not appo_advantage:
         register_adv_est(APPO_NAME)(appo_advantage)
     register_policy_loss(APPO_NAME)(appo_policy_loss)
@@ -250,9 +300,9 @@ def plan(data, *, current=None, chain_settings: APPOSettings | None = None,
     gets exactly B * N points (the chain's fill rule). metrics: ``appo/branches``, ``branches_filled``,
     ``branches_fresh``, ``entropy_only_fraction`` (rows scored by entropy alone: no shift beyond the
     tolerance), ``mean_branch_position`` and ``log_ratio_max`` (the largest |log pi_theta - log pi_old| on a
-    model token: 0 when nothing moved).
+    model token: 0 when nothing moved). chain_settings: the APPO settings (None: the defaults).
     """
-    chain = chain_settings if chain_settings is not None else settings()
+    chain = appo_settings(chain_settings)
     t = _response_tensors(data, None)
     mask = t["response_mask"].bool()
     if not mask.any() or chain.branches_per_rollout == 0:
@@ -302,7 +352,7 @@ def branch_requests(data, *, log_probs=None, current=None, chain_settings: APPOS
     A plain continuation of a prefix runs no tool loop: for tool tasks, branch through verl's agent loop
     (:func:`agent_loop_requests`, as ``APPOTrainer`` does).
     """
-    chain = chain_settings if chain_settings is not None else settings()
+    chain = appo_settings(chain_settings)
     if log_probs is not None:
         _response_tensors(data, log_probs)
         data = type(data)(batch=data.batch.clone(), non_tensor_batch=data.non_tensor_batch,

@@ -22,8 +22,9 @@ arguments of :class:`APPOAgentLoop`, set through verl's own agent-loop config fi
 
     - name: appo_agent
       _target_: appo.integrations.verl_agent.APPOAgentLoop
-      appo_tools: [python]
+      appo_tools: [calculator]
       max_tool_calls: 3
+      response_prefix: ""
 
 A branch: the trainer (``appo.integrations.verl_trainer``) passes the dataset row's fields plus
 ``appo_branch`` = {"prompt_ids", "response_ids", "response_mask", "include_token"}: the parent's prompt and
@@ -49,9 +50,13 @@ from uuid import uuid4
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
 
 from appo.rollout.batch import ToolCall
-from appo.rollout.tool_loop import RolloutConfig, Row, ToolLoop
+from appo.rollout.config import RolloutConfig
+from appo.rollout.tool_loop import Row, ToolLoop
 
 AGENT_NAME = "appo_agent"
+# The RolloutConfig fields the loop takes (same names and defaults as appo's rollout block); verl sets the
+# rest: sampling from its sampling params, the length budget from rollout.response_length.
+LOOP_FIELDS = ("max_tool_calls", "max_new_tokens_per_turn", "stop_tags", "result_template", "response_prefix")
 BRANCH_KEY = "appo_branch"
 _TOOLS: dict[tuple, tuple[dict, threading.Lock]] = {}     # one tool set per process and configuration
 _TOOLS_LOCK = threading.Lock()
@@ -76,29 +81,27 @@ class APPOAgentLoop(AgentLoopBase):
     name: the name this loop is registered under (verl's agent-loop config passes it); recorded in each output
         so the trainer branches through the same loop. appo_tools: tool names for ``appo.tools.make_tools``
         ("python", "calculator", "search"; empty for single-turn tasks); tool_options: their constructor
-        arguments per name. max_tool_calls, max_new_tokens_per_turn, stop_tags, result_template,
-        response_prefix: as in ``appo.rollout.tool_loop.RolloutConfig`` (the response prefix is appended to
-        the prompt and counted as prompt). verl's own keyword arguments (trainer_config, server_manager,
-        tokenizer, ..., and verl's ``tools``, which this loop does not use) go to ``AgentLoopBase``.
+        arguments per name. The fields of LOOP_FIELDS (max_tool_calls, max_new_tokens_per_turn, stop_tags,
+        result_template, response_prefix): ``appo.rollout.config.RolloutConfig``'s, with its defaults (the
+        response prefix is appended to the prompt and counted as prompt; its default "<python>" opens a
+        python call, so set "" for another tool). verl's own keyword arguments (trainer_config,
+        server_manager, tokenizer, ..., and verl's ``tools``, which this loop does not use) go to
+        ``AgentLoopBase``.
     """
 
     def __init__(self, *args, name: str = AGENT_NAME, appo_tools: list[str] | tuple[str, ...] = ("python",),
-                 tool_options: dict | None = None, max_tool_calls: int = 3,
-                 max_new_tokens_per_turn: int = 256,
-                 stop_tags: list[str] | tuple[str, ...] = ("</python>", "</search>", "</answer>"),
-                 result_template: str = "<result>\n{result}\n</result>\n", response_prefix: str = "",
-                 tools: Any = None, **kwargs):
+                 tool_options: dict | None = None, tools: Any = None, **kwargs):
+        given = {key: kwargs.pop(key) for key in LOOP_FIELDS if key in kwargs}
         super().__init__(*args, **kwargs)
         if isinstance(appo_tools, str):
             raise ValueError(  # noqa: TRY004 - appo reports bad arguments as ValueError, naming them
                 f"appo_tools: expected a list of tool names, got the string {appo_tools!r}")
         self.name = str(name)
         self.tools, self._tool_lock = _tool_set(tuple(appo_tools), dict(tool_options or {}))
-        self.loop_settings = {"max_tool_calls": int(max_tool_calls),
-                              "max_new_tokens_per_turn": int(max_new_tokens_per_turn),
-                              "stop_tags": tuple(stop_tags), "result_template": str(result_template),
-                              "response_prefix": str(response_prefix)}
-        RolloutConfig(**self.loop_settings).validate()         # a bad setting fails here, naming the field
+        if "stop_tags" in given and not isinstance(given["stop_tags"], str):
+            given["stop_tags"] = tuple(given["stop_tags"])     # a YAML list (OmegaConf's ListConfig)
+        checked = RolloutConfig(**given)                       # a bad setting fails here, naming the field
+        self.loop_settings = {key: getattr(checked, key) for key in LOOP_FIELDS}
         self.response_length = int(self.rollout_config.response_length)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:

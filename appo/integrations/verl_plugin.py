@@ -3,8 +3,8 @@
     VERL_USE_EXTERNAL_MODULES=appo.integrations.verl_plugin
 
 (verl 0.9.1 imports the named modules at the end of ``import verl``). Importing it registers, through verl's
-registries only, the advantage estimator and policy loss "appo" (``appo.integrations.verl.register``: settings
-from ``$APPO_VERL_SETTINGS``), the agent loop "appo_agent" (``appo.integrations.verl_agent``: appo's tool loop
+registries only, the advantage estimator and policy loss "appo" (``appo.integrations.verl.register``; APPO's
+settings are verl config keys, ``actor_rollout_ref.actor.policy_loss.appo``), the agent loop "appo_agent" (``appo.integrations.verl_agent``: appo's tool loop
 on verl's LLM servers, for the rollouts and their branches) and the trainer mode "appo"
 (``appo.integrations.verl_trainer``). The agent loop and the trainer mode need more of verl (its agent-loop
 module; the v1 trainer's transfer_queue, ...); in a process without them (e.g. a worker of a lighter install)

@@ -175,8 +175,12 @@ def split_parts(keys: list[str], tags: list[dict], *, prompts_per_part: int, dp_
 class APPOTrainer(PPOTrainerSync):
     """verl's synchronous PPO trainer with APPO's branching and advantages (module docstring).
 
+    APPO's settings are ``actor_rollout_ref.actor.policy_loss.appo`` (``appo.integrations.verl_config``),
+    read here and, from the same tree, by the "appo" loss on the actor workers.
+
     Refused at construction, each with its reason: another ``algorithm.adv_estimator`` or
-    ``policy_loss.loss_mode`` than "appo", ``algorithm.use_kl_in_reward`` (APPO's rewards are per rollout),
+    ``policy_loss.loss_mode`` than "appo", an APPO settings block without APPO's policy-loss ``_target_``
+    or with a bad value, ``algorithm.use_kl_in_reward`` (APPO's rewards are per rollout),
     rollout-correction ``bypass_mode`` (pi_old would be the rollout engine's log-probs, so A_fut would measure
     engine mismatch), ``rollout.n`` < 2 (no group to compare) and verl's own agent loops as the default loop
     (they cannot continue a branch prefix)."""
@@ -184,7 +188,7 @@ class APPOTrainer(PPOTrainerSync):
     def __init__(self, config):
         _check_config(config)
         super().__init__(config)
-        self.appo_settings = appo_verl.settings()
+        self.appo_settings = appo_verl.settings_of(config)   # policy_loss.appo: the workers' loss reads it too
         self._appo_branch_loop = None
         parts = config.data.train_batch_size // config.actor_rollout_ref.actor.ppo_mini_batch_size
         if parts < 2:
@@ -364,7 +368,8 @@ class APPOTrainer(PPOTrainerSync):
                                                                    pending["parent"]]),
                              appo_verl.BRANCH_POS_KEY: np.concatenate([np.zeros(len(real), dtype=np.int64),
                                                                        pending["shared"]])})
-            advantages[real] = appo_verl.compute_advantage(bundle).batch["advantages"]
+            advantages[real] = appo_verl.compute_advantage(
+                bundle, chain_settings=self.appo_settings).batch["advantages"]
         output = {"advantages": response_to_nested(advantages, response_mask_nested),
                   "returns": response_to_nested(advantages, response_mask_nested)}
         return tq.kv_batch_put(keys=part.keys, partition_id=part.partition_id,
@@ -452,6 +457,11 @@ def _check_config(config) -> None:
     if loss_mode != appo_verl.APPO_NAME:
         raise ValueError(f"actor_rollout_ref.actor.policy_loss.loss_mode: trainer_mode=appo needs 'appo', "
                          f"got {loss_mode!r}")
+    target = actor.policy_loss.get("_target_", None)
+    if actor.policy_loss.get("appo", None) is not None and target != appo_verl.POLICY_LOSS_TARGET:
+        raise ValueError(f"actor_rollout_ref.actor.policy_loss._target_: the APPO settings block "
+                         f"(policy_loss.appo) needs {appo_verl.POLICY_LOSS_TARGET}, got {target!r}")
+    appo_verl.settings_of(config)                     # a bad APPO setting fails here, naming its key
     if algorithm.get("use_kl_in_reward", False):
         raise ValueError("algorithm.use_kl_in_reward: not supported with APPO (rewards are per rollout); use "
                          "actor_rollout_ref.actor.use_kl_loss instead")

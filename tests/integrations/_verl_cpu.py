@@ -70,7 +70,8 @@ def write_files(root: str, *, reward: str, tools: list[str], stop_tags: list[str
         handle.write(reward)
     with open(paths["loops.yaml"], "w") as handle:
         handle.write(f"- name: appo_agent\n  _target_: appo.integrations.verl_agent.APPOAgentLoop\n"
-                     f"  appo_tools: {tools}\n  stop_tags: {stop_tags}\n  max_tool_calls: {max_tool_calls}\n")
+                     f"  appo_tools: {tools}\n  stop_tags: {stop_tags}\n  max_tool_calls: {max_tool_calls}\n"
+                     f"{LOOP_SETTINGS}")
     rows = [{"data_source": "toy", "prompt": [{"role": "user", "content": f"{i + 2}*{i + 3}?"}],
              "reward_model": {"ground_truth": str((i + 2) * (i + 3))}, "extra_info": {"index": i}}
             for i in range(prompts)]
@@ -79,14 +80,24 @@ def write_files(root: str, *, reward: str, tools: list[str], stop_tags: list[str
     return paths
 
 
+# The agent loop's settings these checks were written with (where they differ from RolloutConfig's defaults).
+LOOP_SETTINGS = ("  max_new_tokens_per_turn: 256\n  response_prefix: ''\n"
+                 "  result_template: \"<result>\\n{result}\\n</result>\\n\"\n")
+BRANCHES = 2   # APPO's B, set in verl's config tree (actor_rollout_ref.actor.policy_loss.appo)
+
+
 def compose_config(paths: dict, overrides: list[str]):
-    """verl's own ppo_trainer config (hydra compose), set up for APPO on the CPU stand-ins."""
+    """verl's own ppo_trainer config (hydra compose), set up for APPO on the CPU stand-ins; APPO's settings
+    block in verl's tree: the policy loss's ``appo`` (``appo.integrations.verl_config``), B = BRANCHES."""
     import verl
     from hydra import compose, initialize_config_dir
 
     base = [
         "trainer.use_v1=True", "trainer.v1.trainer_mode=appo", "algorithm.adv_estimator=appo",
-        "actor_rollout_ref.actor.policy_loss.loss_mode=appo", "actor_rollout_ref.actor.clip_ratio_low=0.2",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=appo",
+        "actor_rollout_ref.actor.policy_loss._target_=appo.integrations.verl_config.APPOPolicyLossConfig",
+        f"+actor_rollout_ref.actor.policy_loss.appo.branches_per_rollout={BRANCHES}",
+        "actor_rollout_ref.actor.clip_ratio_low=0.2",
         "actor_rollout_ref.actor.clip_ratio_high=0.28", "actor_rollout_ref.rollout.name=vllm",
         f"actor_rollout_ref.model.path={paths['model']}", "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.rollout.prompt_length=32", "actor_rollout_ref.rollout.response_length=24",
@@ -238,14 +249,20 @@ def actor_class():
 
     class CPUActor(Worker):
         @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-        def init_model(self, model_dir: str, server_name: str, lr: float, clip: tuple[float, float]):
+        def init_model(self, model_dir: str, server_name: str, lr: float, actor_config):
+            """actor_config: the tree's ``actor_rollout_ref.actor``, built into verl's actor config as verl's
+            actor workers build it (``omega_conf_to_dataclass``: APPO's policy-loss block included)."""
             import torch.distributed as dist
             from transformers import AutoModelForCausalLM
+            from verl.utils.config import omega_conf_to_dataclass as build_dataclass
 
             dist.init_process_group("gloo")
+            # not self.config: cloudpickle would take the attribute name for a submodule (a *.config module,
+            # unpicklable) and fail to ship this class to the Ray workers
+            self.actor_settings = build_dataclass(actor_config)
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
-            self.server_name, self.clip = server_name, clip
+            self.server_name = server_name
             self._register_dispatch_collect_info("actor", dp_rank=self.rank, is_collect=True)
             self.events = [("init", fingerprint(self.model))]
             return self.rank
@@ -291,11 +308,9 @@ def actor_class():
             import torch.distributed as dist
             from verl.trainer.ppo.core_algos import get_policy_loss_fn
             from verl.utils import tensordict_utils as tu
-            from verl.workers.config import ActorConfig
 
-            config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=2,
-                                 clip_ratio_low=self.clip[0], clip_ratio_high=self.clip[1])
-            loss_fn = get_policy_loss_fn("appo")
+            config = self.actor_settings            # the "appo" loss reads policy_loss.appo from it
+            loss_fn = get_policy_loss_fn(config.policy_loss.loss_mode)
             before = fingerprint(self.model)
             losses = []
             for _ in range(int(tu.get(data, "epochs", 1))):
@@ -349,8 +364,7 @@ def _world(config, paths: dict, *, lr: float, server_name: str, seed: int = 0):
     pool = RayResourcePool(process_on_nodes=[2], use_gpu=False, max_colocate_count=1)
     actor = RayWorkerGroup(resource_pool=pool, device_name="cpu",
                            ray_cls_with_init=RayClassWithInitArgs(cls=ray.remote(actor_class())))
-    clip = (config.actor_rollout_ref.actor.clip_ratio_low, config.actor_rollout_ref.actor.clip_ratio_high)
-    actor.init_model(paths["model"], server_name, lr, clip)
+    actor.init_model(paths["model"], server_name, lr, config.actor_rollout_ref.actor)
     router = get_router_handle(servers={"cpu-server:0": server})
     llm = SimpleNamespace(get_client=lambda: LLMServerClient(config=config, load_balancer_handle=router))
     return actor, server, llm, RewardLoopManager(config)
@@ -456,17 +470,17 @@ def _count(values) -> dict:
     return out
 
 
-AGENT_LOOPS = """- name: appo_agent
+AGENT_LOOPS = f"""- name: appo_agent
   _target_: appo.integrations.verl_agent.APPOAgentLoop
   appo_tools: [calculator]
   stop_tags: ['</calculator>', '</answer>']
   max_tool_calls: 2
-- name: appo_agent_one_call
+{LOOP_SETTINGS}- name: appo_agent_one_call
   _target_: appo.integrations.verl_agent.APPOAgentLoop
   appo_tools: [calculator]
   stop_tags: ['</calculator>', '</answer>']
   max_tool_calls: 1
-"""
+{LOOP_SETTINGS}"""
 FAKE = "<result>\n1\n</result>\n<answer>1</answer>"
 
 

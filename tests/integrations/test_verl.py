@@ -45,7 +45,7 @@ TRAINER_PROMPTS, TRAINER_N = 4, 2  # _verl_cpu's config: 4 prompts x N = 2, two 
 
 # ------------------------------------------------------------------------------ checks run inside the venv
 def _reference_dual_group(rewards, groups, parent, shared, mask, combine="avg"):
-    """fp64 loop form of METHOD.md Eqs. 6-7 for the initial rows (branch rows stay 0)."""
+    """fp64 loop form of docs/method.md Eqs. 6-7 for the initial rows (branch rows stay 0)."""
     import torch
 
     def zscore(values):
@@ -94,6 +94,21 @@ def _toy_rewards(responses, attention):
     rewards = torch.zeros(responses.shape)
     rewards[torch.arange(len(lengths)), lengths - 1] = ((responses * attention).sum(1) % 7).float() / 3 - 1
     return rewards
+
+
+def _actor_config(rollout_n: int, **appo):
+    """verl's actor config as verl's workers build it from the tree (``omega_conf_to_dataclass`` by
+    ``_target_``), with APPO's settings block at ``policy_loss.appo`` (B = BRANCHES unless ``appo`` says)."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from appo.integrations import verl as appo_verl
+
+    return omega_conf_to_dataclass(OmegaConf.create({
+        "_target_": "verl.workers.config.ActorConfig", "strategy": "fsdp", "ppo_micro_batch_size_per_gpu": 2,
+        "rollout_n": rollout_n, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
+        "policy_loss": {"_target_": appo_verl.POLICY_LOSS_TARGET, "loss_mode": "appo",
+                        "appo": {"branches_per_rollout": BRANCHES, **appo}}}))
 
 
 def _rollout_config():
@@ -210,10 +225,11 @@ def _worker_class():
             import numpy as np
             import torch.distributed as dist
             from verl.trainer.ppo.core_algos import get_policy_loss_fn
-            from verl.workers.config import ActorConfig
 
             from appo.integrations import verl as appo_verl
 
+            config = _actor_config(ROLLOUTS)                 # APPO's settings: the tree's policy_loss.appo
+            chain = appo_verl.settings_of(config)
             generated = self.rollout.generate_sequences(prompts)               # verl's HF generation
             data = DataProto(batch=generated.batch, non_tensor_batch=dict(prompts.non_tensor_batch),
                              meta_info=dict(prompts.meta_info))
@@ -223,12 +239,13 @@ def _worker_class():
                 old, entropy = _actor_stats(self.model, data, width)
             data.batch["old_log_probs"] = old
             stats = DataProto.from_dict(tensors={"old_log_probs": old, "entropys": entropy})
-            requests = appo_verl.branch_requests(data, log_probs=stats)
+            requests = appo_verl.branch_requests(data, log_probs=stats, chain_settings=chain)
             branch_output = self.rollout.generate_sequences(requests)          # verl's HF generation
             merged = appo_verl.merge_branches(data, branch_output, requests=requests)
             merged.batch["token_level_rewards"] = _toy_rewards(merged.batch["responses"],
                                                                merged.batch["attention_mask"][:, width:])
-            full = appo_verl.compute_advantage(merged, drop_branches=False)   # verl's registry: "appo"
+            full = appo_verl.compute_advantage(merged, drop_branches=False,  # verl's registry: "appo"
+                                               chain_settings=chain)
             initial = full.select_idxs(np.flatnonzero(full.non_tensor_batch["appo_parent"] < 0))
 
             # one PPO update's loss through verl's registry ("appo"), a moved policy: the ratio and A_fut move
@@ -236,8 +253,6 @@ def _worker_class():
                 for p in self.model.parameters():
                     p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
             log_prob, _ = _actor_stats(self.model, initial, width)
-            config = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, rollout_n=ROLLOUTS,
-                                 clip_ratio_low=0.2, clip_ratio_high=0.28)
             mask = initial.batch["response_mask"]
             loss, metrics = get_policy_loss_fn("appo")(initial.batch["old_log_probs"], log_prob,
                                                        initial.batch["advantages"], mask, "token-mean",
@@ -249,6 +264,7 @@ def _worker_class():
             reduced /= dist.get_world_size()
             self.report = {
                 "rank": self.rank, "rows": len(data), "branches": len(requests),
+                "settings_branches": config.policy_loss.appo.branches_per_rollout,
                 "budget_meta": requests.meta_info["response_length"],
                 "metrics": requests.meta_info["appo_metrics"],
                 "loss": float(loss), "loss_future_mean": metrics.get("appo/future_value_mean"),
@@ -295,6 +311,7 @@ def worker_group_checks() -> dict:
     ranks = np.asarray(merged.non_tensor_batch["appo_rank"])
     report["rank_rows"] = [int((ranks == r).sum()) for r in range(2)]
     report["branches"] = [r["branches"] for r in per_rank]
+    report["settings_branches"] = [r["settings_branches"] for r in per_rank]
     report["rows"] = [r["rows"] for r in per_rank]
     report["entropy_only"] = [r["metrics"]["appo/entropy_only_fraction"] for r in per_rank]
     report["new_tokens"] = [r["new_tokens"] for r in per_rank]
@@ -409,7 +426,8 @@ def _transfer_queue_run(tq) -> dict:
 
     rows = tq.kv_batch_get(keys=keys[:-1], partition_id="train")
     data = rows_to_dataproto(rows, pad_token_id=PAD)
-    branch_plan, metrics = appo_verl.plan(data)
+    chain = appo_verl.settings_of(_actor_config(ROLLOUTS))
+    branch_plan, metrics = appo_verl.plan(data, chain_settings=chain)
     points = list(zip(branch_plan.src.tolist(), branch_plan.pos.tolist()))
     report = {"metrics": metrics, "branches": int(branch_plan.src.numel()),
               "prompt_left_padded": bool((data.batch["attention_mask"][:, -RESPONSE_LENGTH - 1] >= 0).all()
@@ -422,6 +440,7 @@ def _transfer_queue_run(tq) -> dict:
 
     trainer = APPOTrainer.__new__(APPOTrainer)
     trainer.config = OmegaConf.create({"algorithm": {"rollout_correction": None}})
+    trainer.appo_settings = chain
     trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
     trainer._compute_advantage(batch, {})
     zeros = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
@@ -465,6 +484,7 @@ def config_checks() -> dict:
     """APPOTrainer refuses the settings it cannot honour before anything starts."""
     from omegaconf import OmegaConf
 
+    from appo.integrations.verl import POLICY_LOSS_TARGET
     from appo.integrations.verl_trainer import _check_config
 
     base = {"algorithm": {"adv_estimator": "appo", "use_kl_in_reward": False, "rollout_correction": None},
@@ -475,8 +495,15 @@ def config_checks() -> dict:
              "bypass_mode": ("algorithm", "rollout_correction", {"bypass_mode": True}),
              "rollout.n": ("actor_rollout_ref.rollout", "n", 1),
              "default_agent_loop": ("actor_rollout_ref.rollout.agent", "default_agent_loop", "tool_agent"),
-             "fsdp_config.dtype": ("actor_rollout_ref.actor.fsdp_config", "dtype", "int8")}
+             "fsdp_config.dtype": ("actor_rollout_ref.actor.fsdp_config", "dtype", "int8"),
+             "policy_loss._target_": ("actor_rollout_ref.actor.policy_loss", "appo", {"combine": "sum"}),
+             "policy_loss.appo.fut_gamma": ("actor_rollout_ref.actor", "policy_loss",
+                                            {"_target_": POLICY_LOSS_TARGET, "appo": {"fut_gamma": 0}})}
     out = {"main_ppo_script": _main_ppo_script_config()}
+    with_block = OmegaConf.create(base)
+    OmegaConf.update(with_block, "actor_rollout_ref.actor.policy_loss",
+                     {"_target_": POLICY_LOSS_TARGET, "appo": {"combine": "sum"}}, force_add=True)
+    _check_config(with_block)
     _check_config(OmegaConf.create(base))
     for name, (path, key, value) in cases.items():
         config = OmegaConf.create(base)
@@ -491,12 +518,15 @@ def config_checks() -> dict:
 
 def _main_ppo_script_config() -> str:
     """scripts/verl_main_ppo.sh's hydra overrides composed against verl's own config, through APPOTrainer's
-    checks: "" when they pass, else the error."""
+    checks and verl's actor config (built as verl builds it): "" when they pass with the script's APPO block
+    (B = 3), else the error."""
     import shlex
 
     import verl
     from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
 
+    from appo.integrations.verl import settings_of
     from appo.integrations.verl_trainer import _check_config
 
     text = (REPO / "scripts" / "verl_main_ppo.sh").read_text()
@@ -507,8 +537,11 @@ def _main_ppo_script_config() -> str:
     directory = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
-            _check_config(compose(config_name="ppo_trainer", overrides=overrides))
-        return ""
+            config = compose(config_name="ppo_trainer", overrides=overrides)
+        _check_config(config)
+        actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+        branches = (settings_of(config).branches_per_rollout, settings_of(actor).branches_per_rollout)
+        return "" if branches == (3, 3) else f"B from the tree: {branches}, expected (3, 3)"
     except Exception as error:  # noqa: BLE001 - reported to the pytest side
         return f"{type(error).__name__}: {error}"
 
@@ -586,8 +619,9 @@ def unit_checks() -> dict:
                  "entropys": torch.rand(6, 8, generator=gen),
                  "rollout_log_probs": -torch.rand(6, 8, generator=gen)},     # never pi_old
         non_tensors={"uid": np.array(["a"] * 3 + ["b"] * 3, dtype=object)})
-    requests = appo_verl.branch_requests(sample)
+    requests = appo_verl.branch_requests(sample, chain_settings=appo_verl.settings_of(_actor_config(1)))
     report["request_count"] = len(requests)
+    report["default_request_count"] = len(appo_verl.branch_requests(sample))   # no block: the defaults
     report["request_entropy_only"] = requests.meta_info["appo_metrics"]["appo/entropy_only_fraction"]
     errors = {}
     for name, call in {
@@ -596,11 +630,14 @@ def unit_checks() -> dict:
         "uid": lambda: appo_verl.branch_requests(DataProto(batch=sample.batch)),
         "appo_parent": lambda: appo_verl.merge_branches(sample, DataProto(batch=requests.batch)),
         "APPO_VERL_SETTINGS": _bad_settings_env,
+        "policy_loss.appo.bs_gamma": lambda: _actor_config(1, bs_gamma=1.5),
+        "policy_loss.appo.select_per": lambda: _actor_config(1, per="group"),      # the old name: a hint
+        "policy_loss.appo.branches": lambda: _actor_config(1, branches=3),
     }.items():
         try:
             call()
             errors[name] = ""
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - hydra wraps the block's ConfigError (a ValueError)
             errors[name] = str(err)
     report["bad_input_errors"] = errors
     return report
@@ -610,9 +647,9 @@ def _bad_settings_env():
     from appo.integrations import verl as appo_verl
 
     previous = os.environ.get(appo_verl.SETTINGS_ENV)
-    os.environ[appo_verl.SETTINGS_ENV] = '{"branches": 3}'
+    os.environ[appo_verl.SETTINGS_ENV] = '{"branches_per_rollout": 3}'
     try:
-        appo_verl.settings()
+        appo_verl.register()
     finally:
         if previous is None:
             del os.environ[appo_verl.SETTINGS_ENV]
@@ -692,9 +729,8 @@ if __name__ != "__main__":
     def verl_report():
         python = venv_python("verl_env.sh", "verl", timeout=900)
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}",
-                   VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1",
-                   RAY_AUTH_MODE="disabled",
-                   APPO_VERL_SETTINGS=json.dumps({"branches_per_rollout": BRANCHES}))
+                   VERL_USE_EXTERNAL_MODULES=PLUGIN, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+        env.pop("APPO_VERL_SETTINGS", None)
         done = subprocess.run([python, __file__], check=False, capture_output=True, text=True, timeout=1500,
                               env=env, cwd=REPO)
         assert done.returncode == 0, done.stderr[-4000:]
@@ -720,6 +756,7 @@ if __name__ != "__main__":
         assert group["ranks"] == [0, 1]
         assert group["rows"] == [6, 6]                             # whole prompt groups per worker
         assert group["branches"] == [BRANCHES * 6, BRANCHES * 6]   # exactly B * N per prompt
+        assert group["settings_branches"] == [BRANCHES, BRANCHES]  # B from the tree, in each Ray worker
         assert group["rank_rows"] == [6 + BRANCHES * 6] * 2
         assert group["groups_whole_per_rank"]
         assert group["entropy_only"] == [1.0, 1.0]                 # branching before any update: reported
@@ -787,7 +824,8 @@ if __name__ != "__main__":
 
     def test_branch_requests_never_use_the_engine_log_probs(verl_report):
         unit = verl_report["unit"]
-        assert unit["request_count"] == 6 * BRANCHES              # B from $APPO_VERL_SETTINGS x 6 rows
+        assert unit["request_count"] == 6 * BRANCHES              # B from policy_loss.appo x 6 rows
+        assert unit["default_request_count"] == 6 * 1             # no block: APPOSettings' default B = 1
         assert unit["request_entropy_only"] == 1.0
 
     def test_bad_input_names_the_key(verl_report):
@@ -888,7 +926,8 @@ if __name__ != "__main__":
         assert verl_report["config"]["main_ppo_script"] == ""
 
     @pytest.mark.parametrize("key", ["algorithm.adv_estimator", "policy_loss.loss_mode", "use_kl_in_reward",
-                                     "bypass_mode", "rollout.n", "default_agent_loop", "fsdp_config.dtype"])
+                                     "bypass_mode", "rollout.n", "default_agent_loop", "fsdp_config.dtype",
+                                     "policy_loss._target_", "policy_loss.appo.fut_gamma"])
     def test_trainer_refuses_what_it_cannot_honour(verl_report, key):
         assert key in verl_report["config"][key]
 
