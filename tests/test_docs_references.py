@@ -14,8 +14,8 @@ SOURCES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
            *sorted((REPO / "appo").rglob("*.py")), *sorted((REPO / "kernels").rglob("*.py"))]
 TOP = ("appo", "kernels", "csrc", "docs", "bench", "tests", "scripts", "configs", "examples", ".ci")
 # a repository path: a top-level folder then path characters, ending in a file extension
-REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*\w\.(?:py|md|sh|yaml|toml|json|cpp|cu|h|txt))"
-                       % "|".join(re.escape(top) for top in TOP))
+TOP_FOLDER = "|".join(re.escape(top) for top in TOP)
+REPO_PATH = re.compile(rf"(?<![\w./-])((?:{TOP_FOLDER})/[\w./-]*\w\.(?:py|md|sh|yaml|toml|json|cpp|cu|h|txt))")
 MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 BARE_MARKDOWN = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")    # METHOD.md-style names of outside docs
 ALLOWED_ELSEWHERE = {"README.md"}          # the README sits at the root
