@@ -1,5 +1,7 @@
-"""APPO inside TRL on the arithmetic task with SmolLM2-135M-Instruct, on CPU. Against the plain GRPO script
-examples/trl_grpo.py it changes only the import, the trainer and config classes, and the APPO config block.
+"""APPO inside TRL on the arithmetic task with SmolLM2-135M-Instruct, on CPU.
+
+It is the plain GRPO script examples/trl_grpo.py (its dataset, rewards and training loop, imported) with only
+the trainer and config classes swapped and the APPO config block added.
 
     python examples/trl_appo.py --max-steps 2
     torchrun --nproc_per_node 2 examples/trl_appo.py --max-steps 2     # two DDP ranks (gloo on CPU)
@@ -8,62 +10,15 @@ One generation feeds two optimizer steps (APPOConfig's default steps_per_generat
 any update (appo/entropy_only_fraction 1.0), step 2 against the updated policy (appo/omega_max_shift > 0).
 """
 
-import argparse
-import re
-
-from datasets import Dataset
+from trl_grpo import train  # this folder is on the import path when a script in it runs
 
 from appo.integrations.trl import APPOConfig, APPOTrainer
-from appo.models import load_model
-from appo.tasks import Arithmetic, Example
-
-INSTRUCTION = " Think briefly, then give only the number inside <answer></answer>."
-
-
-def arithmetic_dataset(size: int) -> Dataset:
-    """Conversational prompts with their gold answers (TRL passes extra columns to the reward functions)."""
-    examples = Arithmetic(num_train=size, num_dev=8, max_operands=2, max_operand=20).examples("train")
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": e.question + INSTRUCTION}] for e in examples],
-        "answer": [e.answer for e in examples],
-        "question": [e.question for e in examples],
-    })
-
-
-TASK = Arithmetic()
-
-
-def arithmetic_reward(completions, answer, question, **kwargs):
-    """appo's task reward (correct answer + format rule) of each completion."""
-    return [TASK.reward(completion[0]["content"], Example(id="", question=q, answer=a)).score
-            for completion, a, q in zip(completions, answer, question)]
-
-
-def number_mentioned_reward(completions, answer, **kwargs):
-    """Partial credit while the small model has not learnt the <answer> format: the gold number appears."""
-    return [0.5 * float(a in re.findall(r"-?\d+", completion[0]["content"]))
-            for completion, a in zip(completions, answer)]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-steps", type=int, default=1)
-    parser.add_argument("--output-dir", default="runs/trl_example")
-    options = parser.parse_args()
-    model, tokenizer = load_model()
-    tokenizer.padding_side = "left"
-    config = APPOConfig(
-        output_dir=options.output_dir, max_steps=options.max_steps, per_device_train_batch_size=4,
-        num_generations=4, max_completion_length=32, learning_rate=1e-6, logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=0,
-        # APPO config block: B branch points per completion, future-aware scale b, dual-group rule.
-        appo_branches_per_rollout=2, appo_future_scale=0.5, appo_combine="avg", appo_candidates="strict",
-    )
-    trainer = APPOTrainer(model=model, reward_funcs=[arithmetic_reward, number_mentioned_reward], args=config,
-                          train_dataset=arithmetic_dataset(64), processing_class=tokenizer)
-    trainer.train()
-    for entry in trainer.state.log_history:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()})
+    train(APPOConfig, APPOTrainer, description=__doc__,
+          # APPO config block: B branch points per completion, future-aware scale b, dual-group rule.
+          appo_branches_per_rollout=2, appo_future_scale=0.5, appo_combine="avg", appo_candidates="strict")
 
 
 if __name__ == "__main__":
