@@ -29,12 +29,19 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'appo' has no attribute {name!r}")
+def _lazy_exports(module: str, exports: dict[str, str], namespace: dict):
+    """A module-level ``__getattr__`` (PEP 562) for ``module``: ``exports`` maps each lazily exported name to
+    the module that defines it, imported on first access; the value is then kept in ``namespace`` (the
+    module's globals), so later lookups do not come back here. appo.tools uses it too."""
+    def __getattr__(name):
+        if name in exports:
+            value = namespace[name] = getattr(import_module(exports[name]), name)
+            return value
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = _lazy_exports(__name__, _EXPORTS, globals())
 
 
 def __dir__():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from appo import _lazy_exports
 from appo.tools.base import Tool
 
 _CLASSES = {"python": ("appo.tools.python_sandbox", "PythonTool"),
@@ -53,9 +54,4 @@ def make_tools(names: list[str] | tuple[str, ...], **options: dict) -> dict[str,
     return tools
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'appo.tools' has no attribute {name!r}")
+__getattr__ = _lazy_exports(__name__, _EXPORTS, globals())
