@@ -57,6 +57,15 @@ def weights_equal(model, expected):
     return all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
 
 
+def assert_loads_with_warning(directory, match, step, weights):
+    """load_checkpoint(directory) warns (a CheckpointWarning matching ``match``), resumes at ``step`` and
+    loads ``weights`` into a fresh model (seeded apart from both saved ones)."""
+    model = TinyLM(3)
+    with pytest.warns(CheckpointWarning, match=match):
+        assert load_checkpoint(directory, model, restore_rng=False).step == step
+    assert weights_equal(model, weights)
+
+
 @pytest.mark.parametrize("name", FILES)
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 def test_a_flipped_bit_in_any_file_is_detected(two_checkpoints, name, where):
@@ -96,10 +105,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(two_checkpoi
 def test_a_missing_file_falls_back_to_the_previous_checkpoint(two_checkpoints, name):
     directory, at_2, _ = two_checkpoints
     (directory / "step-00000004" / name).unlink()
-    model = TinyLM(7)
-    with pytest.warns(CheckpointWarning, match=name.replace(".", "[.]")):
-        assert load_checkpoint(directory, model, restore_rng=False).step == 2
-    assert weights_equal(model, at_2)
+    assert_loads_with_warning(directory, name.replace(".", "[.]"), 2, at_2)
 
 
 def test_a_lost_or_stale_latest_pointer_still_finds_the_newest_checkpoint(two_checkpoints):
@@ -109,10 +115,7 @@ def test_a_lost_or_stale_latest_pointer_still_finds_the_newest_checkpoint(two_ch
         assert find_checkpoint(directory).name == "step-00000004"
     assert latest_checkpoint(directory).name == "step-00000004"
     (directory / "latest").write_text("step-00000002")  # a crash between the rename and the pointer update
-    model = TinyLM(3)
-    with pytest.warns(CheckpointWarning, match="names 'step-00000002'"):
-        assert load_checkpoint(directory, model, restore_rng=False).step == 4
-    assert weights_equal(model, at_4)
+    assert_loads_with_warning(directory, "names 'step-00000002'", 4, at_4)
 
 
 def test_no_intact_checkpoint_is_an_error_naming_each_file(two_checkpoints):
@@ -151,10 +154,7 @@ def test_a_checkpoint_from_before_checksums_loads_with_a_warning(two_checkpoints
     meta_file = directory / "step-00000004" / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({"step": meta["step"], "config": meta["config"]}))  # appo's old format
-    model = TinyLM(3)
-    with pytest.warns(CheckpointWarning, match="without checksums"):
-        assert load_checkpoint(directory, model, restore_rng=False).step == 4
-    assert weights_equal(model, at_4)
+    assert_loads_with_warning(directory, "without checksums", 4, at_4)
 
 
 def test_a_meta_json_nested_too_deep_is_named_not_a_recursion_error(two_checkpoints):
