@@ -329,19 +329,16 @@ def run_probes(names, params: dict, tool_options: dict) -> dict:
 
 def processes() -> list[dict]:
     """Every process this process can see: pid, ppid, uid, state, whether its command line holds MARK."""
+    from appo.tools.sandbox.supervisor import process_stats
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid, fields in process_stats().items():
         try:
-            with open(f"/proc/{name}/stat", "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as file:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
                 marked = MARK.encode() in file.read()
-            uid = os.stat(f"/proc/{name}").st_uid
-        except (OSError, IndexError):
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
             continue
-        found.append({"pid": int(name), "ppid": int(fields[1]), "uid": uid, "state": fields[0].decode(),
+        found.append({"pid": pid, "ppid": int(fields[1]), "uid": uid, "state": fields[0].decode(),
                       "marked": marked})
     return found
 

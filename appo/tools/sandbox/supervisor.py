@@ -55,20 +55,28 @@ class Outcome:
     clean: bool = True
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system) of process ``root`` and every process below it, from /proc/<pid>/stat:
-    each one's own time plus the time of the children it has reaped. 0.0 when ``root`` is gone."""
-    ticks, children = {}, {}
+def process_stats() -> dict[int, list[bytes]]:
+    """{pid: the fields of /proc/<pid>/stat after the command name (state, ppid, ..., utime at [11])} of every
+    process this process can see; one that exits while the table is read is left out."""
+    stats = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as file:
-                fields = file.read().rsplit(b")", 1)[1].split()
+                stats[int(name)] = file.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        ticks[int(name)] = sum(int(f) for f in fields[11:15])
-        children.setdefault(int(fields[1]), []).append(int(name))
+    return stats
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and every process below it, from /proc/<pid>/stat:
+    each one's own time plus the time of the children it has reaped. 0.0 when ``root`` is gone."""
+    ticks, children = {}, {}
+    for pid, fields in process_stats().items():
+        ticks[pid] = sum(int(f) for f in fields[11:15])
+        children.setdefault(int(fields[1]), []).append(pid)
     total, frontier, seen = 0, [root], set()
     while frontier:
         pid = frontier.pop()
