@@ -101,12 +101,24 @@ def train_agent(out_dir: str, steps: int = 150) -> str:
         prompt = tok.encode(prompt_text(a, b), add_special_tokens=False)
         response = response_ids(tok, x, y, w)
         sequences.append((prompt + response, [-100] * len(prompt) + response))
+    net = tiny_model("llama", vocab_size=len(tok), hidden_size=64, layers=2, heads=2, kv_heads=1, seed=0)
+    fit_on_labels(net, tok, sequences, steps, batch_size=16)
+    net.config._attn_implementation = "sdpa"
+    net.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def fit_on_labels(net, tok, sequences, steps: int, batch_size: int) -> None:
+    """Fine-tune the tiny causal LM ``net`` in place (also for _trl_ranks.py's tool-calling model): ``steps``
+    AdamW steps (lr 1e-2, one torch thread) on random batches of ``batch_size`` of ``sequences``, (token ids,
+    labels) pairs with -100 where no loss is taken, right-padded with ``tok``'s pad token.
+
+    Exact full-vocabulary cross-entropy at a fraction of the cost: lm_head rows outside the target tokens are
+    zero (logit 0), so their softmax mass is (V - |targets|) * e^0, one log term."""
     width = max(len(ids) for ids, _ in sequences)
     ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in sequences])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
-    net = tiny_model("llama", vocab_size=len(tok), hidden_size=64, layers=2, heads=2, kv_heads=1, seed=0)
-    # Exact full-vocabulary cross-entropy at a fraction of the cost: lm_head rows outside the target tokens
-    # are zero (logit 0), so their softmax mass is (V - |targets|) * e^0, one log term.
     targets = torch.tensor(sorted(set(labels[labels != -100].tolist())))
     remap = torch.full((len(tok),), -1, dtype=torch.long)
     remap[targets] = torch.arange(len(targets))
@@ -122,21 +134,17 @@ def train_agent(out_dir: str, steps: int = 150) -> str:
     torch.set_num_threads(1)    # a tiny model: one thread is fastest, and kindest to a shared machine
     net.train()
     try:
-        _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps)
+        _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps, batch_size)
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
         net.lm_head.weight[targets] = head.detach()
-    net.config._attn_implementation = "sdpa"
-    net.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
-def _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps: int) -> None:
-    """``steps`` AdamW steps of the restricted-head cross-entropy on batches of 16 sequences."""
+def _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps: int, batch_size: int) -> None:
+    """``steps`` AdamW steps of the restricted-head cross-entropy on batches of ``batch_size`` sequences."""
     for _ in range(steps):
-        batch = torch.randint(0, ids.shape[0], (16,), generator=generator)
+        batch = torch.randint(0, ids.shape[0], (batch_size,), generator=generator)
         hidden = net.model(input_ids=ids[batch]).last_hidden_state[:, :-1]
         target = labels[batch][:, 1:]
         keep = target != -100

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import math
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ import tempfile
 from collections import defaultdict
 
 import torch
+from _conformance_appo import fit_on_labels  # this folder is on sys.path (module docstring)
 from datasets import Dataset
 from transformers import AutoTokenizer
 
@@ -306,48 +306,9 @@ def tool_calling_model(tok, steps=100):
         for j in [*range(len(prompt), call_end), *range(answer_start, len(full) - 1)]:
             labels[j] = full[j]
         sequences.append((full, labels))
-    width = max(len(ids) for ids, _ in sequences)
-    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s, _ in sequences])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in sequences])
     net = tiny_model("qwen2", vocab_size=len(tok), hidden_size=64, layers=2, heads=4, kv_heads=2, seed=0)
-    # Exact full-vocabulary cross-entropy at a fraction of the cost: lm_head rows outside the target tokens
-    # are zero (logit 0), so their softmax mass is (V - |targets|) * e^0, one log term.
-    targets = torch.tensor(sorted(set(labels[labels != -100].tolist())))
-    remap = torch.full((len(tok),), -1, dtype=torch.long)
-    remap[targets] = torch.arange(len(targets))
-    with torch.no_grad():
-        rows = net.lm_head.weight[targets].clone()
-        net.lm_head.weight.zero_()
-    head = torch.nn.Parameter(rows)
-    rest = torch.tensor(math.log(len(tok) - len(targets)))
-    body = [p for name, p in net.model.named_parameters() if "embed_tokens" not in name]
-    optimizer = torch.optim.AdamW(body + [head], lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)    # a tiny model: one thread is fastest, and kindest to a shared machine
-    net.train()
-    try:
-        _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps)
-    finally:
-        torch.set_num_threads(threads)
-    with torch.no_grad():
-        net.lm_head.weight[targets] = head.detach()
+    fit_on_labels(net, tok, sequences, steps, batch_size=8)
     return net.eval()
-
-
-def _fit(net, head, rest, remap, ids, labels, optimizer, generator, steps: int) -> None:
-    """``steps`` AdamW steps of the restricted-head cross-entropy on batches of 8 sequences."""
-    for _ in range(steps):
-        batch = torch.randint(0, ids.shape[0], (8,), generator=generator)
-        hidden = net.model(input_ids=ids[batch]).last_hidden_state[:, :-1]
-        target = labels[batch][:, 1:]
-        keep = target != -100
-        logits = hidden[keep] @ head.T
-        logsumexp = torch.logaddexp(torch.logsumexp(logits, dim=-1), rest)
-        loss = (logsumexp - logits.gather(1, remap[target[keep]][:, None])[:, 0]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 class RecordingToolTrainer(APPOTrainer):
