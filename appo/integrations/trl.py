@@ -133,6 +133,10 @@ class APPOConfig(GRPOConfig):
             raise prefixed(error, "appo_") from None
 
 
+_NO_ENVIRONMENT_FACTORY = ("environment_factory: not supported by APPOTrainer yet (a branch would share the "
+                           "stateful environment of the rollout it branches from); pass tools= instead")
+
+
 class APPOTrainer(GRPOSurface):
     """TRL's GRPOTrainer with APPO's token branching, dual-group advantages and future-aware scaling.
 
@@ -151,6 +155,8 @@ class APPOTrainer(GRPOSurface):
     """
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("environment_factory") is not None:   # before TRL's own setup of it
+            raise ValueError(_NO_ENVIRONMENT_FACTORY)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, APPOConfig):
             raise ValueError(f"args: APPOTrainer needs an APPOConfig, got {type(self.args).__name__}")
@@ -177,8 +183,7 @@ class APPOTrainer(GRPOSurface):
                 "statistics stay on one rank and one update (raise per_device_train_batch_size or lower "
                 "num_generations)")
         if getattr(self, "environment_factories", None) is not None:
-            raise ValueError("environment_factory: not supported by APPOTrainer yet (a branch would share "
-                             "the stateful environment of the rollout it branches from); pass tools= instead")
+            raise ValueError(_NO_ENVIRONMENT_FACTORY)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3):
             raise ValueError("args: APPOTrainer runs on DDP (or DeepSpeed ZeRO-1/2), not on FSDP or ZeRO-3: "
