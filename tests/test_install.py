@@ -151,10 +151,23 @@ print(PythonTool().run("import sys; print(sum(range(10)), sys.prefix)"))
 """
 
 
+@pytest.fixture(scope="module")
+def train_venv(tmp_path_factory, dist) -> Path:
+    """A fresh venv with torch, then the [train] dependencies at constraints.txt's versions (pulled in by the
+    wheel, which is then removed): each artifact's install below resolves them again, already satisfied."""
+    folder = tmp_path_factory.mktemp("train-venv")
+    run(sys.executable, "-m", "venv", folder)
+    python = folder / "bin" / "python"
+    run(python, "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}")
+    run(python, "-m", "pip", "install", "--quiet", "-c", REPO / "constraints.txt", f"{dist[1]}[train]")
+    run(python, "-m", "pip", "uninstall", "--quiet", "--yes", "appo")
+    return python
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("artifact", ["wheel", "sdist"])
-def test_a_non_editable_install_runs_the_python_tool_and_a_training_step(artifact, dist, tiny_model_dir,
-                                                                          tmp_path):
+def test_a_non_editable_install_runs_the_python_tool_and_a_training_step(artifact, dist, train_venv,
+                                                                          tiny_model_dir, tmp_path):
     """`pip install <wheel or sdist>[train]` into a fresh venv (torch first, then the tested versions of
     constraints.txt), run from outside the repository: every subpackage is there (the sandbox included), the
     python tool runs confined, and `appo train steps=1` completes a step with it."""
@@ -165,12 +178,17 @@ def test_a_non_editable_install_runs_the_python_tool_and_a_training_step(artifac
     except SandboxUnavailable as err:
         pytest.skip(f"the python tool has no sandbox on this machine: {err}")
     sdist, wheel, _ = dist
-    folder = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", folder)
-    python = folder / "bin" / "python"
-    run(python, "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}")
+    python, folder = train_venv, train_venv.parents[1]
     package = wheel if artifact == "wheel" else sdist
     run(python, "-m", "pip", "install", "--quiet", "-c", REPO / "constraints.txt", f"{package}[train]")
+    try:
+        _tool_and_step(python, folder, tiny_model_dir, tmp_path)
+    finally:
+        run(python, "-m", "pip", "uninstall", "--quiet", "--yes", "appo")
+
+
+def _tool_and_step(python: Path, folder: Path, tiny_model_dir, tmp_path: Path) -> None:
+    """From outside the repository: appo is the installed copy, the python tool runs, one step trains."""
     work = tmp_path / "work"
     work.mkdir()
     env = {**clean_env(python, tmp_path / "home"), "APPO_BUILD_EXTENSION": "0"}
