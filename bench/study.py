@@ -38,8 +38,6 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
 
 RECIPE = REPO / "configs" / "arithmetic-learn.yaml"
 RECORDS = REPO / "bench" / "results" / "study"

@@ -5,14 +5,12 @@ committed 3-seed study, the pre-registered arms and held-out set, what a run spe
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench"
 OLD_STUDY = REPO / "bench" / "results" / "study-20261130T200658Z.json"
 Q = 40
 HELD = {"task": "arithmetic", "task_seed": 24, "size": Q, "sha256": "synthetic"}
@@ -22,15 +20,13 @@ HELDOUT_SHA256 = "e73beeb65d5e704a02d56e375ec3aff3ec3f52a7d5940eff19d9a08ceb8c23
 
 @pytest.fixture(scope="module")
 def study():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
+    # bench/ is on the import path through pyproject's pytest pythonpath
     return importlib.import_module("study")
 
 
 @pytest.fixture(scope="module")
 def report():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
+    # bench/ is on the import path through pyproject's pytest pythonpath
     return importlib.import_module("study_report")
 
 

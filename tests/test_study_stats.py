@@ -3,20 +3,16 @@ the coverage of the intervals by simulation (seeds x questions with a seed-level
 interval that ignores the seeds must fail and the shipped ones must not."""
 
 import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def stats():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
+    # bench/ is on the import path through pyproject's pytest pythonpath
     return importlib.import_module("study_stats")
 
 
