@@ -139,7 +139,7 @@ def test_smollm2_no_shift_tolerance_lies_between_rounding_noise_and_an_update(sm
     from appo.scoring import no_shift_tolerance
 
     trainer = trainer_with(smollm2, tmp_path, "optim.lr=0", "data.train_size=4")
-    batch = rollouts(trainer)
+    batch = rollouts(trainer, prompts=2)     # 4 rollouts: each dtype forwards every one alone (CI time)
     for autocast_dtype, dtype in ((None, torch.float32), (torch.bfloat16, torch.bfloat16),
                                   (torch.float16, torch.float16)):
         noise, update = layout_noise_and_update(smollm2[0], batch, autocast_dtype)
