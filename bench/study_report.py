@@ -3,6 +3,7 @@ whatever records bench/study.py has written (a folder of records, or an older st
 
     python bench/study_report.py          # bench/results/study/ -> report.md, report.png, analysis.json
     python bench/study_report.py bench/results/study-20261130T200658Z.json     # the 3-seed study, re-analysed
+    python bench/study_report.py --readme  # also rewrite the README's study block from bench/results/study/
 
 Each contrast (arm A minus arm B, ``PRIMARY`` and ``SECONDARY`` as pre-registered in docs/study.md; a primary
 contrast is primary at one budget and "supporting" at the others) is taken at four equal budgets: trajectories sampled, sequences optimised, generated tokens and seconds of training.
@@ -20,10 +21,12 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import study_stats as stats
+from study import ARMS, COST_SEEDS, SEEDS
 
 REPO = Path(__file__).resolve().parents[1]
 # The primary contrasts, each with its primary budget (both arms measured at their last evaluation there);
@@ -356,12 +359,112 @@ def write_report(source: str | Path, out: str | Path | None = None) -> dict:
     return {"json": json_path, "md": md_path, "png": png_path, "table": table, "analysis": analysis}
 
 
+# ---------------------------------------------------------------------------------------------- README block
+README = REPO / "README.md"
+BLOCK_BEGIN = ("<!-- study-report:begin (written by `python bench/study_report.py --readme` from "
+               "bench/results/study/; do not edit by hand) -->")
+BLOCK_END = "<!-- study-report:end -->"
+
+
+def _seed_ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for s in sorted(seeds):
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
+def progress(records: list[dict], arms: tuple[str, ...] = tuple(ARMS), seeds: tuple[int, ...] = tuple(SEEDS),
+             cost_seeds: tuple[int, ...] = tuple(COST_SEEDS), folder: str = "bench/results/study") -> dict:
+    """What of the pre-registered study the ``records`` hold: {"complete": every arm has a run for every seed
+    and every seed its start evaluation, "counts": one sentence saying how many runs, start evaluations and
+    idle step-cost runs exist, which seeds, and the commit they were made from}."""
+    runs = {(r["variant"], r["seed"]) for r in records if r["kind"] == "run"}
+    starts = {r["seed"] for r in records if r["kind"] == "start"} & set(seeds)
+    costs = {(r["variant"], r["seed"]) for r in records if r["kind"] == "step_cost"}
+    commits = sorted({r["commit"][:7] for r in records if r.get("commit")})
+    per_arm = {a: sorted(s for v, s in runs if v == a and s in seeds) for a in arms}
+    if len({tuple(v) for v in per_arm.values()}) == 1:
+        done = f"seeds {_seed_ranges(per_arm[arms[0]])} of every arm"
+    else:
+        done = "; ".join(f"{a}: seeds {_seed_ranges(per_arm[a])}" for a in arms)
+    n_costs = len(costs & {(a, s) for a in arms for s in cost_seeds})
+    made = f", made from commit {', '.join(commits)}" if commits else ""
+    counts = (f"{sum(map(len, per_arm.values()))} of the {len(arms) * len(seeds)} runs ({done}), {len(starts)} "
+              f"of the {len(seeds)} start evaluations and {n_costs} of the {len(arms) * len(cost_seeds)} idle "
+              f"step-cost runs are in `{folder}/`, one record per run{made}")
+    complete = all(per_arm[a] == sorted(seeds) for a in arms) and starts == set(seeds)
+    return {"complete": complete, "counts": counts}
+
+
+def readme_block(records: list[dict], folder: str = "bench/results/study", **study) -> str:
+    """The README's study block from the study's ``records`` (``study``: arms, seeds, cost_seeds of
+    ``progress``, the pre-registered ones by default). Until the study is complete, only a status line: no
+    contrast is computed, so no result is read early (docs/study.md); then the status, the tables of
+    ``markdown_table`` and the plot that ``write_report`` puts in ``folder``."""
+    state = progress(records, folder=folder, **study)
+
+    def paragraph(text: str) -> str:
+        return textwrap.fill(text, width=110, break_long_words=False, break_on_hyphens=False) + "\n"
+
+    if not state["complete"]:
+        seeds = len(study.get("seeds", SEEDS))
+        return paragraph(f"**Status: designed and pre-registered in [docs/study.md](docs/study.md); the runs are "
+                         f"under way: {state['counts']}. This section reports no result for the question until "
+                         f"every arm has its {seeds} seeds.**")
+    arms = set(study.get("arms", ARMS))
+    table = markdown_table(analyse([r for r in records if r["kind"] != "run" or r["variant"] in arms]))
+    status = paragraph(f"**Status: complete ({state['counts']}).** The tables and the plot below are written "
+                       "from those records by `python bench/study_report.py --readme`.")
+    return f"{status}\n{table}\n![the study]({folder}/report.png)\n"
+
+
+def write_readme_block(block: str, readme: str | Path = README) -> Path:
+    """Replace what lies between the README's study-report markers with ``block``; a ValueError naming the
+    file when the markers are missing or repeated."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if text.count(BLOCK_BEGIN) != 1 or text.count(BLOCK_END) != 1 or text.index(BLOCK_BEGIN) > text.index(
+            BLOCK_END):
+        raise ValueError(f"readme: {readme} needs one '{BLOCK_BEGIN}' line and, after it, one '{BLOCK_END}'")
+    head, rest = text.split(BLOCK_BEGIN)
+    readme.write_text(f"{head}{BLOCK_BEGIN}\n{block}{BLOCK_END}{rest.split(BLOCK_END, 1)[1]}")
+    return readme
+
+
+def readme_block_now(readme: str | Path = README) -> str:
+    """What the README's study block holds now (between the markers)."""
+    text = Path(readme).read_text()
+    return text.split(BLOCK_BEGIN + "\n", 1)[1].split(BLOCK_END, 1)[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", nargs="?", default=str(REPO / "bench" / "results" / "study"),
                         help="a folder of study records (default bench/results/study) or an older study json")
     parser.add_argument("--out", default=None, help="where report.md / .png / analysis.json go")
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite the README's study block from the study's records (bench/results/study; "
+                             "only a status line until every arm has every seed)")
     args = parser.parse_args(argv)
+    if args.readme:
+        records_dir = REPO / "bench" / "results" / "study"
+        if Path(args.source).resolve() != records_dir.resolve() or args.out is not None:
+            parser.error("--readme: reads the study's own records (bench/results/study); give no source or --out")
+        records = load(records_dir) if records_dir.is_dir() else []
+        block = readme_block(records)
+        try:
+            if progress(records)["complete"]:
+                write_report(records_dir)
+            write_readme_block(block)
+        except ValueError as err:
+            parser.error(str(err))
+        print(block)
+        print(f"wrote the study block of {README}", file=sys.stderr)
+        return {"block": block}
     try:
         paths = write_report(args.source, args.out)
     except ValueError as err:  # no records yet, or records that do not belong together

@@ -156,6 +156,46 @@ def test_the_committed_3_seed_study_re_analysed(report, tmp_path):
     json.loads(paths["json"].read_text(), parse_constant=refuse)  # NaN written as null
 
 
+def test_readme_block_reads_no_result_until_every_arm_has_every_seed(report):
+    arms, seeds = ("appo", "grpo-m4", "appo-uniform"), (0, 1)
+    partial = [r for r in records() if (r.get("variant"), r["seed"]) != ("appo-uniform", 1)]
+    block = " ".join(report.readme_block(partial, arms=arms, seeds=seeds, cost_seeds=(0,)).split())
+    assert ("5 of the 6 runs (appo: seeds 0-1; grpo-m4: seeds 0-1; appo-uniform: seeds 0), 2 of the 2 start "
+            "evaluations and 0 of the 3 idle step-cost runs") in block
+    assert "no result for the question until every arm has its 2 seeds" in block and "A - B" not in block
+    no_start = [r for r in records() if (r["kind"], r["seed"]) != ("start", 1)]
+    assert "Status: complete" not in report.readme_block(no_start, arms=arms, seeds=seeds, cost_seeds=(0,))
+    full = report.readme_block([*records(), cost("appo", 10.0)], arms=arms, seeds=seeds, cost_seeds=(0,))
+    assert "6 of the 6 runs (seeds 0-1 of every arm)" in " ".join(full.split())
+    assert "Status: complete" in full and "1 of the 3 idle step-cost runs" in " ".join(full.split())
+    assert "| appo - grpo-m4 | primary | optimised sequences | 16 | 2 | **+20.0** |" in full
+    assert full.rstrip().endswith("![the study](bench/results/study/report.png)")
+
+
+def test_the_readme_block_replaces_only_what_lies_between_its_markers(report, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# t\n\nbefore\n{report.BLOCK_BEGIN}\nold\n{report.BLOCK_END}\nafter\n")
+    report.write_readme_block("new\n", readme)
+    assert readme.read_text() == f"# t\n\nbefore\n{report.BLOCK_BEGIN}\nnew\n{report.BLOCK_END}\nafter\n"
+    assert report.readme_block_now(readme) == "new\n"
+    readme.write_text(f"{report.BLOCK_END}\n{report.BLOCK_BEGIN}\n")
+    with pytest.raises(ValueError, match="readme: .*README.md needs one"):
+        report.write_readme_block("new\n", readme)
+
+
+def test_readme_study_block_is_what_the_committed_records_say(report):
+    """The README's study figures and counts come from bench/results/study/ by one command, never by hand."""
+    committed = report.load(REPO / "bench" / "results" / "study")
+    assert report.readme_block_now() == report.readme_block(committed), \
+        "README's study block is stale: run python bench/study_report.py --readme"
+
+
+def test_readme_option_takes_no_source(report, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(OLD_STUDY), "--readme"])
+    assert "--readme: reads the study's own records" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- the driver
 def test_arms_differ_only_in_their_algorithm_keys(study):
     args = study.parse_args([])
