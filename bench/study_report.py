@@ -422,23 +422,29 @@ def readme_block(records: list[dict], folder: str = "bench/results/study", **stu
     return f"{status}\n{table}\n![the study]({folder}/report.png)\n"
 
 
-def write_readme_block(block: str, readme: str | Path = README) -> Path:
-    """Replace what lies between the README's study-report markers with ``block``; a ValueError naming the
-    file when the markers are missing or repeated."""
-    readme = Path(readme)
+def _readme_parts(readme: Path) -> tuple[str, str, str]:
+    """(before the study block, the block, after it) of ``readme``; a ValueError naming the file when its
+    markers are missing, repeated or out of order."""
     text = readme.read_text()
     if text.count(BLOCK_BEGIN) != 1 or text.count(BLOCK_END) != 1 or text.index(BLOCK_BEGIN) > text.index(
             BLOCK_END):
         raise ValueError(f"readme: {readme} needs one '{BLOCK_BEGIN}' line and, after it, one '{BLOCK_END}'")
-    head, rest = text.split(BLOCK_BEGIN)
-    readme.write_text(f"{head}{BLOCK_BEGIN}\n{block}{BLOCK_END}{rest.split(BLOCK_END, 1)[1]}")
+    head, rest = text.split(BLOCK_BEGIN + "\n")
+    block, tail = rest.split(BLOCK_END)
+    return head, block, tail
+
+
+def write_readme_block(block: str, readme: str | Path = README) -> Path:
+    """Replace what lies between the README's study-report markers with ``block``."""
+    readme = Path(readme)
+    head, _, tail = _readme_parts(readme)
+    readme.write_text(f"{head}{BLOCK_BEGIN}\n{block}{BLOCK_END}{tail}")
     return readme
 
 
 def readme_block_now(readme: str | Path = README) -> str:
     """What the README's study block holds now (between the markers)."""
-    text = Path(readme).read_text()
-    return text.split(BLOCK_BEGIN + "\n", 1)[1].split(BLOCK_END, 1)[0]
+    return _readme_parts(Path(readme))[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
