@@ -283,6 +283,69 @@ def markdown_table(analysis: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_EQUAL = {**BUDGETS, "time": "seconds of training"}
+
+
+def _p_is(p: float) -> str:
+    text = _p(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def _question(a: str, b: str) -> str:
+    return {("appo", "grpo-m4"): "does branching beat plain sampling when both optimise the same sequences?",
+            ("appo", "appo-uniform"): "does the Branching Score's choice of points beat a uniform choice?"}.get(
+        (a, b), f"{a} against {b}")
+
+
+def _verdict(c: dict) -> str:
+    """One primary contrast read by the rule docs/study.md fixed before the runs."""
+    head = f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({_question(c['a'], c['b'])}): "
+    if "missing" in c:
+        return head + f"not taken ({c['missing']})."
+    figures = (f"{_pts(c['mean'])} points, 95% t-interval {_interval(c['lo'], c['hi'])}, p {_p_is(c['p'])}, "
+               f"MDD {_pts(c['mdd'], sign=False)} points, {len(c['seeds'])} seeds")
+    if not math.isfinite(c["p"]):
+        return head + f"{figures}: too few seeds for an interval; nothing can be read."
+    if c["p"] < 0.05:
+        side = "ahead of" if c["mean"] > 0 else "behind"
+        strict = "also" if c["p"] < 0.025 else "not"
+        said = (f"{figures}. `{c['a']}` is {side} `{c['b']}` at the pre-registered 5% level ({strict} at the "
+                "Bonferroni 2.5% for the two primary tests).")
+    else:
+        widest = max(abs(c["lo"]), abs(c["hi"]))
+        said = (f"{figures}. No difference was detected. That is not evidence of no difference: the interval "
+                f"still holds true differences of up to {_pts(widest, sign=False)} points, and the test had 80% "
+                f"power only for differences of about {_pts(c['mdd'], sign=False)} points or more.")
+    if math.isfinite(c["re_lo"]) and math.isfinite(c["re_hi"]):
+        agree = (c["re_lo"] > 0 or c["re_hi"] < 0) == (c["p"] < 0.05)
+        said += (f" The crossed seeds x questions interval {_interval(c['re_lo'], c['re_hi'])} "
+                 f"{'agrees' if agree else 'disagrees: read the contrast as uncertain'}.")
+    return head + said
+
+
+def reading(analysis: dict) -> str:
+    """What the analysis says, by the rule docs/study.md fixed before the runs: each primary contrast at its
+    primary budget (significant at 5%, and whether also at the Bonferroni 2.5%; otherwise how large a
+    difference the interval and the MDD leave open), how many of the other contrasts have p < 0.05 (read
+    as exploratory: no correction), and which arms' gains over the start model exclude 0. Markdown."""
+    primary = [c for c in analysis["contrasts"] if c["role"] == "primary"]
+    lines = [f"- {_verdict(c)}" for c in primary] or ["- These records hold no primary contrast."]
+    others = [c for c in analysis["contrasts"] if c["role"] != "primary" and "missing" not in c
+              and math.isfinite(c["p"])]
+    below = [f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({_pts(c['mean'])})" for c in others
+             if c["p"] < 0.05]
+    lines.append(f"- Supporting and secondary contrasts (exploratory, no correction for their number): "
+                 f"{len(below)} of {len(others)} have p < 0.05" + (f": {'; '.join(below)}." if below else "."))
+    gains = [(e["variant"], e["gain"]) for e in analysis["variants"] if e["gain"]]
+    excluded = [v for v, g in gains if math.isfinite(g["lo"]) and (g["lo"] > 0 or g["hi"] < 0)]
+    if gains:
+        verdict = ("every arm's gain over the start model excludes 0" if len(excluded) == len(gains) else
+                   f"the gain over the start model excludes 0 for {', '.join(excluded) or 'no arm'} and not "
+                   f"for {', '.join(v for v, _ in gains if v not in excluded)}")
+        lines.append(f"- Training on the recipe: {verdict} (t-intervals over seeds in the arms table).")
+    return "\n".join(lines) + "\n"
+
+
 def plot(analysis: dict, out_png: str | Path) -> Path:
     """Left: held-out accuracy against trajectories sampled; middle: against seconds of training (idle step
     cost where measured); right: every contrast at each budget with its 95% t-interval. Points are means over
@@ -354,7 +417,7 @@ def write_report(source: str | Path, out: str | Path | None = None) -> dict:
     json_path, md_path, png_path = (out / n for n in names)
     json_path.write_text(json.dumps(_plain(analysis), indent=1) + "\n")
     table = markdown_table(analysis)
-    md_path.write_text(table)
+    md_path.write_text(f"{reading(analysis)}\n{table}" if source.is_dir() else table)
     plot(analysis, png_path)
     return {"json": json_path, "md": md_path, "png": png_path, "table": table, "analysis": analysis}
 
@@ -416,10 +479,12 @@ def readme_block(records: list[dict], folder: str = "bench/results/study", **stu
                          f"under way: {state['counts']}. This section reports no result for the question until "
                          f"every arm has its {seeds} seeds.**")
     arms = set(study.get("arms", ARMS))
-    table = markdown_table(analyse([r for r in records if r["kind"] != "run" or r["variant"] in arms]))
-    status = paragraph(f"**Status: complete ({state['counts']}).** The tables and the plot below are written "
-                       "from those records by `python bench/study_report.py --readme`.")
-    return f"{status}\n{table}\n![the study]({folder}/report.png)\n"
+    analysis = analyse([r for r in records if r["kind"] != "run" or r["variant"] in arms])
+    status = paragraph(f"**Status: complete ({state['counts']}).** The reading, the tables and the plot below "
+                       "are written from those records by `python bench/study_report.py --readme`; the reading "
+                       "follows the rule docs/study.md fixed before the runs.")
+    return (f"{status}\n**What the data say** (primary contrasts at their primary budgets):\n\n"
+            f"{reading(analysis)}\n{markdown_table(analysis)}\n![the study]({folder}/report.png)\n")
 
 
 def _readme_parts(readme: Path) -> tuple[str, str, str]:

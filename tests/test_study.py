@@ -169,7 +169,32 @@ def test_readme_block_reads_no_result_until_every_arm_has_every_seed(report):
     assert "6 of the 6 runs (seeds 0-1 of every arm)" in " ".join(full.split())
     assert "Status: complete" in full and "1 of the 3 idle step-cost runs" in " ".join(full.split())
     assert "| appo - grpo-m4 | primary | optimised sequences | 16 | 2 | **+20.0** |" in full
+    assert "**What the data say**" in full and "`appo` is ahead of `grpo-m4`" in " ".join(full.split())
     assert full.rstrip().endswith("![the study](bench/results/study/report.png)")
+
+
+def test_the_reading_follows_the_pre_registered_rule(report):
+    """Seeds alike: both primaries read as significant (appo ahead by 20 and 10 points). Seeds that disagree
+    (appo ahead of appo-uniform on seed 0, behind on seed 1): no difference detected, with how large a
+    difference the interval and the MDD leave open; a contrast with one seed reads nothing."""
+    text = " ".join(report.reading(report.analyse(records())).split())
+    assert ("`appo - grpo-m4` at equal optimised sequences (does branching beat plain sampling when both "
+            "optimise the same sequences?): +20.0 points, 95% t-interval [+20.0, +20.0], p < 0.001") in text
+    assert text.count("`appo` is ahead of") == 2 and "also at the Bonferroni 2.5%" in text
+    assert "6 of 6 have p < 0.05" in text and "every arm's gain over the start model excludes 0" in text
+    appo = {"trajectories": 8, "optimised": 4, "generated_tokens": 100, "train_s": 25.0}
+    mixed = [r for r in records() if r.get("variant") != "appo-uniform"]
+    mixed += [run("appo-uniform", 0, (10, 24), appo), run("appo-uniform", 1, (10, 32), appo)]
+    analysis = report.analyse(mixed)
+    uniform = find(analysis, "appo", "appo-uniform", "trajectories")
+    assert uniform["mean"] == pytest.approx(0.0) and uniform["p"] > 0.05
+    text = " ".join(report.reading(analysis).split())
+    verdict = text.split("`appo - appo-uniform` at equal trajectories")[1].split("- Supporting")[0]
+    assert "No difference was detected. That is not evidence of no difference" in verdict
+    assert f"up to {100 * max(-uniform['lo'], uniform['hi']):.1f} points" in verdict
+    assert f"about {100 * uniform['mdd']:.1f} points or more" in verdict and "ahead" not in verdict
+    one_seed = [r for r in records() if r["seed"] == 0]
+    assert "too few seeds for an interval; nothing can be read" in report.reading(report.analyse(one_seed))
 
 
 def test_the_readme_block_replaces_only_what_lies_between_its_markers(report, tmp_path):
