@@ -335,7 +335,8 @@ def reading(analysis: dict) -> str:
     below = [f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({_pts(c['mean'])})" for c in others
              if c["p"] < 0.05]
     lines.append(f"- Supporting and secondary contrasts (exploratory, no correction for their number): "
-                 f"{len(below)} of {len(others)} have p < 0.05" + (f": {'; '.join(below)}." if below else "."))
+                 f"{len(below)} of {len(others)} with p < 0.05, where {0.05 * len(others):.1f} would be "
+                 "expected by chance if no arm differed from another" + (f": {'; '.join(below)}." if below else "."))
     gains = [(e["variant"], e["gain"]) for e in analysis["variants"] if e["gain"]]
     excluded = [v for v, g in gains if math.isfinite(g["lo"]) and (g["lo"] > 0 or g["hi"] < 0)]
     if gains:
