@@ -374,7 +374,7 @@ def plot(analysis: dict, out_png: str | Path) -> Path:
     for axis in (by_traj, by_time):
         axis.set_ylabel("held-out accuracy")
         axis.legend(fontsize=8)
-    by_traj.set_title(f"{analysis['questions']} held-out questions, mean over seeds (95% t-interval)")
+    figure.suptitle(f"{analysis['questions']} held-out questions; accuracy: mean over seeds (95% t-interval)")
     rows = [c for c in analysis["contrasts"] if "missing" not in c]
     labels = [f"{c['a']} - {c['b']}, equal {BUDGETS[c['budget']]}" for c in rows]
     means = np.array([100 * c["mean"] for c in rows])
@@ -386,7 +386,7 @@ def plot(analysis: dict, out_png: str | Path) -> Path:
     forest.axvline(0.0, color="k", linewidth=1)
     forest.set_yticks(range(len(rows)), labels, fontsize=7)
     forest.invert_yaxis()
-    forest.set_xlabel("A - B, points (95% t-interval over seeds; red: primary)")
+    forest.set_xlabel("A - B, points (95% t-interval; red: primary)")
     figure.tight_layout()
     return save_figure(figure, out_png)
 
