@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The primary contrasts, each with its primary budget (both arms measured at their last evaluation there);
 # the same pair at the other budgets is reported as "supporting".
 PRIMARY = {("appo", "grpo-m4"): "optimised", ("appo", "appo-uniform"): "trajectories"}
+# What each primary contrast asks (the reading's words).
+QUESTIONS = {("appo", "grpo-m4"): "does branching beat plain sampling when both optimise the same sequences?",
+             ("appo", "appo-uniform"): "does the Branching Score's choice of points beat a uniform choice?"}
 SECONDARY = (("appo", "grpo"), ("appo", "appo-entropy"), ("appo-entropy", "appo-uniform"))
 ORDER = ("appo", "grpo", "grpo-m4", "appo-entropy", "appo-uniform")
 BUDGETS = {"trajectories": "trajectories", "optimised": "optimised sequences",
@@ -291,15 +294,9 @@ def _p_is(p: float) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
-def _question(a: str, b: str) -> str:
-    return {("appo", "grpo-m4"): "does branching beat plain sampling when both optimise the same sequences?",
-            ("appo", "appo-uniform"): "does the Branching Score's choice of points beat a uniform choice?"}.get(
-        (a, b), f"{a} against {b}")
-
-
 def _verdict(c: dict) -> str:
     """One primary contrast read by the rule docs/study.md fixed before the runs."""
-    head = f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({_question(c['a'], c['b'])}): "
+    head = f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({QUESTIONS[c['a'], c['b']]}): "
     if "missing" in c:
         return head + f"not taken ({c['missing']})."
     figures = (f"{_pts(c['mean'])} points, 95% t-interval {_interval(c['lo'], c['hi'])}, p {_p_is(c['p'])}, "
@@ -334,9 +331,10 @@ def reading(analysis: dict) -> str:
               and math.isfinite(c["p"])]
     below = [f"`{c['a']} - {c['b']}` at equal {_EQUAL[c['budget']]} ({_pts(c['mean'])})" for c in others
              if c["p"] < 0.05]
+    named = f": {'; '.join(below)}." if below else "."
     lines.append(f"- Supporting and secondary contrasts (exploratory, no correction for their number): "
                  f"{len(below)} of {len(others)} with p < 0.05, where {0.05 * len(others):.1f} would be "
-                 "expected by chance if no arm differed from another" + (f": {'; '.join(below)}." if below else "."))
+                 f"expected by chance if no arm differed from another{named}")
     gains = [(e["variant"], e["gain"]) for e in analysis["variants"] if e["gain"]]
     excluded = [v for v, g in gains if math.isfinite(g["lo"]) and (g["lo"] > 0 or g["hi"] < 0)]
     if gains:
